@@ -1,0 +1,20 @@
+"""Uniform random choice among the available backends."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from balancers.base import B, eligible
+
+
+class RandomChoice:
+    __slots__ = ("_rng",)
+
+    def __init__(self, backends: Sequence[Any], rng: random.Random) -> None:
+        self._rng = rng
+
+    def select(self, backends: Sequence[B], exclude: Collection[B] = ()) -> B | None:
+        candidates = eligible(backends, exclude)
+        return self._rng.choice(candidates) if candidates else None

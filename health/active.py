@@ -1,0 +1,105 @@
+"""Active health checks: probe each backend on its own schedule.
+
+A backend goes down after `fall` consecutive failed probes and comes back after `rise`
+consecutive good ones (HAProxy's fall/rise), so one lost probe does not flap it. Each probe
+records the response time and when it ran, for the admin API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+import aiohttp
+
+from proxy.config import HealthCheckConfig
+from proxy.upstream import Pool, Upstream
+
+log = logging.getLogger("request_router.health")
+
+JITTER = 0.1  # +-10% of the interval, so probes of many backends do not fire in lockstep
+
+
+class ProbeState:
+    __slots__ = ("upstream", "path", "passes", "fails")
+
+    def __init__(self, upstream: Upstream, path: str) -> None:
+        self.upstream = upstream
+        self.path = path
+        self.passes = 0
+        self.fails = 0
+
+    def record(self, ok: bool, fall: int, rise: int) -> None:
+        upstream = self.upstream
+        if ok:
+            self.passes += 1
+            self.fails = 0
+            if not upstream.healthy and self.passes >= rise:
+                upstream.healthy = True
+                log.warning("backend %s is up again", upstream.name)
+        else:
+            self.fails += 1
+            self.passes = 0
+            if upstream.healthy and self.fails >= fall:
+                upstream.healthy = False
+                log.warning("backend %s is down after %d failed checks", upstream.name, fall)
+
+
+class ActiveHealthChecker:
+    def __init__(
+        self,
+        pools: Iterable[Pool],
+        config: HealthCheckConfig,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._rng = rng if rng is not None else random.Random()
+        self.probes: dict[str, ProbeState] = {}
+        for pool in pools:
+            for upstream in pool.upstreams:
+                # A backend in several pools (a model pool and `auto`) is probed once.
+                self.probes.setdefault(upstream.name, ProbeState(upstream, pool.health_path))
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self._tasks = [asyncio.create_task(self._loop(p)) for p in self.probes.values()]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def check(self, probe: ProbeState) -> bool:
+        assert self._session is not None
+        upstream = probe.upstream
+        started = time.perf_counter()
+        try:
+            async with self._session.get(upstream.url + probe.path) as response:
+                await response.read()
+                ok = response.status < 500
+        except (TimeoutError, aiohttp.ClientError):
+            ok = False
+        upstream.last_response_ms = round((time.perf_counter() - started) * 1000, 3)
+        upstream.last_check = time.time()
+        probe.record(ok, self.config.fall, self.config.rise)
+        return ok
+
+    async def _loop(self, probe: ProbeState) -> None:
+        interval = self.config.interval
+        # Start at a random point of the first interval to spread the probes out.
+        await asyncio.sleep(self._rng.uniform(0, interval))
+        while True:
+            await self.check(probe)
+            await asyncio.sleep(interval * self._rng.uniform(1 - JITTER, 1 + JITTER))

@@ -1,0 +1,125 @@
+"""Command line: `request-router [--config PATH] [--host H] [--port P] [--check-config] [--demo]`.
+
+Exit codes: 0 ok, 2 invalid configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.app import build_app
+from proxy.config import Config, ConfigError, load
+
+log = logging.getLogger("request_router")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="request-router",
+        description="Streaming gateway for OpenAI-compatible LLM servers and Qdrant.",
+    )
+    parser.add_argument(
+        "--config", help="YAML config (default: $ROUTER_CONFIG or config/router_config.yaml)"
+    )
+    parser.add_argument("--host", help="listen address (overrides config and ROUTER_HOST)")
+    parser.add_argument("--port", type=int, help="listen port (overrides config and ROUTER_PORT)")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config, print a summary and exit"
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="also start simulated backends on the configured ports"
+    )
+    parser.add_argument("--debug", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"request-router {__version__}")
+    return parser.parse_args(argv)
+
+
+def with_cli_overrides(config: Config, args: argparse.Namespace) -> Config:
+    server = config.server
+    if args.host:
+        server = replace(server, host=args.host)
+    if args.port is not None:
+        server = replace(server, port=args.port)
+    return replace(config, server=server)
+
+
+def install_uvloop() -> bool:
+    if os.environ.get("ROUTER_EVENT_LOOP", "uvloop") != "uvloop":
+        return False
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but not on every platform
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def serve(config: Config, demo: bool) -> None:
+    cluster = None
+    if demo:
+        from proxy.demo import print_instructions, start_demo_backends
+
+        cluster = await start_demo_backends(config)
+    runner = web.AppRunner(build_app(config), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048)
+        await site.start()
+        log.info(
+            "request-router %s listening on http://%s:%d (strategy %s)",
+            __version__,
+            config.server.host,
+            config.server.port,
+            config.routing.strategy,
+        )
+        if demo:
+            print_instructions(config)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        if cluster is not None:
+            await cluster.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = with_cli_overrides(load(args.config), args)
+    except ConfigError as exc:
+        print(f"request-router: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(config.summary())
+        print("configuration OK")
+        return 0
+    if config.server.workers > 1:
+        log.warning(
+            "workers=%d requested; multi-worker mode is not built yet, running one process",
+            config.server.workers,
+        )
+    install_uvloop()
+    try:
+        asyncio.run(serve(config, args.demo))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"request-router: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

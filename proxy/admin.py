@@ -1,0 +1,157 @@
+"""Admin API: strategy read and swap, backend state, and the health endpoints.
+
+Mutations are protected: with an admin token they need `Authorization: Bearer <token>`
+(compared in constant time); without one they are accepted from loopback peers only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from balancers.registry import UnknownStrategyError, strategy_names
+from proxy.errors import Forbidden, InvalidRequest, Unauthorized
+from proxy.handler import parse_object
+from proxy.router import Router
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def authorize(request: web.Request, token: str | None) -> None:
+    if token:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+            raise Unauthorized(
+                "admin endpoints need 'Authorization: Bearer <ROUTER_ADMIN_TOKEN>'",
+                headers={"WWW-Authenticate": 'Bearer realm="request-router admin"'},
+            )
+        return
+    peer = request.remote
+    if peer is None:  # a Unix socket: local by construction
+        return
+    try:
+        loopback = ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise Forbidden(
+            "admin changes are accepted only from loopback when no ROUTER_ADMIN_TOKEN is set"
+        )
+
+
+class AdminApi:
+    def __init__(self, router: Router, admin_token: str | None) -> None:
+        self.router = router
+        self.admin_token = admin_token
+
+    async def get_strategy(self, request: web.Request) -> web.Response:
+        return json_response(
+            {
+                "strategy": self.router.strategy,
+                "available_strategies": strategy_names(),
+                "pools": {name: pool.strategy for name, pool in self.router.pools.items()},
+            }
+        )
+
+    async def put_strategy(self, request: web.Request) -> web.Response:
+        authorize(request, self.admin_token)
+        document = parse_object(await request.read())
+        strategy = document.get("strategy")
+        if not isinstance(strategy, str):
+            raise InvalidRequest(
+                f"'strategy' is required; valid strategies: {', '.join(strategy_names())}",
+                code="invalid_strategy",
+            )
+        pool = document.get("pool")
+        if pool is not None and pool not in self.router.pools:
+            raise InvalidRequest(
+                f"unknown pool {pool!r}; valid pools: {', '.join(self.router.pools)}",
+                code="invalid_pool",
+            )
+        before = self.router.active_connections()
+        try:
+            previous = self.router.set_strategy(strategy, pool)
+        except UnknownStrategyError as exc:
+            raise InvalidRequest(str(exc), code="invalid_strategy") from None
+        change: dict[str, Any] = {
+            "previous_strategy": previous,
+            "new_strategy": strategy,
+            "change_timestamp": now_iso(),
+            "active_connections_before": before,
+            "active_connections_after": self.router.active_connections(),
+            "strategy_applied": True,
+        }
+        if pool is not None:
+            change["pool"] = pool
+        return json_response({"strategy_change": change})
+
+    async def backends(self, request: web.Request) -> web.Response:
+        return json_response(
+            {
+                name: [
+                    {
+                        "name": u.name,
+                        "url": u.url,
+                        "model": u.model,
+                        "weight": u.weight,
+                        "active": u.active,
+                        "max_concurrent": u.max_concurrent,
+                        "requests": u.requests,
+                        "failures": u.failures,
+                        "healthy": u.healthy,
+                        "circuit": u.breaker.state.value,
+                    }
+                    for u in pool.upstreams
+                ]
+                for name, pool in self.router.pools.items()
+                if name != "auto"
+            }
+        )
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while every model pool has a backend that can serve; 503 otherwise."""
+        serving = {
+            name: any(u.healthy and u.breaker.allows() for u in pool.upstreams)
+            for name, pool in self.router.models.items()
+        }
+        if all(serving.values()):
+            status = "healthy"
+        elif any(serving.values()):
+            status = "degraded"
+        else:
+            status = "unhealthy"
+        return json_response(
+            {
+                "status": status,
+                "service": "request-router",
+                "models": list(self.router.models),
+                "load_balancing": True,
+                "circuit_breaker": True,
+                "strategy": self.router.strategy,
+                "timestamp": now_iso(),
+            },
+            status=200 if all(serving.values()) else 503,
+        )
+
+    async def live(self, request: web.Request) -> web.Response:
+        return json_response({"status": "alive"})
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/v1/router/strategy", self.get_strategy),
+            web.put("/api/v1/router/strategy", self.put_strategy),
+            web.get("/api/v1/router/backends", self.backends),
+            web.get("/health", self.health),
+            web.get("/health/live", self.live),
+        ]

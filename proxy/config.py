@@ -1,0 +1,480 @@
+"""Configuration: YAML + ROUTER_* environment, parsed once into frozen dataclasses.
+
+Every refusal names the key path and the bad value (`ConfigError`), never a traceback: an
+operator reading it should know which line of which file to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from balancers.registry import strategy_names
+
+DEFAULT_CONFIG_PATH = Path("config/router_config.yaml")
+BUNDLED_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "router_config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    workers: int = 1
+    max_body_bytes: int = 10 * 1024 * 1024
+    admin_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    strategy: str = "round_robin"
+    request_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    max_concurrent_requests: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    size: int = 1000
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    enabled: bool = True
+    interval: float = 30.0
+    timeout: float = 5.0
+    fall: int = 3
+    rise: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    threshold: int = 5
+    timeout: float = 60.0
+    half_open_limit: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    max_retries: int = 3
+    delay: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPoolConfig:
+    """Upstream keep-alive pool of the one long-lived client session."""
+
+    limit: int = 1000
+    limit_per_host: int = 0
+    keepalive_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    name: str
+    url: str
+    weight: float
+    max_concurrent: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    weight: float
+    max_concurrent: int
+    cost_per_request: float
+    capabilities: tuple[str, ...]
+    specializations: tuple[str, ...]
+    health_path: str
+    endpoints: tuple[EndpointConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """A non-model pool: Qdrant or the embedding servers."""
+
+    name: str
+    health_path: str
+    endpoints: tuple[EndpointConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    routing: RoutingConfig
+    queue: QueueConfig
+    health_check: HealthCheckConfig
+    circuit_breaker: CircuitBreakerConfig
+    retry: RetryConfig
+    metrics: MetricsConfig
+    connection_pool: ConnectionPoolConfig
+    models: tuple[ModelConfig, ...]
+    qdrant: ServiceConfig
+    embedding: ServiceConfig
+    source: str = "<defaults>"
+
+    def summary(self) -> str:
+        lines = [
+            f"config: {self.source}",
+            f"listen: {self.server.host}:{self.server.port}  strategy: {self.routing.strategy}",
+        ]
+        for model in self.models:
+            urls = ", ".join(f"{e.name}={e.url}" for e in model.endpoints)
+            lines.append(f"model {model.name} (weight {model.weight:g}): {urls}")
+        for service in (self.qdrant, self.embedding):
+            urls = ", ".join(f"{e.name}={e.url}" for e in service.endpoints)
+            lines.append(f"{service.name}: {urls or '(none)'}")
+        return "\n".join(lines)
+
+
+# ROUTER_* variable -> (section, key). Values are strings and are converted by the key's type.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "ROUTER_STRATEGY": ("routing", "strategy"),
+    "ROUTER_HEALTH_CHECK_INTERVAL": ("health_check", "interval"),
+    "ROUTER_HEALTH_CHECK_TIMEOUT": ("health_check", "timeout"),
+    "ROUTER_CIRCUIT_BREAKER_THRESHOLD": ("circuit_breaker", "threshold"),
+    "ROUTER_CIRCUIT_BREAKER_TIMEOUT": ("circuit_breaker", "timeout"),
+    "ROUTER_MAX_RETRIES": ("retry", "max_retries"),
+    "ROUTER_RETRY_DELAY": ("retry", "delay"),
+    "ROUTER_QUEUE_SIZE": ("queue", "size"),
+    "ROUTER_WORKER_THREADS": ("server", "workers"),
+    "ROUTER_METRICS_ENABLED": ("metrics", "enabled"),
+    "ROUTER_HOST": ("server", "host"),
+    "ROUTER_PORT": ("server", "port"),
+    "ROUTER_ADMIN_TOKEN": ("server", "admin_token"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class _Section:
+    """Reads typed keys from one mapping and refuses whatever is left unread."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+        self._data = dict(data)
+        self._path = path
+
+    def _key(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        return self._data.pop(key, default)
+
+    def string(self, key: str, default: str | None) -> str | None:
+        value = self._data.pop(key, default)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{self._key(key)}: expected a string, got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._data.pop(key, default)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            value = value.strip().lower() in _TRUE
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected true or false, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+        value = self._data.pop(key, default)
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self._key(key)}: expected an integer, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{self._key(key)}: must be >= {minimum}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._data.pop(key, default)
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self._key(key)}: expected a number, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{self._key(key)}: must be >= {minimum:g}, got {value!r}")
+        return float(value)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self._data.pop(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of strings, got {value!r}")
+        return tuple(value)
+
+    def done(self) -> None:
+        if self._data:
+            key = next(iter(self._data))
+            raise ConfigError(f"{self._key(str(key))}: unknown key (value {self._data[key]!r})")
+
+
+def _check_url(url: Any, path: str) -> str:
+    if not isinstance(url, str):
+        raise ConfigError(f"{path}: expected a URL string, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError(f"{path}: invalid URL {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{path}: invalid URL {url!r} (expected http://host:port)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{path}: invalid URL {url!r} (no query or fragment allowed)")
+    return url.rstrip("/")
+
+
+def _endpoints(
+    raw: Any, path: str, default_name: str, weight: float, max_concurrent: int
+) -> tuple[EndpointConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: expected a list of endpoints, got {raw!r}")
+    endpoints = []
+    for index, item in enumerate(raw):
+        item_path = f"{path}[{index}]"
+        if isinstance(item, str):
+            item = {"url": item}
+        section = _Section(item, item_path)
+        url = _check_url(section.raw("url"), f"{item_path}.url")
+        fallback = default_name if len(raw) == 1 else f"{default_name}-{index}"
+        name = section.string("name", fallback) or fallback
+        endpoint = EndpointConfig(
+            name=name,
+            url=url,
+            weight=_positive_weight(section, weight),
+            max_concurrent=section.integer("max_concurrent", max_concurrent, minimum=1),
+        )
+        section.done()
+        endpoints.append(endpoint)
+    urls = [e.url for e in endpoints]
+    for index, url in enumerate(urls):
+        if url in urls[:index]:
+            raise ConfigError(f"{path}[{index}].url: duplicate backend {url!r} in this pool")
+    return tuple(endpoints)
+
+
+def _positive_weight(section: _Section, default: float) -> float:
+    weight = section.number("weight", default, minimum=float("-inf"))
+    if weight <= 0:
+        raise ConfigError(f"{section._key('weight')}: must be a positive number, got {weight!r}")
+    return weight
+
+
+def _model(name: Any, data: Any) -> ModelConfig:
+    path = f"models.{name}"
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ConfigError(f"{path}: invalid model name {name!r}")
+    section = _Section(data, path)
+    weight = _positive_weight(section, 1.0)
+    max_concurrent = section.integer("max_concurrent", 100, minimum=1)
+    cost = section.number("cost_per_request", 0.0)
+    capabilities = section.strings("capabilities")
+    specializations = section.strings("specializations")
+    health_path = section.string("health_path", "/health") or "/health"
+    url = section.raw("url")
+    raw_endpoints = section.raw("endpoints")
+    if url is not None and raw_endpoints is not None:
+        raise ConfigError(f"{path}: give either url or endpoints, not both")
+    if url is None and raw_endpoints is None:
+        raise ConfigError(f"{path}.endpoints: missing (each model needs at least one endpoint)")
+    if url is not None:
+        raw_endpoints = [_check_url(url, f"{path}.url")]
+    endpoints = _endpoints(raw_endpoints, f"{path}.endpoints", name, weight, max_concurrent)
+    if not endpoints:
+        raise ConfigError(f"{path}.endpoints: empty (each model needs at least one endpoint)")
+    section.done()
+    return ModelConfig(
+        name=name,
+        weight=weight,
+        max_concurrent=max_concurrent,
+        cost_per_request=cost,
+        capabilities=capabilities,
+        specializations=specializations,
+        health_path=health_path,
+        endpoints=endpoints,
+    )
+
+
+def _service(name: str, data: Any, health_path: str) -> ServiceConfig:
+    section = _Section(data, name)
+    path = section.string("health_path", health_path) or health_path
+    max_concurrent = section.integer("max_concurrent", 100, minimum=1)
+    endpoints = _endpoints(
+        section.raw("endpoints", []), f"{name}.endpoints", name, 1.0, max_concurrent
+    )
+    section.done()
+    return ServiceConfig(name=name, health_path=path, endpoints=endpoints)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        value = environ.get(variable)
+        if value is None or value == "":
+            continue
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {target!r}")
+        target[key] = value
+
+
+def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<dict>") -> Config:
+    """Validate a decoded config document (plus environment overrides) into a Config."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"<top level>: expected a mapping, got {data!r}")
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    _apply_env(data, os.environ if environ is None else environ)
+    root = _Section(data, "")
+
+    s = _Section(root.raw("server"), "server")
+    server = ServerConfig(
+        host=s.string("host", "0.0.0.0") or "0.0.0.0",
+        port=s.integer("port", 8000),
+        workers=s.integer("workers", 1, minimum=1),
+        max_body_bytes=s.integer("max_body_bytes", 10 * 1024 * 1024, minimum=1),
+        admin_token=s.string("admin_token", None) or None,
+    )
+    if server.port > 65535:
+        raise ConfigError(f"server.port: must be <= 65535, got {server.port!r}")
+    s.done()
+
+    s = _Section(root.raw("routing"), "routing")
+    strategy = s.string("strategy", "round_robin")
+    if strategy not in strategy_names():
+        raise ConfigError(
+            f"routing.strategy: unknown strategy {strategy!r}"
+            f" (valid: {', '.join(strategy_names())})"
+        )
+    routing = RoutingConfig(
+        strategy=strategy,
+        request_timeout=s.number("request_timeout", 30.0, minimum=0.001),
+        connect_timeout=s.number("connect_timeout", 5.0, minimum=0.001),
+        max_concurrent_requests=s.integer("max_concurrent_requests", 100, minimum=1),
+    )
+    s.done()
+
+    s = _Section(root.raw("queue"), "queue")
+    queue = QueueConfig(size=s.integer("size", 1000), timeout=s.number("timeout", 30.0))
+    s.done()
+
+    s = _Section(root.raw("health_check"), "health_check")
+    health = HealthCheckConfig(
+        enabled=s.boolean("enabled", True),
+        interval=s.number("interval", 30.0, minimum=0.01),
+        timeout=s.number("timeout", 5.0, minimum=0.001),
+        fall=s.integer("fall", 3, minimum=1),
+        rise=s.integer("rise", 2, minimum=1),
+    )
+    s.done()
+
+    s = _Section(root.raw("circuit_breaker"), "circuit_breaker")
+    breaker = CircuitBreakerConfig(
+        threshold=s.integer("threshold", 5, minimum=1),
+        timeout=s.number("timeout", 60.0),
+        half_open_limit=s.integer("half_open_limit", 3, minimum=1),
+    )
+    s.done()
+
+    s = _Section(root.raw("retry"), "retry")
+    retry = RetryConfig(max_retries=s.integer("max_retries", 3), delay=s.number("delay", 1.0))
+    s.done()
+
+    s = _Section(root.raw("metrics"), "metrics")
+    metrics = MetricsConfig(enabled=s.boolean("enabled", True))
+    s.done()
+
+    s = _Section(root.raw("connection_pool"), "connection_pool")
+    pool = ConnectionPoolConfig(
+        limit=s.integer("limit", 1000),
+        limit_per_host=s.integer("limit_per_host", 0),
+        keepalive_timeout=s.number("keepalive_timeout", 30.0),
+    )
+    s.done()
+
+    raw_models = root.raw("models", {})
+    if not isinstance(raw_models, Mapping):
+        raise ConfigError(
+            f"models: expected a mapping of model name to settings, got {raw_models!r}"
+        )
+    models = tuple(_model(name, settings) for name, settings in raw_models.items())
+    qdrant = _service("qdrant", root.raw("qdrant"), "/healthz")
+    embedding = _service("embedding", root.raw("embedding"), "/health")
+    root.done()
+
+    seen: dict[str, str] = {}
+    groups: list[tuple[str, tuple[EndpointConfig, ...]]] = [
+        (f"models.{m.name}", m.endpoints) for m in models
+    ]
+    groups += [("qdrant", qdrant.endpoints), ("embedding", embedding.endpoints)]
+    for path, endpoints in groups:
+        for endpoint in endpoints:
+            if endpoint.name in seen:
+                raise ConfigError(
+                    f"{path}: duplicate backend name {endpoint.name!r}"
+                    f" (already used in {seen[endpoint.name]})"
+                )
+            seen[endpoint.name] = path
+
+    return Config(
+        server=server,
+        routing=routing,
+        queue=queue,
+        health_check=health,
+        circuit_breaker=breaker,
+        retry=retry,
+        metrics=metrics,
+        connection_pool=pool,
+        models=models,
+        qdrant=qdrant,
+        embedding=embedding,
+        source=source,
+    )
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file. `path` None means ROUTER_CONFIG or the default."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        path = env.get("ROUTER_CONFIG") or default_config_path()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    return parse(data, env, source=str(path))
+
+
+def default_config_path() -> Path:
+    """config/router_config.yaml in the working directory, else the one shipped with the code."""
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else BUNDLED_CONFIG_PATH

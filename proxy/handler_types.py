@@ -1,0 +1,7 @@
+"""Type aliases shared by handlers and middlewares."""
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -1,0 +1,81 @@
+"""The pools a config describes, and the runtime strategy swap over them."""
+
+from __future__ import annotations
+
+import random
+
+from balancers.registry import create_balancer
+from circuit.breaker import CircuitBreaker
+from proxy.config import Config, EndpointConfig
+from proxy.upstream import Pool, Upstream
+
+AUTO_POOL = "auto"
+
+
+class Router:
+    """Holds every pool: one per model, `auto` (all model backends, for requests that leave the
+    model open), `qdrant` and `embedding`. Upstream objects are shared between a model's pool and
+    `auto`, so in-flight counts and breakers are one per backend whichever way it was chosen."""
+
+    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+        self._rng = rng if rng is not None else random.Random()
+        self.strategy = config.routing.strategy
+        breaker = config.circuit_breaker
+
+        def upstream(endpoint: EndpointConfig, pool: str, model: str | None) -> Upstream:
+            return Upstream(
+                endpoint.name,
+                endpoint.url,
+                pool,
+                model=model,
+                weight=endpoint.weight,
+                max_concurrent=endpoint.max_concurrent,
+                breaker=CircuitBreaker(breaker.threshold, breaker.timeout, breaker.half_open_limit),
+            )
+
+        self.models: dict[str, Pool] = {}
+        for model in config.models:
+            members = [upstream(e, model.name, model.name) for e in model.endpoints]
+            self.models[model.name] = self._pool(model.name, members, model.health_path)
+        self.auto = self._pool(
+            AUTO_POOL, [u for pool in self.models.values() for u in pool.upstreams], "/health"
+        )
+        self.qdrant = self._pool(
+            "qdrant",
+            [upstream(e, "qdrant", None) for e in config.qdrant.endpoints],
+            config.qdrant.health_path,
+        )
+        self.embedding = self._pool(
+            "embedding",
+            [upstream(e, "embedding", None) for e in config.embedding.endpoints],
+            config.embedding.health_path,
+        )
+        self.pools: dict[str, Pool] = {
+            AUTO_POOL: self.auto,
+            **self.models,
+            "qdrant": self.qdrant,
+            "embedding": self.embedding,
+        }
+        self.upstreams: tuple[Upstream, ...] = tuple(
+            u for name, pool in self.pools.items() if name != AUTO_POOL for u in pool.upstreams
+        )
+
+    def _pool(self, name: str, members: list[Upstream], health_path: str) -> Pool:
+        return Pool(name, members, self.strategy, health_path=health_path, rng=self._rng)
+
+    def set_strategy(self, strategy: str, pool: str | None = None) -> str:
+        """Swap the balancer of one pool, or of all; returns the strategy it replaces.
+
+        Raises UnknownStrategyError (old strategy kept) or KeyError for an unknown pool.
+        """
+        targets = [self.pools[pool]] if pool is not None else list(self.pools.values())
+        create_balancer(strategy, (), self._rng)  # validate before touching any pool
+        previous = targets[0].strategy if pool is not None else self.strategy
+        for target in targets:
+            target.use_strategy(strategy)
+        if pool is None:
+            self.strategy = strategy
+        return previous
+
+    def active_connections(self) -> dict[str, int]:
+        return {u.name: u.active for u in self.upstreams}

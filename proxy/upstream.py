@@ -1,0 +1,102 @@
+"""One backend (`Upstream`) and a group of interchangeable ones (`Pool`).
+
+Request-path state is plain counters on the Upstream: the event loop serialises access, so no
+locks. `available()` combines health, breaker and capacity in one place (as Caddy's hosts.go).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+
+from balancers.base import Balancer
+from balancers.registry import create_balancer
+from circuit.breaker import CircuitBreaker
+
+
+class Upstream:
+    __slots__ = (
+        "name",
+        "url",
+        "pool",
+        "model",
+        "weight",
+        "max_concurrent",
+        "active",
+        "requests",
+        "failures",
+        "healthy",
+        "breaker",
+        "last_check",
+        "last_response_ms",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        pool: str,
+        *,
+        model: str | None = None,
+        weight: float = 1.0,
+        max_concurrent: int = 100,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.pool = pool
+        self.model = model
+        self.weight = weight
+        self.max_concurrent = max_concurrent
+        self.active = 0
+        self.requests = 0
+        self.failures = 0
+        self.healthy = True
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self.last_check: float | None = None
+        self.last_response_ms: float | None = None
+
+    def available(self) -> bool:
+        return self.healthy and self.active < self.max_concurrent and self.breaker.allows()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Upstream {self.name} {self.url} active={self.active}/{self.max_concurrent}"
+            f" healthy={self.healthy} breaker={self.breaker.state}>"
+        )
+
+
+class Pool:
+    """Upstreams that can serve the same requests, and the balancer that picks among them.
+
+    Swapping the strategy replaces the balancer in one assignment; in-flight requests keep
+    their Upstream and its counters, so nothing is dropped.
+    """
+
+    __slots__ = ("name", "upstreams", "balancer", "strategy", "health_path", "_rng")
+
+    def __init__(
+        self,
+        name: str,
+        upstreams: Sequence[Upstream],
+        strategy: str,
+        *,
+        health_path: str = "/health",
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.upstreams = tuple(upstreams)
+        self.health_path = health_path
+        self._rng = rng if rng is not None else random.Random()
+        self.strategy = strategy
+        self.balancer: Balancer = create_balancer(strategy, self.upstreams, self._rng)
+
+    def use_strategy(self, strategy: str) -> None:
+        self.balancer = create_balancer(strategy, self.upstreams, self._rng)
+        self.strategy = strategy
+
+    def select(self, exclude: Collection[Upstream] = ()) -> Upstream | None:
+        return self.balancer.select(self.upstreams, exclude)
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} strategy={self.strategy} upstreams={len(self.upstreams)}>"

@@ -1,0 +1,109 @@
+"""Start simulated backends: one real HTTP server per endpoint of a config, or on free ports.
+
+Written once and used by the demo, the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from proxy.config import Config
+from simulator.behaviour import Behaviour
+from simulator.models import build_model_app
+from simulator.vectors import build_embedding_app, build_qdrant_app
+
+
+@dataclass
+class SimulatedBackend:
+    name: str
+    kind: str  # "model", "qdrant" or "embedding"
+    url: str
+    behaviour: Behaviour
+    runner: web.AppRunner
+
+    @property
+    def port(self) -> int:
+        return int(urlsplit(self.url).port or 80)
+
+
+@dataclass
+class Cluster:
+    backends: dict[str, SimulatedBackend] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> SimulatedBackend:
+        return self.backends[name]
+
+    def reset(self) -> None:
+        for backend in self.backends.values():
+            backend.behaviour.reset()
+
+    async def stop(self) -> None:
+        for backend in self.backends.values():
+            await backend.runner.cleanup()
+        self.backends.clear()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0
+) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 = any free port); returns the runner and the bound port."""
+    sock = bind_socket(host, port)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner, sock.getsockname()[1]
+
+
+def _app(kind: str, name: str, behaviour: Behaviour) -> web.Application:
+    if kind == "qdrant":
+        return build_qdrant_app(name, behaviour)
+    if kind == "embedding":
+        return build_embedding_app(name, behaviour)
+    return build_model_app(name, behaviour)
+
+
+async def start_backend(
+    cluster: Cluster, kind: str, name: str, model: str | None = None, port: int = 0
+) -> SimulatedBackend:
+    behaviour = Behaviour()
+    runner, bound = await serve(_app(kind, model or name, behaviour), "127.0.0.1", port)
+    backend = SimulatedBackend(name, kind, f"http://127.0.0.1:{bound}", behaviour, runner)
+    cluster.backends[name] = backend
+    return backend
+
+
+async def start_for_config(config: Config) -> Cluster:
+    """One simulator on each endpoint's own host and port, as the config describes them."""
+    cluster = Cluster()
+    try:
+        for model in config.models:
+            for endpoint in model.endpoints:
+                await start_backend(
+                    cluster, "model", endpoint.name, model.name, urlsplit(endpoint.url).port or 80
+                )
+        for kind, service in (("qdrant", config.qdrant), ("embedding", config.embedding)):
+            for endpoint in service.endpoints:
+                await start_backend(
+                    cluster, kind, endpoint.name, None, urlsplit(endpoint.url).port or 80
+                )
+    except BaseException:
+        await cluster.stop()
+        raise
+    return cluster

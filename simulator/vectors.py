@@ -1,0 +1,132 @@
+"""A Qdrant-like vector search server and an OpenAI-compatible embeddings server.
+
+Vectors are derived from a hash of the input, so the same text always embeds the same way and
+tests can check what came back without a real model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import orjson
+from aiohttp import web
+
+from simulator.behaviour import Behaviour, control_routes, json_response, misbehaviour_middleware
+
+EMBEDDING_DIMENSIONS = 16
+
+
+def embed(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest() * (dimensions * 4 // 32 + 1)
+    raw = struct.unpack(f"<{dimensions}I", digest[: dimensions * 4])
+    return [round(v / 0xFFFFFFFF * 2 - 1, 6) for v in raw]
+
+
+def build_embedding_app(name: str, behaviour: Behaviour | None = None) -> web.Application:
+    behaviour = behaviour if behaviour is not None else Behaviour()
+    app = web.Application(middlewares=[misbehaviour_middleware(behaviour)])
+    app["behaviour"] = behaviour
+
+    async def embeddings(request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(behaviour.last_body)
+            inputs = body["input"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return json_response({"error": {"message": "expected {input: ...}"}}, 400)
+        texts = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
+        tokens = sum(len(t.split()) for t in texts)
+        return json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": embed(t)}
+                    for i, t in enumerate(texts)
+                ],
+                "model": body.get("model") or name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    async def health(request: web.Request) -> web.Response:
+        return json_response({"status": "ok", "server": name})
+
+    app.add_routes(
+        [
+            web.post("/v1/embeddings", embeddings),
+            web.get("/health", health),
+            *control_routes(behaviour),
+        ]
+    )
+    return app
+
+
+def build_qdrant_app(name: str, behaviour: Behaviour | None = None) -> web.Application:
+    behaviour = behaviour if behaviour is not None else Behaviour()
+    app = web.Application(middlewares=[misbehaviour_middleware(behaviour)])
+    app["behaviour"] = behaviour
+    collections: dict[str, dict] = {"documents": {"vectors": {"size": EMBEDDING_DIMENSIONS}}}
+
+    def ok(result: object) -> web.Response:
+        return json_response({"result": result, "status": "ok", "time": 0.0001})
+
+    async def search(request: web.Request) -> web.Response:
+        collection = request.match_info["collection"]
+        if collection not in collections:
+            return json_response(
+                {"status": {"error": f"Collection `{collection}` doesn't exist!"}}, 404
+            )
+        try:
+            body = orjson.loads(behaviour.last_body)
+            vector = body["vector"]
+            limit = int(body.get("limit", 10))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return json_response({"status": {"error": "expected {vector, limit}"}}, 400)
+        if isinstance(vector, dict):
+            vector = vector.get("vector", [])
+        norm = sum(abs(v) for v in vector) or 1.0
+        return ok(
+            [
+                {
+                    "id": i,
+                    "version": 0,
+                    "score": round(1.0 - i * 0.1 - 0.01 / norm, 6),
+                    "payload": {"server": name, "collection": collection, "rank": i},
+                }
+                for i in range(limit)
+            ]
+        )
+
+    async def list_collections(request: web.Request) -> web.Response:
+        return ok({"collections": [{"name": n} for n in collections]})
+
+    async def get_collection(request: web.Request) -> web.Response:
+        collection = request.match_info["collection"]
+        if collection not in collections:
+            return json_response(
+                {"status": {"error": f"Collection `{collection}` doesn't exist!"}}, 404
+            )
+        return ok({"status": "green", "config": collections[collection], "points_count": 10})
+
+    async def create_collection(request: web.Request) -> web.Response:
+        collections[request.match_info["collection"]] = orjson.loads(behaviour.last_body or b"{}")
+        return ok(True)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="healthz check passed")
+
+    async def root(request: web.Request) -> web.Response:
+        return json_response({"title": f"qdrant simulator {name}", "version": "1.12.0"})
+
+    app.add_routes(
+        [
+            web.get("/", root),
+            web.get("/healthz", healthz),
+            web.get("/collections", list_collections),
+            web.get("/collections/{collection}", get_collection),
+            web.put("/collections/{collection}", create_collection),
+            web.post("/collections/{collection}/points/search", search),
+            *control_routes(behaviour),
+        ]
+    )
+    return app
