@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -16,7 +17,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import build_app
+from proxy.app import RUNNER_OPTIONS, build_app
 from proxy.config import Config, ConfigError, load
 
 log = logging.getLogger("request_router")
@@ -69,21 +70,27 @@ async def serve(config: Config, demo: bool) -> None:
         from proxy.demo import print_instructions, start_demo_backends
 
         cluster = await start_demo_backends(config)
-    runner = web.AppRunner(build_app(config), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(build_app(config), **RUNNER_OPTIONS)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048)
         await site.start()
         log.info(
-            "request-router %s listening on http://%s:%d (strategy %s)",
+            "request-router %s listening on http://%s:%d (strategy %s, event loop %s)",
             __version__,
             config.server.host,
             config.server.port,
             config.routing.strategy,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if demo:
             print_instructions(config)
-        await asyncio.Event().wait()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping")
     finally:
         await runner.cleanup()
         if cluster is not None:

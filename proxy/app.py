@@ -13,6 +13,10 @@ from proxy.errors import error_middleware
 from proxy.handler import QDRANT_PREFIX, Gateway
 from proxy.router import Router
 
+# Cancel a handler when its client disconnects, so the upstream request it waits on is
+# cancelled too instead of running on for nobody.
+RUNNER_OPTIONS = {"access_log": None, "handler_cancellation": True}
+
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 ROUTER_KEY = web.AppKey("router", Router)
 
@@ -22,7 +26,8 @@ def build_app(config: Config, router: Router | None = None) -> web.Application:
     gateway = Gateway(config, router)
     admin = AdminApi(router, config.server.admin_token)
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
+        middlewares=[error_middleware(config.server.max_body_bytes)],
+        client_max_size=config.server.max_body_bytes,
     )
     app[GATEWAY_KEY] = gateway
     app[ROUTER_KEY] = router

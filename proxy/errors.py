@@ -11,7 +11,7 @@ import logging
 import orjson
 from aiohttp import web
 
-from proxy.handler_types import Handler
+from proxy.handler_types import Handler, Middleware
 
 log = logging.getLogger("request_router")
 
@@ -94,35 +94,47 @@ def error_response(
 _AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def error_middleware(max_body_bytes: int) -> Middleware:
     """Every failure leaves as JSON with the right status; no traceback reaches a client."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        response = error_response(exc.status, exc.message, exc.error_type, exc.code, exc.headers)
-    except web.HTTPRequestEntityTooLarge as exc:
-        response = error_response(
-            413,
-            f"request body is larger than the limit of {exc.max_size} bytes",
-            "invalid_request_error",
-            "payload_too_large",
-        )
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _AIOHTTP_CODES.get(exc.status, "http_error")
-        message = exc.reason
-        if exc.status == 404:
-            message = f"no route for {request.method} {request.path}"
-        elif exc.status == 405:
-            message = f"method {request.method} is not allowed on {request.path}"
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        response = error_response(exc.status, message, "invalid_request_error", code, headers)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response(500, "internal gateway error", "server_error", "internal_error")
-    request_id = request.get("request_id")
-    if request_id is not None:
-        response.headers["x-request-id"] = request_id
-    return response
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _aiohttp_error(request, exc, max_body_bytes)
+        except GatewayError as exc:
+            response = error_response(
+                exc.status, exc.message, exc.error_type, exc.code, exc.headers
+            )
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = error_response(
+                500, "internal gateway error", "server_error", "internal_error"
+            )
+        request_id = request.get(REQUEST_ID)
+        if request_id is not None:
+            response.headers["x-request-id"] = request_id
+        return response
+
+    return middleware
+
+
+def _aiohttp_error(
+    request: web.Request, exc: web.HTTPException, max_body_bytes: int
+) -> web.Response:
+    message = exc.reason
+    if exc.status == 413:
+        message = f"request body is larger than the limit of {max_body_bytes} bytes"
+    elif exc.status == 404:
+        message = f"no route for {request.method} {request.path}"
+    elif exc.status == 405:
+        message = f"method {request.method} is not allowed on {request.path}"
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    code = _AIOHTTP_CODES.get(exc.status, "http_error")
+    return error_response(exc.status, message, "invalid_request_error", code, headers)

@@ -21,6 +21,7 @@ from yarl import URL
 from health.passive import is_failure_status
 from proxy.config import Config
 from proxy.errors import (
+    REQUEST_ID,
     BadGateway,
     GatewayTimeout,
     InvalidRequest,
@@ -130,7 +131,7 @@ class Gateway:
             request_id = given
         else:
             request_id = self._id_prefix + str(next(self._ids))
-        request["request_id"] = request_id
+        request[REQUEST_ID] = request_id
         return request_id
 
     # --- OpenAI-compatible routes -------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -61,11 +62,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(
-    app: web.Application, host: str = "127.0.0.1", port: int = 0
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, **runner_options: Any
 ) -> tuple[web.AppRunner, int]:
     """Serve `app` on host:port (0 = any free port); returns the runner and the bound port."""
     sock = bind_socket(host, port)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner_options.setdefault("access_log", None)
+    runner = web.AppRunner(app, handle_signals=False, **runner_options)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner, sock.getsockname()[1]
@@ -83,7 +85,11 @@ async def start_backend(
     cluster: Cluster, kind: str, name: str, model: str | None = None, port: int = 0
 ) -> SimulatedBackend:
     behaviour = Behaviour()
-    runner, bound = await serve(_app(kind, model or name, behaviour), "127.0.0.1", port)
+    # Cancelling the handler when the peer goes away is how real model servers (vLLM, TGI)
+    # stop generating, and lets tests see that the gateway really closed the upstream.
+    runner, bound = await serve(
+        _app(kind, model or name, behaviour), "127.0.0.1", port, handler_cancellation=True
+    )
     backend = SimulatedBackend(name, kind, f"http://127.0.0.1:{bound}", behaviour, runner)
     cluster.backends[name] = backend
     return backend

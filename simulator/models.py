@@ -51,7 +51,6 @@ def _prompt_tokens(body: dict) -> int:
 def build_model_app(model: str, behaviour: Behaviour | None = None) -> web.Application:
     behaviour = behaviour if behaviour is not None else Behaviour()
     app = web.Application(middlewares=[misbehaviour_middleware(behaviour)])
-    app["behaviour"] = behaviour
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:

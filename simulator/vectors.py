@@ -26,7 +26,6 @@ def embed(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
 def build_embedding_app(name: str, behaviour: Behaviour | None = None) -> web.Application:
     behaviour = behaviour if behaviour is not None else Behaviour()
     app = web.Application(middlewares=[misbehaviour_middleware(behaviour)])
-    app["behaviour"] = behaviour
 
     async def embeddings(request: web.Request) -> web.Response:
         try:
@@ -64,7 +63,6 @@ def build_embedding_app(name: str, behaviour: Behaviour | None = None) -> web.Ap
 def build_qdrant_app(name: str, behaviour: Behaviour | None = None) -> web.Application:
     behaviour = behaviour if behaviour is not None else Behaviour()
     app = web.Application(middlewares=[misbehaviour_middleware(behaviour)])
-    app["behaviour"] = behaviour
     collections: dict[str, dict] = {"documents": {"vectors": {"size": EMBEDDING_DIMENSIONS}}}
 
     def ok(result: object) -> web.Response:

@@ -1,0 +1,128 @@
+"""Shared fixtures: simulated backends on free ports and a real gateway in front of them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import RUNNER_OPTIONS, build_app
+from proxy.config import Config, parse
+from proxy.router import Router
+from simulator.cluster import Cluster, serve, start_backend
+
+MODELS = {
+    # name: (weight, max_concurrent, cost_per_request)
+    "mixtral-8x7b": (1.0, 10, 0.0027),
+    "hermes-2": (0.8, 20, 0.0018),
+    "openchat-3.5": (0.6, 50, 0.0012),
+    "phi-3-mini": (0.4, 100, 0.0004),
+}
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    cluster = Cluster()
+    for name in MODELS:
+        await start_backend(cluster, "model", name, name)
+    for name in ("qdrant-primary", "qdrant-secondary"):
+        await start_backend(cluster, "qdrant", name)
+    for name in ("embedding-gpu0", "embedding-gpu1"):
+        await start_backend(cluster, "embedding", name)
+    yield cluster
+    await cluster.stop()
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    result = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def config_document(cluster: Cluster, **changes: Any) -> dict[str, Any]:
+    """A config for `cluster`; health checks off so that tests count only their own requests."""
+    document: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "health_check": {"enabled": False},
+        "retry": {"delay": 0},
+        "models": {
+            name: {
+                "weight": weight,
+                "max_concurrent": max_concurrent,
+                "cost_per_request": cost,
+                "endpoints": [{"url": cluster[name].url}],
+            }
+            for name, (weight, max_concurrent, cost) in MODELS.items()
+        },
+        "qdrant": {
+            "endpoints": [
+                {"name": name, "url": cluster[name].url}
+                for name in ("qdrant-primary", "qdrant-secondary")
+            ]
+        },
+        "embedding": {
+            "endpoints": [
+                {"name": name, "url": cluster[name].url}
+                for name in ("embedding-gpu0", "embedding-gpu1")
+            ]
+        },
+    }
+    return merge(document, changes)
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    router: Router
+    config: Config
+
+
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[StartGateway]:
+    runners: list[web.AppRunner] = []
+
+    async def start(
+        document: dict[str, Any], environ: dict[str, str] | None = None
+    ) -> RunningGateway:
+        config = parse(document, environ or {})
+        router = Router(config)
+        app = build_app(config, router)
+        runner, port = await serve(app, "127.0.0.1", 0, **RUNNER_OPTIONS)
+        runners.append(runner)
+        return RunningGateway(f"http://127.0.0.1:{port}", router, config)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(cluster: Cluster, start_gateway: StartGateway) -> RunningGateway:
+    return await start_gateway(config_document(cluster))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def chat(model: str | None = "auto", stream: bool = False, content: str = "Hello") -> dict:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": content}]}
+    if model is not None:
+        body["model"] = model
+    if stream:
+        body["stream"] = True
+    return body

@@ -1,0 +1,112 @@
+"""SSE relayed as it arrives: pacing preserved, disconnects and broken upstreams handled."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from simulator.cluster import Cluster
+from tests.conftest import chat
+
+
+async def test_first_chunk_arrives_long_before_the_last(gateway, http, cluster: Cluster) -> None:
+    behaviour = cluster["hermes-2"].behaviour
+    behaviour.tokens = 6
+    behaviour.token_delay = 0.2  # the whole answer takes about a second
+    started = time.monotonic()
+    arrivals = []
+    events = []
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat("hermes-2", stream=True)
+    ) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["x-router-backend"] == "hermes-2"
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                arrivals.append(time.monotonic() - started)
+                events.append(line[6:].strip())
+    assert events[-1] == b"[DONE]"
+    tokens = [orjson.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]]
+    assert "".join(tokens).startswith("[hermes-2]Hello")
+    assert arrivals[0] < 0.15
+    assert arrivals[-1] - arrivals[0] > 0.8
+
+
+async def test_client_disconnect_mid_stream_stops_the_upstream(
+    gateway, http, cluster: Cluster
+) -> None:
+    behaviour = cluster["openchat-3.5"].behaviour
+    behaviour.tokens = 50
+    behaviour.token_delay = 0.05
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat("openchat-3.5", stream=True)
+    ) as response:
+        await response.content.readline()
+        assert behaviour.in_flight == 1
+        response.close()  # the client goes away after the first event
+    for _ in range(40):
+        if behaviour.in_flight == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert behaviour.in_flight == 0  # the simulator saw its connection dropped well before 2.5s
+    upstream = next(u for u in gateway.router.upstreams if u.name == "openchat-3.5")
+    for _ in range(20):
+        if upstream.active == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert upstream.active == 0
+
+
+async def test_client_disconnect_before_first_byte_cancels_the_upstream(
+    gateway, http, cluster: Cluster
+) -> None:
+    behaviour = cluster["phi-3-mini"].behaviour
+    behaviour.latency = 3.0
+    request = asyncio.create_task(
+        http.post(f"{gateway.url}/v1/chat/completions", json=chat("phi-3-mini"))
+    )
+    await asyncio.sleep(0.3)
+    assert behaviour.in_flight == 1
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    for _ in range(40):
+        if behaviour.in_flight == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert behaviour.in_flight == 0
+    assert all(u.active == 0 for u in gateway.router.upstreams)
+
+
+async def test_upstream_dying_mid_stream_truncates_the_client_response(
+    gateway, http, cluster: Cluster
+) -> None:
+    behaviour = cluster["mixtral-8x7b"].behaviour
+    behaviour.tokens = 10
+    behaviour.drop_after_chunks = 3
+    received = []
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.post(
+            f"{gateway.url}/v1/chat/completions", json=chat("mixtral-8x7b", stream=True)
+        ) as response:
+            assert response.status == 200
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    received.append(line)
+    assert len(received) == 3
+    upstream = next(u for u in gateway.router.upstreams if u.name == "mixtral-8x7b")
+    assert upstream.failures == 1 and upstream.active == 0
+
+
+async def test_stream_include_usage_final_chunk_passes_through(gateway, http) -> None:
+    body = chat("phi-3-mini", stream=True) | {"stream_options": {"include_usage": True}}
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=body) as response:
+        text = await response.text()
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    usage = orjson.loads(events[-2])["usage"]
+    assert usage["completion_tokens"] == 8
