@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Walk through a running gateway: which backend answers, strategy switches, health.
+# Usage: scripts/test_routing.sh [BASE_URL]   (default http://127.0.0.1:8000)
+# Exits non-zero at the first step that fails.
+set -euo pipefail
+
+BASE="${1:-${ROUTER_URL:-http://127.0.0.1:8000}}"
+AUTH=()
+if [[ -n "${ROUTER_ADMIN_TOKEN:-}" ]]; then
+  AUTH=(-H "Authorization: Bearer ${ROUTER_ADMIN_TOKEN}")
+fi
+CHAT='{"model": "auto", "messages": [{"role": "user", "content": "Hello"}]}'
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+step() { printf '\n== %s\n' "$*"; }
+
+# POST a chat completion; print "status backend".
+ask() {
+  curl -s -o /dev/null -D - -X POST "$BASE/v1/chat/completions" \
+       -H 'Content-Type: application/json' -d "${1:-$CHAT}" \
+    | awk 'NR==1 {status=$2} tolower($1)=="x-router-backend:" {gsub("\r",""); backend=$2}
+           END {print status, backend}'
+}
+
+ten_requests() {
+  local i line
+  for i in $(seq 1 10); do
+    line=$(ask)
+    [[ "${line%% *}" == "200" ]] || fail "request $i answered '$line'"
+    printf '  request %2d -> %s\n' "$i" "${line#* }"
+  done
+}
+
+set_strategy() {
+  local body
+  body=$(curl -s -X PUT "$BASE/api/v1/router/strategy" "${AUTH[@]}" \
+              -H 'Content-Type: application/json' -d "{\"strategy\": \"$1\"}")
+  echo "$body" | jq -e ".strategy_change.new_strategy == \"$1\"" >/dev/null \
+    || fail "strategy switch to $1: $body"
+  echo "  $(echo "$body" | jq -c '.strategy_change | {previous_strategy, new_strategy}')"
+}
+
+step "health ($BASE/health)"
+curl -sf "$BASE/health" | jq -c '{status, models, strategy}' || fail "gateway not healthy"
+
+step "models"
+curl -sf "$BASE/v1/models" | jq -r '.data[].id' | sed 's/^/  /' || fail "model list"
+
+step "current strategy"
+ORIGINAL=$(curl -sf "$BASE/api/v1/router/strategy" | jq -r .strategy) || fail "strategy read"
+echo "  $ORIGINAL"
+
+for strategy in round_robin weighted least_connections; do
+  step "strategy $strategy: ten requests"
+  set_strategy "$strategy"
+  ten_requests
+done
+
+step "streaming"
+stream=$(curl -sN -X POST "$BASE/v1/chat/completions" -H 'Content-Type: application/json' \
+     -d '{"model": "hermes-2", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}')
+events=$(grep -c '^data: ' <<<"$stream" || true)
+grep -q '^data: \[DONE\]' <<<"$stream" || fail "stream did not finish with [DONE]"
+echo "  $events SSE events, ending with [DONE]"
+
+step "unknown model -> 404"
+line=$(ask '{"model": "no-such-model", "messages": []}')
+[[ "${line%% *}" == "404" ]] || fail "expected 404, got '$line'"
+echo "  ok"
+
+step "unknown strategy -> 400"
+code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT "$BASE/api/v1/router/strategy" "${AUTH[@]}" \
+            -d '{"strategy": "telepathy"}')
+[[ "$code" == "400" ]] || fail "expected 400, got $code"
+echo "  ok"
+
+step "vector search"
+curl -sf -X POST "$BASE/api/v1/vectors/search" -H 'Content-Type: application/json' \
+     -d '{"query_vector": [0.1, 0.2], "collection": "documents", "limit": 2}' \
+  | jq -e '.result | length == 2' >/dev/null || fail "vector search"
+echo "  ok"
+
+step "backend state"
+curl -sf "$BASE/api/v1/router/backends" \
+  | jq -r 'to_entries[] | .value[] | "  \(.name): requests=\(.requests) active=\(.active) healthy=\(.healthy) circuit=\(.circuit)"' \
+  || fail "backend state"
+
+step "restore strategy $ORIGINAL"
+set_strategy "$ORIGINAL"
+printf '\nall steps passed\n'

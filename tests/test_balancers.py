@@ -1,0 +1,112 @@
+"""Balancers on tiny pools: exact sequences, distributions within tolerance, and a conformance
+suite every strategy must pass."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from balancers.registry import STRATEGIES, UnknownStrategyError, create_balancer
+
+
+@dataclass(eq=False)
+class Backend:
+    name: str
+    weight: float = 1.0
+    active: int = 0
+    up: bool = True
+
+    def available(self) -> bool:
+        return self.up
+
+
+def pool(*weights: float) -> list[Backend]:
+    return [Backend(chr(ord("a") + i), w) for i, w in enumerate(weights)]
+
+
+def picks(strategy: str, backends: list[Backend], count: int, seed: int = 1) -> list[str]:
+    balancer = create_balancer(strategy, backends, random.Random(seed))
+    chosen = []
+    for _ in range(count):
+        backend = balancer.select(backends)
+        assert backend is not None
+        chosen.append(backend.name)
+    return chosen
+
+
+def test_round_robin_exact_sequence_skips_unavailable() -> None:
+    backends = pool(1, 1, 1)
+    balancer = create_balancer("round_robin", backends, random.Random(0))
+    assert [balancer.select(backends).name for _ in range(4)] == ["a", "b", "c", "a"]
+    backends[2].up = False
+    assert [balancer.select(backends).name for _ in range(4)] == ["b", "a", "b", "a"]
+
+
+def test_smooth_weighted_matches_nginx_sequence() -> None:
+    # The example from nginx's commit introducing smooth weighted round robin (weights 5, 1, 1).
+    assert "".join(picks("weighted", pool(5, 1, 1), 7)) == "aabacaa"
+
+
+def test_smooth_weighted_exact_over_every_cycle_with_fractional_weights() -> None:
+    backends = pool(1.0, 0.8, 0.6, 0.4)
+    chosen = picks("weighted", backends, 14 * 10)
+    for cycle in range(10):
+        assert Counter(chosen[cycle * 14 : (cycle + 1) * 14]) == {"a": 5, "b": 4, "c": 3, "d": 2}
+
+
+def test_weighted_alias() -> None:
+    assert picks("weighted_round_robin", pool(2, 1), 3) == picks("weighted", pool(2, 1), 3)
+
+
+def test_least_connections_picks_fewest_in_flight_and_breaks_ties_randomly() -> None:
+    backends = pool(1, 1, 1)
+    backends[0].active, backends[1].active, backends[2].active = 3, 1, 1
+    counts = Counter(picks("least_connections", backends, 1000))
+    assert set(counts) == {"b", "c"}
+    assert abs(counts["b"] - 500) < 100
+
+
+def test_power_of_two_prefers_the_less_loaded_of_its_two_samples() -> None:
+    backends = pool(1, 1, 1)
+    backends[0].active = 10
+    counts = Counter(picks("power_of_two", backends, 3000))
+    # "a" wins only when both samples... never: any pair containing "a" picks the other one.
+    assert "a" not in counts
+    assert abs(counts["b"] - 1500) < 200
+
+
+def test_random_is_roughly_uniform() -> None:
+    counts = Counter(picks("random", pool(1, 1, 1, 1), 4000))
+    assert all(abs(n - 1000) < 150 for n in counts.values())
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+class TestConformance:
+    def test_never_picks_unavailable_or_excluded(self, strategy: str) -> None:
+        backends = pool(1, 2, 3, 4)
+        backends[1].up = False
+        balancer = create_balancer(strategy, backends, random.Random(7))
+        for _ in range(200):
+            chosen = balancer.select(backends, exclude=(backends[3],))
+            assert chosen in (backends[0], backends[2])
+
+    def test_none_when_nothing_is_available(self, strategy: str) -> None:
+        backends = pool(1, 1)
+        for b in backends:
+            b.up = False
+        assert create_balancer(strategy, backends, random.Random(0)).select(backends) is None
+        assert create_balancer(strategy, [], random.Random(0)).select([]) is None
+
+    def test_single_backend_always_chosen(self, strategy: str) -> None:
+        assert set(picks(strategy, pool(1), 10)) == {"a"}
+
+    def test_every_backend_is_used(self, strategy: str) -> None:
+        assert set(picks(strategy, pool(1, 1, 1), 300)) == {"a", "b", "c"}
+
+
+def test_unknown_strategy_lists_valid_names() -> None:
+    with pytest.raises(UnknownStrategyError, match="valid strategies: round_robin, weighted"):
+        create_balancer("fastest", [], random.Random(0))
