@@ -24,6 +24,7 @@ KNOBS = (
     "retry_after",
     "drop",
     "drop_after_chunks",
+    "token_bytes",
 )
 
 
@@ -37,6 +38,7 @@ class Behaviour:
     retry_after: float | None = None  # Retry-After on error responses
     drop: bool = False  # close the connection without answering
     drop_after_chunks: int | None = None  # close a stream after this many chunks
+    token_bytes: int = 0  # pad each token to this many bytes (bulk streams for flow tests)
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0

@@ -60,6 +60,8 @@ def build_model_app(model: str, behaviour: Behaviour | None = None) -> web.Appli
         if not isinstance(body, dict):
             return json_response({"error": {"message": "expected object", "type": "invalid"}}, 400)
         tokens = completion_tokens(model, behaviour.tokens)
+        if behaviour.token_bytes:
+            tokens = [t.ljust(behaviour.token_bytes, ".") for t in tokens]
         prompt_tokens = _prompt_tokens(body)
         usage = {
             "prompt_tokens": prompt_tokens,

@@ -110,3 +110,23 @@ async def test_stream_include_usage_final_chunk_passes_through(gateway, http) ->
     events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
     usage = orjson.loads(events[-2])["usage"]
     assert usage["completion_tokens"] == 8
+
+
+async def test_slow_client_pauses_the_upstream_instead_of_buffering(
+    gateway, http, cluster: Cluster
+) -> None:
+    behaviour = cluster["phi-3-mini"].behaviour
+    behaviour.tokens = 2000
+    behaviour.token_bytes = 32 * 1024  # a 64 MB stream, far more than socket buffers hold
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat("phi-3-mini", stream=True)
+    ) as response:
+        await response.content.readline()
+        await asyncio.sleep(1.0)  # the client reads nothing for a second
+        # Had the gateway buffered, the simulator would have written everything by now.
+        assert behaviour.in_flight == 1
+        total = 0
+        async for chunk in response.content.iter_any():
+            total += len(chunk)
+    assert total > 2000 * 32 * 1024
+    assert behaviour.in_flight == 0
