@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import aiohttp
 
@@ -32,7 +32,8 @@ class ProbeState:
         self.passes = 0
         self.fails = 0
 
-    def record(self, ok: bool, fall: int, rise: int) -> None:
+    def record(self, ok: bool, fall: int, rise: int) -> bool:
+        """Count a probe result; True when the backend's health verdict changed."""
         upstream = self.upstream
         if ok:
             self.passes += 1
@@ -40,12 +41,15 @@ class ProbeState:
             if not upstream.healthy and self.passes >= rise:
                 upstream.healthy = True
                 log.warning("backend %s is up again", upstream.name)
+                return True
         else:
             self.fails += 1
             self.passes = 0
             if upstream.healthy and self.fails >= fall:
                 upstream.healthy = False
                 log.warning("backend %s is down after %d failed checks", upstream.name, fall)
+                return True
+        return False
 
 
 class ActiveHealthChecker:
@@ -54,14 +58,15 @@ class ActiveHealthChecker:
         pools: Iterable[Pool],
         config: HealthCheckConfig,
         rng: random.Random | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_change = on_change
         self._rng = rng if rng is not None else random.Random()
         self.probes: dict[str, ProbeState] = {}
-        for pool in pools:
+        for pool in pools:  # each backend's home pool: not `auto`, which only regroups them
             for upstream in pool.upstreams:
-                # A backend in several pools (a model pool and `auto`) is probed once.
-                self.probes.setdefault(upstream.name, ProbeState(upstream, pool.health_path))
+                self.probes[upstream.name] = ProbeState(upstream, pool.health_path)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -93,7 +98,8 @@ class ActiveHealthChecker:
             ok = False
         upstream.last_response_ms = round((time.perf_counter() - started) * 1000, 3)
         upstream.last_check = time.time()
-        probe.record(ok, self.config.fall, self.config.rise)
+        if probe.record(ok, self.config.fall, self.config.rise) and self._on_change is not None:
+            self._on_change()
         return ok
 
     async def _loop(self, probe: ProbeState) -> None:

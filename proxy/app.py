@@ -39,7 +39,9 @@ def build_app(config: Config, router: Router | None = None) -> web.Application:
 
     app.cleanup_ctx.append(upstream_session)
     if config.health_check.enabled:
-        checker = ActiveHealthChecker(router.pools.values(), config.health_check)
+        checker = ActiveHealthChecker(
+            router.home_pools(), config.health_check, on_change=router.refresh_health
+        )
 
         async def health_checks(app: web.Application) -> AsyncIterator[None]:
             checker.start()

@@ -32,13 +32,16 @@ class ServerConfig:
     workers: int = 1
     max_body_bytes: int = 10 * 1024 * 1024
     admin_token: str | None = None
+    shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
 
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
     strategy: str = "round_robin"
-    request_timeout: float = 30.0
+    request_timeout: float = 30.0  # total, for non-streamed requests
     connect_timeout: float = 5.0
+    idle_timeout: float = 30.0  # upstream silence: before headers and between stream chunks
+    first_byte_timeout: float | None = None  # until response headers; None: idle_timeout
     max_concurrent_requests: int = 100
 
 
@@ -46,6 +49,7 @@ class RoutingConfig:
 class QueueConfig:
     size: int = 1000
     timeout: float = 30.0
+    priority_header: str = "X-Priority"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +65,21 @@ class HealthCheckConfig:
 class CircuitBreakerConfig:
     threshold: int = 5
     timeout: float = 60.0
+    max_timeout: float = 600.0  # the open time doubles on each re-trip, up to this
     half_open_limit: int = 3
+    adaptive: bool = False  # also open on slowness (see latency_threshold)
+    latency_threshold: float = 2.0  # seconds to response headers
+    slow_request_limit: int = 3
+    slow_window: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
     max_retries: int = 3
     delay: float = 1.0
+    max_delay: float = 8.0
+    budget_ratio: float = 0.2
+    budget_min: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +138,7 @@ class Config:
     models: tuple[ModelConfig, ...]
     qdrant: ServiceConfig
     embedding: ServiceConfig
+    fallbacks: dict[str, tuple[str, ...]]
     source: str = "<defaults>"
 
     def summary(self) -> str:
@@ -219,6 +232,12 @@ class _Section:
         if value < minimum:
             raise ConfigError(f"{self._key(key)}: must be >= {minimum:g}, got {value!r}")
         return float(value)
+
+    def optional_number(self, key: str, *, minimum: float = 0.0) -> float | None:
+        if self._data.get(key) is None:
+            self._data.pop(key, None)
+            return None
+        return self.number(key, 0.0, minimum=minimum)
 
     def strings(self, key: str) -> tuple[str, ...]:
         value = self._data.pop(key, [])
@@ -329,6 +348,25 @@ def _service(name: str, data: Any, health_path: str) -> ServiceConfig:
     return ServiceConfig(name=name, health_path=path, endpoints=endpoints)
 
 
+def _fallbacks(data: Any, models: list[str]) -> dict[str, tuple[str, ...]]:
+    section = _Section(data, "fallbacks")
+    chains = {}
+    for model in list(section._data):
+        path = f"fallbacks.{model}"
+        if model not in models:
+            raise ConfigError(f"{path}: unknown model {model!r} (models: {', '.join(models)})")
+        chain = section.strings(str(model))
+        for index, target in enumerate(chain):
+            if target not in models or target == model:
+                raise ConfigError(
+                    f"{path}[{index}]: {target!r} is not another configured model"
+                    f" (models: {', '.join(models)})"
+                )
+        chains[str(model)] = chain
+    section.done()
+    return chains
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for variable, (section, key) in ENV_OVERRIDES.items():
         value = environ.get(variable)
@@ -357,6 +395,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         workers=s.integer("workers", 1, minimum=1),
         max_body_bytes=s.integer("max_body_bytes", 10 * 1024 * 1024, minimum=1),
         admin_token=s.string("admin_token", None) or None,
+        shutdown_grace=s.number("shutdown_grace", 30.0),
     )
     if server.port > 65535:
         raise ConfigError(f"server.port: must be <= 65535, got {server.port!r}")
@@ -373,12 +412,18 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         strategy=strategy,
         request_timeout=s.number("request_timeout", 30.0, minimum=0.001),
         connect_timeout=s.number("connect_timeout", 5.0, minimum=0.001),
+        idle_timeout=s.number("idle_timeout", 30.0, minimum=0.001),
+        first_byte_timeout=s.optional_number("first_byte_timeout", minimum=0.001),
         max_concurrent_requests=s.integer("max_concurrent_requests", 100, minimum=1),
     )
     s.done()
 
     s = _Section(root.raw("queue"), "queue")
-    queue = QueueConfig(size=s.integer("size", 1000), timeout=s.number("timeout", 30.0))
+    queue = QueueConfig(
+        size=s.integer("size", 1000),
+        timeout=s.number("timeout", 30.0),
+        priority_header=s.string("priority_header", "X-Priority") or "X-Priority",
+    )
     s.done()
 
     s = _Section(root.raw("health_check"), "health_check")
@@ -395,12 +440,23 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
     breaker = CircuitBreakerConfig(
         threshold=s.integer("threshold", 5, minimum=1),
         timeout=s.number("timeout", 60.0),
+        max_timeout=s.number("max_timeout", 600.0),
         half_open_limit=s.integer("half_open_limit", 3, minimum=1),
+        adaptive=s.boolean("adaptive", False),
+        latency_threshold=s.number("latency_threshold", 2.0, minimum=0.001),
+        slow_request_limit=s.integer("slow_request_limit", 3, minimum=1),
+        slow_window=s.number("slow_window", 60.0, minimum=0.001),
     )
     s.done()
 
     s = _Section(root.raw("retry"), "retry")
-    retry = RetryConfig(max_retries=s.integer("max_retries", 3), delay=s.number("delay", 1.0))
+    retry = RetryConfig(
+        max_retries=s.integer("max_retries", 3),
+        delay=s.number("delay", 1.0),
+        max_delay=s.number("max_delay", 8.0),
+        budget_ratio=s.number("budget_ratio", 0.2),
+        budget_min=s.integer("budget_min", 3),
+    )
     s.done()
 
     s = _Section(root.raw("metrics"), "metrics")
@@ -423,6 +479,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
     models = tuple(_model(name, settings) for name, settings in raw_models.items())
     qdrant = _service("qdrant", root.raw("qdrant"), "/healthz")
     embedding = _service("embedding", root.raw("embedding"), "/health")
+    fallbacks = _fallbacks(root.raw("fallbacks"), [m.name for m in models])
     root.done()
 
     seen: dict[str, str] = {}
@@ -451,6 +508,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         models=models,
         qdrant=qdrant,
         embedding=embedding,
+        fallbacks=fallbacks,
         source=source,
     )
 

@@ -6,6 +6,7 @@ Bodies are forwarded byte for byte unless the gateway must change them (a model 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -23,12 +24,15 @@ from proxy.config import Config
 from proxy.errors import (
     REQUEST_ID,
     BadGateway,
+    GatewayError,
     GatewayTimeout,
     InvalidRequest,
     ModelNotFound,
     NoBackendAvailable,
 )
 from proxy.forward import client_response_headers, upstream_request_headers
+from proxy.queue import NORMAL_PRIORITY, PRIORITIES, Admission
+from proxy.retry import DEFAULT_COOLDOWN, RETRY_STATUSES, RetryPolicy, retry_after_seconds
 from proxy.router import Router
 from proxy.streaming import relay
 from proxy.upstream import Pool, Upstream
@@ -46,6 +50,45 @@ class UpstreamUnreachable(BadGateway):
     """Nothing reached the backend, so another backend may safely take the request."""
 
     code = "backend_unreachable"
+
+
+class AttemptFailed(Exception):
+    """An attempt failed before anything was sent to the client: it may be retried."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class AttemptContext:
+    __slots__ = ("request_id", "attempt", "fallback", "pools")
+
+    def __init__(
+        self, request_id: str, attempt: int, fallback: str | None, pools: tuple[Pool, ...]
+    ) -> None:
+        self.request_id = request_id
+        self.attempt = attempt
+        self.fallback = fallback  # the model that served instead of the requested one
+        self.pools = pools  # where a retry could go
+
+    def retry_possible(self) -> bool:
+        return any(pool.has_live() for pool in self.pools)
+
+
+class GatewayStats:
+    """Counters of what the request path did, for the admin and metrics endpoints."""
+
+    __slots__ = ("retries", "failovers", "fallbacks", "stale_retries", "client_closed")
+
+    def __init__(self) -> None:
+        self.retries = 0
+        self.failovers = 0
+        self.fallbacks = 0
+        self.stale_retries = 0
+        self.client_closed = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -76,8 +119,23 @@ class Gateway:
         self.config = config
         self.router = router
         self.session: aiohttp.ClientSession | None = None
-        self._max_attempts = config.retry.max_retries + 1
-        self._request_timeout = config.routing.request_timeout
+        self._fresh_session: aiohttp.ClientSession | None = None
+        self.admission = Admission(
+            config.routing.max_concurrent_requests, config.queue.size, config.queue.timeout
+        )
+        self.retry = RetryPolicy(config.retry)
+        self.stats = GatewayStats()
+        self._priority_header = config.queue.priority_header
+        routing = config.routing
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=routing.connect_timeout, sock_read=routing.idle_timeout
+        )
+        self._request_timeout_obj = aiohttp.ClientTimeout(
+            total=routing.request_timeout,
+            sock_connect=routing.connect_timeout,
+            sock_read=routing.idle_timeout,
+        )
+        self._first_byte_timeout = routing.first_byte_timeout
         self._id_prefix = os.urandom(4).hex() + "-"
         self._ids = itertools.count(1)
         created = int(time.time())
@@ -107,13 +165,14 @@ class Gateway:
             keepalive_timeout=pool.keepalive_timeout,
             ttl_dns_cache=300,
         )
-        self.session = aiohttp.ClientSession(
+        self.session = self._client_session(connector)
+        # Only for resending after a stale keep-alive connection: always a new connection.
+        self._fresh_session = self._client_session(aiohttp.TCPConnector(force_close=True))
+
+    def _client_session(self, connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.config.routing.connect_timeout,
-                sock_read=self._request_timeout,
-            ),
+            timeout=self._request_timeout_obj,
             auto_decompress=False,  # relay the bytes as the backend encoded them
             cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
             skip_auto_headers=SKIP_AUTO_HEADERS,
@@ -121,9 +180,10 @@ class Gateway:
         )
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        for session in (self.session, self._fresh_session):
+            if session is not None:
+                await session.close()
+        self.session = self._fresh_session = None
 
     def request_id(self, request: web.Request) -> str:
         given = request.headers.get("X-Request-ID")
@@ -152,7 +212,13 @@ class Gateway:
         model = document.get("model")
         if model is None or model == "auto":
             return await self._forward(
-                request, self.router.auto, path, body, request_id, choose_model=document
+                request,
+                self.router.auto,
+                path,
+                body,
+                request_id,
+                choose_model=document,
+                stream=bool(stream),
             )
         if not isinstance(model, str):
             raise InvalidRequest(f"'model' must be a string, got {model!r}", code="invalid_type")
@@ -162,7 +228,15 @@ class Gateway:
                 f"The model '{model}' does not exist. Available models: {self._model_names}"
                 " (or 'auto')."
             )
-        return await self._forward(request, pool, path, body, request_id)
+        return await self._forward(
+            request,
+            pool,
+            path,
+            body,
+            request_id,
+            stream=bool(stream),
+            fallbacks=self.router.fallbacks.get(model, ()),
+        )
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         request_id = self.request_id(request)
@@ -227,30 +301,88 @@ class Gateway:
         path: str,
         body: bytes,
         request_id: str,
+        *,
         choose_model: dict[str, Any] | None = None,
+        stream: bool = False,
+        fallbacks: tuple[Pool, ...] = (),
     ) -> web.StreamResponse:
-        """Try backends of `pool` until one answers. Only a backend that could not be reached
-        is replaced by another: then nothing was sent, so even a POST is safe to resend."""
+        """Admit -> attempt -> (retry elsewhere) until a backend answers or retries run out.
+
+        Retries happen only while nothing has been sent to the client, go to a different
+        backend whenever another is eligible, and stay inside the retry budget.
+        """
         headers = upstream_request_headers(request, request_id)
+        pools = (pool, *fallbacks)
+        priority = PRIORITIES.get(
+            request.headers.get(self._priority_header, "normal").lower(), NORMAL_PRIORITY
+        )
+        retry = self.retry
         tried: list[Upstream] = []
-        failure: UpstreamUnreachable | None = None
-        for _ in range(self._max_attempts):
-            upstream = pool.select(tried)
-            if upstream is None:
-                break
-            data = body
-            if choose_model is not None:
-                data = orjson.dumps({**choose_model, "model": upstream.model})
-            try:
-                return await self._attempt(request, upstream, path, data, headers, request_id)
-            except UpstreamUnreachable as exc:
-                tried.append(upstream)
-                failure = exc
-        if failure is not None:
-            raise failure
+        attempts = 0
+        try:
+            while True:
+                upstream = await self._admit(pools, tried, priority)
+                attempts += 1
+                if attempts > 1:
+                    self.stats.retries += 1
+                    retry.retrying += 1
+                fallback = upstream.pool != pool.name and pool is not self.router.auto
+                data = body
+                if choose_model is not None or fallback:
+                    document = choose_model if choose_model is not None else orjson.loads(body)
+                    data = orjson.dumps({**document, "model": upstream.model})
+                final = attempts >= retry.max_attempts or not retry.budget_allows(
+                    self.admission.in_flight
+                )
+                context = AttemptContext(
+                    request_id, attempts, upstream.model if fallback else None, pools
+                )
+                try:
+                    response = await self._attempt(
+                        request, upstream, path, data, headers, context, final, stream
+                    )
+                except AttemptFailed as failed:
+                    if final or not context.retry_possible():
+                        raise failed.error from None
+                    tried.append(upstream)
+                    others = any(p.has_live(tried) for p in pools)
+                    delay = retry.backoff(attempts, other_backend=others)
+                    if delay:
+                        await asyncio.sleep(delay)
+                    continue
+                finally:
+                    if attempts > 1:
+                        retry.retrying -= 1
+                if attempts > 1 and tried and upstream is not tried[-1]:
+                    self.stats.failovers += 1
+                if fallback:
+                    self.stats.fallbacks += 1
+                return response
+        except GatewayError as exc:
+            exc.headers = {**(exc.headers or {}), "x-router-attempts": str(attempts)}
+            raise
+        except asyncio.CancelledError:
+            self.stats.client_closed += 1  # nginx's 499: the client went away first
+            raise
+
+    async def _admit(
+        self, pools: tuple[Pool, ...], tried: list[Upstream], priority: int
+    ) -> Upstream:
+        """A backend slot: free now (preferring untried backends, then the chain's order), or
+        the first to free up in the queue; 503 at once when no backend could serve at all."""
+        admission = self.admission
+        for candidates in (tried, ()) if tried else ((),):
+            for pool in pools:
+                upstream = admission.try_acquire(pool, candidates)
+                if upstream is not None:
+                    return upstream
+        if admission.in_flight >= admission.max_in_flight or any(p.has_live() for p in pools):
+            return await admission.wait(pools, (), priority)
+        names = ", ".join(p.name for p in pools)
         raise NoBackendAvailable(
-            f"no backend in pool '{pool.name}' can take the request now"
-            " (all are busy, unhealthy or have an open circuit)"
+            f"no backend of {names} can take the request"
+            " (all are unhealthy, have an open circuit or asked for a pause)",
+            headers={"Retry-After": "1"},
         )
 
     async def _attempt(
@@ -260,57 +392,106 @@ class Gateway:
         path: str,
         data: bytes,
         headers: CIMultiDict[str],
-        request_id: str,
+        context: AttemptContext,
+        final: bool,
+        stream: bool,
     ) -> web.StreamResponse:
-        assert self.session is not None
-        upstream.active += 1
-        upstream.requests += 1
-        upstream.breaker.on_dispatch()
+        """One upstream exchange on a slot already taken; the slot is given back when the
+        response's last byte is out, or on any failure or cancellation."""
+        url = URL(upstream.url + path, encoded=True)
+        timeout = self._stream_timeout if stream else self._request_timeout_obj
+        started = time.perf_counter()
         try:
             try:
-                response = await self.session.request(
-                    request.method,
-                    URL(upstream.url + path, encoded=True),
-                    data=data or None,
-                    headers=headers,
-                    allow_redirects=False,
-                )
-            except aiohttp.ClientConnectorError as exc:
+                response = await self._send(request.method, url, data, headers, timeout)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 self._failed(upstream)
-                raise UpstreamUnreachable(
-                    f"backend '{upstream.name}' is unreachable: {exc.strerror or exc}"
-                ) from None
-            except aiohttp.ConnectionTimeoutError:
-                self._failed(upstream)
-                raise UpstreamUnreachable(
-                    f"backend '{upstream.name}' did not accept a connection in time"
+                raise AttemptFailed(
+                    UpstreamUnreachable(f"backend '{upstream.name}' is unreachable: {exc}")
                 ) from None
             except TimeoutError:
                 self._failed(upstream)
-                raise GatewayTimeout(
-                    f"backend '{upstream.name}' sent no response within {self._request_timeout:g}s"
+                raise AttemptFailed(
+                    GatewayTimeout(f"backend '{upstream.name}' sent no response in time")
                 ) from None
             except aiohttp.ClientError as exc:
                 self._failed(upstream)
-                raise BadGateway(f"backend '{upstream.name}' failed: {exc!r}") from None
-            return await self._respond(request, upstream, response, request_id)
+                raise AttemptFailed(
+                    BadGateway(f"backend '{upstream.name}' failed: {exc!r}")
+                ) from None
+            upstream.breaker.record_latency(time.perf_counter() - started)
+            return await self._respond(request, upstream, response, context, final)
         finally:
-            upstream.active -= 1
+            self.admission.release(upstream)
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        data: bytes,
+        headers: CIMultiDict[str],
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        assert self.session is not None and self._fresh_session is not None
+        try:
+            return await self._request(self.session, method, url, data, headers, timeout)
+        except aiohttp.ServerDisconnectedError:
+            # Usually a pooled keep-alive connection the backend had already closed: resend
+            # once, at once, on a new connection (even a POST: the backend closed before
+            # answering). A second disconnect is a real failure.
+            self.stats.stale_retries += 1
+            return await self._request(self._fresh_session, method, url, data, headers, timeout)
+
+    async def _request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: URL,
+        data: bytes,
+        headers: CIMultiDict[str],
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        request = session.request(
+            method,
+            url,
+            data=data or None,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
+        )
+        if self._first_byte_timeout is None:
+            return await request
+        async with asyncio.timeout(self._first_byte_timeout):
+            return await request
 
     async def _respond(
         self,
         request: web.Request,
         upstream: Upstream,
         response: aiohttp.ClientResponse,
-        request_id: str,
+        context: AttemptContext,
+        final: bool,
     ) -> web.StreamResponse:
         clean = True
         try:
-            if is_failure_status(response.status):
+            status = response.status
+            if status in RETRY_STATUSES:
+                if status == 429:
+                    upstream.cool_down(
+                        retry_after_seconds(response.headers.get("Retry-After")) or DEFAULT_COOLDOWN
+                    )
+                else:
+                    self._failed(upstream)
+                if not final and context.retry_possible():
+                    raise AttemptFailed(BadGateway(f"backend '{upstream.name}' answered {status}"))
+            elif is_failure_status(status):
                 self._failed(upstream)
             else:
                 upstream.breaker.record_success()
-            headers = client_response_headers(response.headers, upstream.name, request_id)
+            headers = client_response_headers(response.headers, upstream.name, context.request_id)
+            headers["x-router-attempts"] = str(context.attempt)
+            if context.fallback is not None:
+                headers["x-router-fallback"] = context.fallback
             length = response.content_length
             if length is not None and length <= BUFFER_LIMIT:
                 try:
@@ -326,7 +507,7 @@ class Gateway:
                         f"backend '{upstream.name}' broke off its response: {exc!r}"
                     ) from None
                 return web.Response(
-                    status=response.status, reason=response.reason, body=payload, headers=headers
+                    status=status, reason=response.reason, body=payload, headers=headers
                 )
             relayed, clean = await relay(request, response, headers)
             return relayed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 from balancers.registry import create_balancer
@@ -10,6 +11,8 @@ from proxy.config import Config, EndpointConfig
 from proxy.upstream import Pool, Upstream
 
 AUTO_POOL = "auto"
+
+log = logging.getLogger("request_router")
 
 
 class Router:
@@ -56,9 +59,26 @@ class Router:
             "qdrant": self.qdrant,
             "embedding": self.embedding,
         }
+        # model -> the pools that serve it when its own cannot (config `fallbacks`)
+        self.fallbacks: dict[str, tuple[Pool, ...]] = {
+            model: tuple(self.models[name] for name in chain)
+            for model, chain in config.fallbacks.items()
+        }
         self.upstreams: tuple[Upstream, ...] = tuple(
             u for name, pool in self.pools.items() if name != AUTO_POOL for u in pool.upstreams
         )
+
+    def refresh_health(self) -> None:
+        """Recompute every pool's routing view after a health verdict changed."""
+        for pool in self.pools.values():
+            was_failing_open = pool.failing_open
+            pool.refresh_health()
+            if pool.failing_open and not was_failing_open:
+                log.warning("every backend of pool %s is unhealthy: failing open", pool.name)
+
+    def home_pools(self) -> list[Pool]:
+        """Every pool but `auto`: each backend belongs to exactly one of these."""
+        return [pool for name, pool in self.pools.items() if name != AUTO_POOL]
 
     def _pool(self, name: str, members: list[Upstream], health_path: str) -> Pool:
         return Pool(name, members, self.strategy, health_path=health_path, rng=self._rng)

@@ -7,6 +7,7 @@ locks. `available()` combines health, breaker and capacity in one place (as Cadd
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Collection, Sequence
 
 from balancers.base import Balancer
@@ -26,6 +27,7 @@ class Upstream:
         "requests",
         "failures",
         "healthy",
+        "cooldown_until",
         "breaker",
         "last_check",
         "last_response_ms",
@@ -51,13 +53,32 @@ class Upstream:
         self.active = 0
         self.requests = 0
         self.failures = 0
-        self.healthy = True
+        self.healthy = True  # the active health checks' verdict
+        self.cooldown_until = 0.0  # monotonic time before which it asked for no traffic (429)
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.last_check: float | None = None
         self.last_response_ms: float | None = None
 
     def available(self) -> bool:
-        return self.healthy and self.active < self.max_concurrent and self.breaker.allows()
+        return (
+            self.active < self.max_concurrent
+            and self.breaker.allows()
+            and (not self.cooldown_until or self._cooled_down())
+        )
+
+    def live(self) -> bool:
+        """Could serve soon: circuit not open, not cooling down; maybe just full."""
+        return not self.breaker.is_open() and (not self.cooldown_until or self._cooled_down())
+
+    def cool_down(self, seconds: float) -> None:
+        """No new requests for `seconds` (a 429's Retry-After)."""
+        self.cooldown_until = max(self.cooldown_until, time.monotonic() + seconds)
+
+    def _cooled_down(self) -> bool:
+        if time.monotonic() >= self.cooldown_until:
+            self.cooldown_until = 0.0
+            return True
+        return False
 
     def __repr__(self) -> str:
         return (
@@ -73,7 +94,16 @@ class Pool:
     their Upstream and its counters, so nothing is dropped.
     """
 
-    __slots__ = ("name", "upstreams", "balancer", "strategy", "health_path", "_rng")
+    __slots__ = (
+        "name",
+        "upstreams",
+        "balancer",
+        "strategy",
+        "health_path",
+        "failing_open",
+        "shunned",
+        "_rng",
+    )
 
     def __init__(
         self,
@@ -87,6 +117,8 @@ class Pool:
         self.name = name
         self.upstreams = tuple(upstreams)
         self.health_path = health_path
+        self.failing_open = False
+        self.shunned: tuple[Upstream, ...] = ()  # unhealthy members, while others are healthy
         self._rng = rng if rng is not None else random.Random()
         self.strategy = strategy
         self.balancer: Balancer = create_balancer(strategy, self.upstreams, self._rng)
@@ -96,7 +128,20 @@ class Pool:
         self.strategy = strategy
 
     def select(self, exclude: Collection[Upstream] = ()) -> Upstream | None:
+        if self.shunned:
+            exclude = (*exclude, *self.shunned)
         return self.balancer.select(self.upstreams, exclude)
+
+    def has_live(self, exclude: Collection[Upstream] = ()) -> bool:
+        return any(u.live() and u not in exclude and u not in self.shunned for u in self.upstreams)
+
+    def refresh_health(self) -> None:
+        """Route around unhealthy members, unless every member is unhealthy: then fail open
+        and try them all rather than refuse everything (Envoy's panic mode); breakers still
+        apply. Per pool, so `auto` avoids a model whose own pool is failing open."""
+        healthy = any(u.healthy for u in self.upstreams)
+        self.failing_open = bool(self.upstreams) and not healthy
+        self.shunned = tuple(u for u in self.upstreams if not u.healthy) if healthy else ()
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} strategy={self.strategy} upstreams={len(self.upstreams)}>"

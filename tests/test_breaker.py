@@ -50,7 +50,58 @@ def test_half_open_success_closes_and_failure_reopens() -> None:
     breaker.record_failure()
     assert breaker.state is BreakerState.OPEN
     clock.now += 10
+    assert not breaker.allows()  # a re-trip doubles the open time
+    clock.now += 10
     assert breaker.allows()
     breaker.on_dispatch()
     breaker.record_success()
     assert breaker.state is BreakerState.CLOSED and breaker.failure_count == 0
+    breaker.record_failure()
+    assert breaker.open_for == 10  # closing resets the growth
+
+
+def test_open_time_growth_is_capped() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, recovery_time=10, clock=clock, max_recovery_time=35)
+    breaker.record_failure()
+    for expected in (20, 35, 35):
+        clock.now += breaker.open_for
+        assert breaker.state is BreakerState.HALF_OPEN
+        breaker.record_failure()
+        assert breaker.open_for == expected
+
+
+def test_adaptive_mode_opens_on_slowness_before_failures() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(
+        threshold=5, clock=clock, latency_threshold=2.0, slow_request_limit=3, slow_window=60
+    )
+    for _ in range(3):
+        breaker.record_latency(2.5)
+        clock.now += 1
+    breaker.record_latency(1.0)  # fast requests do not count
+    assert breaker.state is BreakerState.CLOSED and breaker.slow_requests == 3
+    clock.now += 61  # slow requests older than the window are forgotten
+    assert breaker.slow_requests == 0
+    for _ in range(4):
+        breaker.record_latency(3.0)
+    assert breaker.state is BreakerState.OPEN and breaker.failure_count == 0
+
+
+def test_adaptive_mode_off_ignores_latency() -> None:
+    breaker = CircuitBreaker(threshold=1, clock=Clock())
+    for _ in range(10):
+        breaker.record_latency(100.0)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_state_change_listener_sees_every_transition() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, recovery_time=5, clock=clock)
+    seen: list[str] = []
+    breaker.on_change = lambda _breaker, state: seen.append(state.value)
+    breaker.record_failure()
+    clock.now += 5
+    breaker.on_dispatch()
+    breaker.record_success()
+    assert seen == ["open", "half_open", "closed"]

@@ -169,19 +169,6 @@ async def test_unreachable_pool_is_502_with_json_body(
     assert error["code"] == "backend_unreachable" and "hermes-2" in error["message"]
 
 
-async def test_pool_at_capacity_is_503(cluster: Cluster, start_gateway: StartGateway, http) -> None:
-    document = config_document(cluster)
-    document["models"]["mixtral-8x7b"]["max_concurrent"] = 1
-    gateway = await start_gateway(document)
-    cluster["mixtral-8x7b"].behaviour.latency = 0.5
-    first = asyncio.create_task(post_chat(http, gateway, chat("mixtral-8x7b")))
-    await asyncio.sleep(0.1)
-    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("mixtral-8x7b")) as r:
-        assert r.status == 503
-        assert (await r.json())["error"]["code"] == "no_backend_available"
-    assert await first == "mixtral-8x7b"
-
-
 async def test_slow_backend_is_504(cluster: Cluster, start_gateway: StartGateway, http) -> None:
     gateway = await start_gateway(config_document(cluster, routing={"request_timeout": 0.2}))
     cluster["phi-3-mini"].behaviour.latency = 1.0
