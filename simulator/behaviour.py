@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -25,6 +26,7 @@ KNOBS = (
     "drop",
     "drop_after_chunks",
     "token_bytes",
+    "drop_reused",
 )
 
 
@@ -39,11 +41,14 @@ class Behaviour:
     drop: bool = False  # close the connection without answering
     drop_after_chunks: int | None = None  # close a stream after this many chunks
     token_bytes: int = 0  # pad each token to this many bytes (bulk streams for flow tests)
+    drop_reused: int = 0  # drop the next N requests that arrive on a kept-alive connection,
+    # as a server does that closes an idle connection just as a request is sent on it
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
     last_body: bytes = b""
     last_headers: dict[str, str] = field(default_factory=dict)
+    connections: weakref.WeakSet[asyncio.BaseTransport] = field(default_factory=weakref.WeakSet)
 
     def update(self, changes: dict[str, Any]) -> None:
         for key, value in changes.items():
@@ -72,12 +77,13 @@ def json_response(
     )
 
 
-def abort_connection(request: web.Request) -> None:
-    """Close the socket under the request: the peer sees a dropped connection, no response."""
+def abort_connection(request: web.Request, reset: bool = True) -> None:
+    """Close the socket under the request: the peer sees a dropped connection, no response;
+    with `reset`, an RST as from a crashed server, else a plain FIN."""
     transport = request.transport
     if transport is not None:
         sock = transport.get_extra_info("socket")
-        if isinstance(sock, socket.socket):
+        if reset and isinstance(sock, socket.socket):
             # RST rather than FIN, as a crashed server would.
             sock.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
@@ -101,6 +107,14 @@ def misbehaviour_middleware(behaviour: Behaviour) -> Any:
             behaviour.last_headers = dict(request.headers)
             if behaviour.latency:
                 await asyncio.sleep(behaviour.latency)
+            transport = request.transport
+            reused = transport is not None and transport in behaviour.connections
+            if transport is not None:
+                behaviour.connections.add(transport)
+            if behaviour.drop_reused > 0 and reused:
+                behaviour.drop_reused -= 1
+                abort_connection(request, reset=False)
+                return web.Response()
             if behaviour.drop:
                 abort_connection(request)
                 return web.Response()  # never reaches the peer: the socket is gone

@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import RUNNER_OPTIONS, build_app
+from proxy.app import GATEWAY_KEY, RUNNER_OPTIONS, build_app
 from proxy.config import Config, parse
+from proxy.handler import Gateway
 from proxy.router import Router
 from simulator.cluster import Cluster, serve, start_backend
 
@@ -84,6 +85,7 @@ class RunningGateway:
     url: str
     router: Router
     config: Config
+    app_gateway: Gateway  # the request path's own state: admission, retry, stats
 
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
@@ -101,7 +103,7 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
         app = build_app(config, router)
         runner, port = await serve(app, "127.0.0.1", 0, **RUNNER_OPTIONS)
         runners.append(runner)
-        return RunningGateway(f"http://127.0.0.1:{port}", router, config)
+        return RunningGateway(f"http://127.0.0.1:{port}", router, config, app[GATEWAY_KEY])
 
     yield start
     for runner in runners:

@@ -1,0 +1,225 @@
+"""Retry with failover, breakers on real traffic, 429 cooldowns, stale connections, fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from email.utils import formatdate
+
+import orjson
+import pytest
+
+from circuit.breaker import BreakerState
+from proxy.config import RetryConfig
+from proxy.retry import RetryPolicy, retry_after_seconds
+from simulator.cluster import Cluster
+from tests.conftest import StartGateway, chat, config_document
+
+
+async def test_backend_killed_during_a_burst_costs_no_client_errors(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster))
+    victim = cluster["hermes-2"]
+    victim.behaviour.latency = 0.005
+    statuses: Counter[int] = Counter()
+    backends: Counter[str] = Counter()
+    sent = 0
+
+    async def client() -> None:
+        nonlocal sent
+        while sent < 500:
+            sent += 1
+            if sent == 150:
+                victim.behaviour.drop = True  # in-flight and new requests are cut off
+                asyncio.get_running_loop().create_task(victim.runner.cleanup())
+            async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as r:
+                await r.read()
+                statuses[r.status] += 1
+                backends[r.headers["x-router-backend"]] += 1
+
+    await asyncio.gather(*(client() for _ in range(20)))
+    assert statuses == {200: sum(statuses.values())} and sum(statuses.values()) >= 500
+    assert 0 < backends["hermes-2"] < 150
+    hermes = gateway.router.models["hermes-2"].upstreams[0]
+    assert hermes.breaker.state is BreakerState.OPEN
+    assert gateway.app_gateway.stats.retries > 0
+    assert gateway.app_gateway.admission.in_flight == 0
+
+
+async def test_503s_open_the_breaker_then_half_open_probes_close_it(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    document = config_document(
+        cluster,
+        circuit_breaker={"threshold": 3, "timeout": 0.5, "half_open_limit": 1},
+        retry={"max_retries": 0},
+    )
+    gateway = await start_gateway(document)
+    behaviour = cluster["phi-3-mini"].behaviour
+    behaviour.status = 503
+    url = f"{gateway.url}/v1/chat/completions"
+    for _ in range(3):
+        async with http.post(url, json=chat("phi-3-mini")) as response:
+            assert response.status == 503  # the backend's own answer, passed through
+    breaker = gateway.router.models["phi-3-mini"].upstreams[0].breaker
+    assert breaker.state is BreakerState.OPEN and breaker.failure_count == 3
+    async with http.post(url, json=chat("phi-3-mini")) as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "no_backend_available"
+    assert behaviour.requests == 3  # the open circuit kept that one away from the backend
+    behaviour.status = 200
+    await asyncio.sleep(0.55)
+    assert breaker.state is BreakerState.HALF_OPEN
+    async with http.post(url, json=chat("phi-3-mini")) as response:
+        assert response.status == 200
+    assert breaker.state is BreakerState.CLOSED and behaviour.requests == 4
+
+
+async def test_429_with_retry_after_is_retried_elsewhere_and_honoured(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster))
+    behaviour = cluster["mixtral-8x7b"].behaviour
+    behaviour.status = 429
+    behaviour.retry_after = 0.6
+    url = f"{gateway.url}/v1/chat/completions"
+    async with http.post(url, json=chat()) as response:  # round robin starts at mixtral
+        assert response.status == 200
+        assert response.headers["x-router-backend"] == "hermes-2"
+        assert response.headers["x-router-attempts"] == "2"
+    behaviour.status = 200
+    seen = Counter()
+    for _ in range(8):
+        async with http.post(url, json=chat()) as response:
+            seen[response.headers["x-router-backend"]] += 1
+    assert "mixtral-8x7b" not in seen and behaviour.requests == 1
+    mixtral = gateway.router.models["mixtral-8x7b"].upstreams[0]
+    assert mixtral.breaker.failure_count == 0  # a 429 is a pause, not a failure
+    await asyncio.sleep(0.6)
+    for _ in range(4):
+        async with http.post(url, json=chat()) as response:
+            seen[response.headers["x-router-backend"]] += 1
+    assert seen["mixtral-8x7b"] == 1
+
+
+async def test_429_from_the_only_backend_reaches_the_client(gateway, http, cluster) -> None:
+    behaviour = cluster["openchat-3.5"].behaviour
+    behaviour.status = 429
+    behaviour.retry_after = 2
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat("openchat-3.5")
+    ) as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "2"
+        assert response.headers["x-router-backend"] == "openchat-3.5"
+
+
+async def test_stale_keep_alive_connection_is_resent_at_once(
+    gateway, http, cluster: Cluster
+) -> None:
+    url = f"{gateway.url}/v1/chat/completions"
+    async with http.post(url, json=chat("hermes-2")) as response:
+        assert response.status == 200  # the gateway now holds a kept-alive connection
+    behaviour = cluster["hermes-2"].behaviour
+    behaviour.drop_reused = 1
+    async with http.post(url, json=chat("hermes-2")) as response:
+        assert response.status == 200
+        assert response.headers["x-router-attempts"] == "1"
+    assert behaviour.drop_reused == 0  # the reused connection really was dropped
+    assert gateway.app_gateway.stats.stale_retries == 1
+    assert gateway.router.models["hermes-2"].upstreams[0].breaker.failure_count == 0
+
+
+async def test_retries_exhausted_pass_the_last_error_through(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster, retry={"max_retries": 2}))
+    for backend in cluster.backends.values():
+        backend.behaviour.status = 502
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as response:
+        assert response.status == 502
+        assert response.headers["x-router-attempts"] == "3"
+    tried = [b for b in cluster.backends.values() if b.behaviour.requests]
+    assert len(tried) == 3  # three different backends, none twice
+
+
+async def test_fallback_chain_serves_when_the_model_is_down(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    await cluster["mixtral-8x7b"].runner.cleanup()
+    document = config_document(cluster, fallbacks={"mixtral-8x7b": ["hermes-2", "phi-3-mini"]})
+    gateway = await start_gateway(document)
+    url = f"{gateway.url}/v1/chat/completions"
+    for _ in range(6):  # the breaker (threshold 5) opens on the way
+        async with http.post(url, json=chat("mixtral-8x7b")) as response:
+            assert response.status == 200
+            assert response.headers["x-router-fallback"] == "hermes-2"
+            assert response.headers["x-router-backend"] == "hermes-2"
+    assert orjson.loads(cluster["hermes-2"].behaviour.last_body)["model"] == "hermes-2"
+    assert gateway.app_gateway.stats.fallbacks == 6
+
+
+async def test_fallback_when_the_model_is_full(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    document = config_document(cluster, fallbacks={"mixtral-8x7b": ["phi-3-mini"]})
+    document["models"]["mixtral-8x7b"]["max_concurrent"] = 1
+    gateway = await start_gateway(document)
+    cluster["mixtral-8x7b"].behaviour.latency = 0.3
+    url = f"{gateway.url}/v1/chat/completions"
+
+    async def ask() -> tuple[str, str | None]:
+        async with http.post(url, json=chat("mixtral-8x7b")) as response:
+            return response.headers["x-router-backend"], response.headers.get("x-router-fallback")
+
+    results = await asyncio.gather(ask(), ask())
+    assert sorted(results, key=str) == sorted(
+        [("mixtral-8x7b", None), ("phi-3-mini", "phi-3-mini")], key=str
+    )
+
+
+async def test_timeout_before_headers_fails_over(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster, routing={"idle_timeout": 0.2}))
+    cluster["mixtral-8x7b"].behaviour.latency = 1.0
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as response:
+        assert response.status == 200
+        assert response.headers["x-router-backend"] == "hermes-2"
+        assert response.headers["x-router-attempts"] == "2"
+
+
+def test_backoff_is_exponential_with_jitter_and_first_failover_immediate() -> None:
+    random.seed(3)
+    policy = RetryPolicy(RetryConfig(max_retries=3, delay=1.0, max_delay=8.0))
+    assert policy.backoff(1, other_backend=True) == 0.0
+    first = policy.backoff(1, other_backend=False)
+    second = policy.backoff(2, other_backend=True)
+    third = policy.backoff(3, other_backend=True)
+    assert 1.0 <= first <= 2.0 and 2.0 <= second <= 3.0 and 4.0 <= third <= 5.0
+    assert policy.backoff(9, other_backend=True) == 8.0
+
+
+def test_retry_budget() -> None:
+    policy = RetryPolicy(RetryConfig(budget_ratio=0.2, budget_min=3))
+    policy.retrying = 2
+    assert policy.budget_allows(in_flight=0)
+    policy.retrying = 3
+    assert not policy.budget_allows(in_flight=10)
+    assert policy.budget_allows(in_flight=20)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("3", 3.0), ("0.5", 0.5), (None, None), ("soon", None), ("-4", 0.0), ("99999", 300.0)],
+)
+def test_retry_after_parsing(value, expected) -> None:
+    assert retry_after_seconds(value) == expected
+
+
+def test_retry_after_http_date() -> None:
+    seconds = retry_after_seconds(formatdate(time.time() + 30, usegmt=True))
+    assert seconds is not None and 28 <= seconds <= 30
