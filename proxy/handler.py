@@ -34,7 +34,7 @@ from proxy.forward import client_response_headers, upstream_request_headers
 from proxy.queue import NORMAL_PRIORITY, PRIORITIES, Admission
 from proxy.retry import DEFAULT_COOLDOWN, RETRY_STATUSES, RetryPolicy, retry_after_seconds
 from proxy.router import Router
-from proxy.streaming import relay
+from proxy.streaming import CLIENT_GONE, UPSTREAM_FAILED, relay
 from proxy.upstream import Pool, Upstream
 
 # Bodies up to this size that arrive with a Content-Length are read whole and sent with one
@@ -509,7 +509,11 @@ class Gateway:
                 return web.Response(
                     status=status, reason=response.reason, body=payload, headers=headers
                 )
-            relayed, clean = await relay(request, response, headers)
+            relayed, outcome = await relay(request, response, headers, upstream.name)
+            if outcome is UPSTREAM_FAILED:
+                clean = False
+            elif outcome is CLIENT_GONE:
+                self.stats.client_closed += 1
             return relayed
         finally:
             response.release()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
+import openai
 import orjson
 import pytest
 
 from simulator.cluster import Cluster
-from tests.conftest import chat
+from tests.conftest import chat, config_document
 
 
 async def test_first_chunk_arrives_long_before_the_last(gateway, http, cluster: Cluster) -> None:
@@ -54,6 +54,7 @@ async def test_client_disconnect_mid_stream_stops_the_upstream(
             break
         await asyncio.sleep(0.05)
     assert behaviour.in_flight == 0  # the simulator saw its connection dropped well before 2.5s
+    assert gateway.app_gateway.stats.client_closed == 1  # recorded as a 499
     upstream = next(u for u in gateway.router.upstreams if u.name == "openchat-3.5")
     for _ in range(20):
         if upstream.active == 0:
@@ -81,26 +82,58 @@ async def test_client_disconnect_before_first_byte_cancels_the_upstream(
         await asyncio.sleep(0.05)
     assert behaviour.in_flight == 0
     assert all(u.active == 0 for u in gateway.router.upstreams)
+    assert gateway.app_gateway.stats.client_closed == 1
 
 
-async def test_upstream_dying_mid_stream_truncates_the_client_response(
+async def test_upstream_dying_mid_stream_ends_with_an_error_event_not_done(
     gateway, http, cluster: Cluster
 ) -> None:
     behaviour = cluster["mixtral-8x7b"].behaviour
     behaviour.tokens = 10
     behaviour.drop_after_chunks = 3
-    received = []
-    with pytest.raises(aiohttp.ClientPayloadError):
-        async with http.post(
-            f"{gateway.url}/v1/chat/completions", json=chat("mixtral-8x7b", stream=True)
-        ) as response:
-            assert response.status == 200
-            async for line in response.content:
-                if line.startswith(b"data: "):
-                    received.append(line)
-    assert len(received) == 3
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat("mixtral-8x7b", stream=True)
+    ) as response:
+        assert response.status == 200
+        events = [line for line in (await response.text()).splitlines() if line]
+    assert len(events) == 4 and "[DONE]" not in events[-1]
+    error = orjson.loads(events[-1][6:])["error"]
+    assert error["code"] == "upstream_disconnected" and "mixtral-8x7b" in error["message"]
     upstream = next(u for u in gateway.router.upstreams if u.name == "mixtral-8x7b")
     assert upstream.failures == 1 and upstream.active == 0
+
+
+async def test_stall_mid_stream_ends_the_stream_and_closes_the_upstream(
+    cluster: Cluster, start_gateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster, routing={"idle_timeout": 0.3}))
+    behaviour = cluster["hermes-2"].behaviour
+    behaviour.tokens = 4
+    behaviour.token_delay = 2.0
+    async with http.post(
+        f"{gateway.url}/v1/chat/completions", json=chat("hermes-2", stream=True)
+    ) as response:
+        events = [line for line in (await response.text()).splitlines() if line]
+    assert len(events) == 2
+    assert orjson.loads(events[-1][6:])["error"]["code"] == "upstream_stalled"
+    await asyncio.sleep(0.1)
+    assert behaviour.in_flight == 0  # the backend saw its connection closed
+    assert gateway.router.models["hermes-2"].upstreams[0].breaker.failure_count == 1
+
+
+async def test_openai_sdk_raises_on_a_broken_stream(gateway, cluster: Cluster) -> None:
+    cluster["phi-3-mini"].behaviour.drop_after_chunks = 2
+    async with openai.AsyncOpenAI(
+        base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0
+    ) as client:
+        stream = await client.chat.completions.create(
+            model="phi-3-mini", stream=True, messages=[{"role": "user", "content": "Hi"}]
+        )
+        received = []
+        with pytest.raises(openai.APIError, match="incomplete"):
+            async for chunk in stream:
+                received.append(chunk)
+    assert len(received) == 2
 
 
 async def test_stream_include_usage_final_chunk_passes_through(gateway, http) -> None:
