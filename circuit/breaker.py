@@ -148,6 +148,8 @@ class CircuitBreaker:
     def _open(self, longer: bool) -> None:
         if longer:
             self._open_for = min(self._open_for * 2, self.max_recovery_time)
+        else:
+            self._open_for = self.recovery_time
         self._opened_at = self._clock()
         self.trips += 1
         self._slow.clear()

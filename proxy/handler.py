@@ -116,15 +116,31 @@ class Gateway:
     """Route handlers over one Router and one long-lived upstream ClientSession."""
 
     def __init__(self, config: Config, router: Router) -> None:
-        self.config = config
-        self.router = router
         self.session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
         self.admission = Admission(
             config.routing.max_concurrent_requests, config.queue.size, config.queue.timeout
         )
-        self.retry = RetryPolicy(config.retry)
         self.stats = GatewayStats()
+        self.draining = False
+        self._id_prefix = os.urandom(4).hex() + "-"
+        self._ids = itertools.count(1)
+        self.apply(config, router)
+
+    def apply(self, config: Config, router: Router) -> None:
+        """Take a (re)loaded config: everything derived from it is computed here, once, so
+        the request path only reads attributes. In-flight requests keep what they hold."""
+        self.config = config
+        self.router = router
+        self.admission.max_in_flight = config.routing.max_concurrent_requests
+        self.admission.queue_size = config.queue.size
+        self.admission.queue_timeout = config.queue.timeout
+        previous = getattr(self, "retry", None)
+        self.retry = RetryPolicy(config.retry)
+        if previous is not None:  # a reload keeps the budget's history
+            self.retry.budget = previous.budget
+            self.retry.budget.ratio = config.retry.budget_ratio
+            self.retry.budget.min_per_second = config.retry.budget_min
         self._priority_header = config.queue.priority_header
         routing = config.routing
         self._stream_timeout = aiohttp.ClientTimeout(
@@ -136,8 +152,6 @@ class Gateway:
             sock_read=routing.idle_timeout,
         )
         self._first_byte_timeout = routing.first_byte_timeout
-        self._id_prefix = os.urandom(4).hex() + "-"
-        self._ids = itertools.count(1)
         created = int(time.time())
         self.models_body = orjson.dumps(
             {
@@ -313,6 +327,7 @@ class Gateway:
         """
         headers = upstream_request_headers(request, request_id)
         pools = (pool, *fallbacks)
+        self.retry.budget.requests += 1
         priority = PRIORITIES.get(
             request.headers.get(self._priority_header, "normal").lower(), NORMAL_PRIORITY
         )
@@ -325,15 +340,12 @@ class Gateway:
                 attempts += 1
                 if attempts > 1:
                     self.stats.retries += 1
-                    retry.retrying += 1
                 fallback = upstream.pool != pool.name and pool is not self.router.auto
                 data = body
                 if choose_model is not None or fallback:
                     document = choose_model if choose_model is not None else orjson.loads(body)
                     data = orjson.dumps({**document, "model": upstream.model})
-                final = attempts >= retry.max_attempts or not retry.budget_allows(
-                    self.admission.in_flight
-                )
+                final = attempts >= retry.max_attempts
                 context = AttemptContext(
                     request_id, attempts, upstream.model if fallback else None, pools
                 )
@@ -342,7 +354,7 @@ class Gateway:
                         request, upstream, path, data, headers, context, final, stream
                     )
                 except AttemptFailed as failed:
-                    if final or not context.retry_possible():
+                    if final or not self._may_retry(context):
                         raise failed.error from None
                     tried.append(upstream)
                     others = any(p.has_live(tried) for p in pools)
@@ -350,9 +362,6 @@ class Gateway:
                     if delay:
                         await asyncio.sleep(delay)
                     continue
-                finally:
-                    if attempts > 1:
-                        retry.retrying -= 1
                 if attempts > 1 and tried and upstream is not tried[-1]:
                     self.stats.failovers += 1
                 if fallback:
@@ -364,6 +373,10 @@ class Gateway:
         except asyncio.CancelledError:
             self.stats.client_closed += 1  # nginx's 499: the client went away first
             raise
+
+    def _may_retry(self, context: AttemptContext) -> bool:
+        """Somewhere to go, and room in the retry budget (spent only when both hold)."""
+        return context.retry_possible() and self.retry.budget.try_withdraw()
 
     async def _admit(
         self, pools: tuple[Pool, ...], tried: list[Upstream], priority: int
@@ -482,7 +495,7 @@ class Gateway:
                     )
                 else:
                     self._failed(upstream)
-                if not final and context.retry_possible():
+                if not final and self._may_retry(context):
                     raise AttemptFailed(BadGateway(f"backend '{upstream.name}' answered {status}"))
             elif is_failure_status(status):
                 self._failed(upstream)

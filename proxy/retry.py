@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Callable
 
 from aiohttp_retry import JitterRetry
 
@@ -20,18 +21,73 @@ DEFAULT_COOLDOWN = 1.0  # seconds without traffic after a 429 that gave no Retry
 MAX_COOLDOWN = 300.0
 
 
+class RetryBudget:
+    """Retries may add at most `ratio` of the recent request rate, plus `min_per_second`
+    (Finagle's RetryBudget): a failing fleet is not buried under its own retries, while a
+    burst of failures from one dead backend among many still fails over completely.
+
+    Requests are counted with one increment; the window only turns on the retry path.
+    """
+
+    __slots__ = (
+        "ratio",
+        "min_per_second",
+        "window",
+        "requests",
+        "retries",
+        "denied",
+        "_clock",
+        "_started",
+        "_previous_requests",
+        "_previous_retries",
+    )
+
+    def __init__(
+        self,
+        ratio: float,
+        min_per_second: float,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ratio = ratio
+        self.min_per_second = min_per_second
+        self.window = window
+        self.requests = 0
+        self.retries = 0
+        self.denied = 0
+        self._clock = clock
+        self._started = clock()
+        self._previous_requests = 0
+        self._previous_retries = 0
+
+    def try_withdraw(self) -> bool:
+        """Spend one retry if the budget has room."""
+        now = self._clock()
+        elapsed = now - self._started
+        if elapsed >= self.window:
+            recent = elapsed < 2 * self.window
+            self._previous_requests = self.requests if recent else 0
+            self._previous_retries = self.retries if recent else 0
+            self.requests = self.retries = 0
+            self._started = now
+        allowed = self.min_per_second * self.window + self.ratio * (
+            self.requests + self._previous_requests
+        )
+        if self.retries + self._previous_retries >= allowed:
+            self.denied += 1
+            return False
+        self.retries += 1
+        return True
+
+
 class RetryPolicy:
-    """Also the retry budget: retries running at once stay under max(budget_min,
-    budget_ratio x requests in flight), so a failing fleet does not multiply its own load
-    (Envoy's retry budget)."""
+    __slots__ = ("max_attempts", "budget", "_backoff")
 
-    __slots__ = ("max_attempts", "budget_ratio", "budget_min", "retrying", "_backoff")
-
-    def __init__(self, config: RetryConfig) -> None:
+    def __init__(self, config: RetryConfig, budget: RetryBudget | None = None) -> None:
         self.max_attempts = config.max_retries + 1
-        self.budget_ratio = config.budget_ratio
-        self.budget_min = config.budget_min
-        self.retrying = 0
+        self.budget = (
+            budget if budget is not None else RetryBudget(config.budget_ratio, config.budget_min)
+        )
         self._backoff = JitterRetry(
             attempts=config.max_retries,
             start_timeout=config.delay,
@@ -45,9 +101,6 @@ class RetryPolicy:
         if retry_number == 1 and other_backend:
             return 0.0
         return min(self._backoff.get_timeout(retry_number - 1), self._backoff._max_timeout)
-
-    def budget_allows(self, in_flight: int) -> bool:
-        return self.retrying < max(self.budget_min, self.budget_ratio * in_flight)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

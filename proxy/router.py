@@ -7,7 +7,7 @@ import random
 
 from balancers.registry import create_balancer
 from circuit.breaker import CircuitBreaker
-from proxy.config import Config, EndpointConfig
+from proxy.config import CircuitBreakerConfig, Config, EndpointConfig
 from proxy.upstream import Pool, Upstream
 
 AUTO_POOL = "auto"
@@ -15,17 +15,42 @@ AUTO_POOL = "auto"
 log = logging.getLogger("request_router")
 
 
+def configure_breaker(breaker: CircuitBreaker, config: CircuitBreakerConfig) -> None:
+    breaker.threshold = config.threshold
+    breaker.recovery_time = config.timeout
+    breaker.max_recovery_time = config.max_timeout
+    breaker.half_open_limit = config.half_open_limit
+    breaker.latency_threshold = config.latency_threshold if config.adaptive else None
+    breaker.slow_request_limit = config.slow_request_limit
+    breaker.slow_window = config.slow_window
+
+
 class Router:
     """Holds every pool: one per model, `auto` (all model backends, for requests that leave the
     model open), `qdrant` and `embedding`. Upstream objects are shared between a model's pool and
     `auto`, so in-flight counts and breakers are one per backend whichever way it was chosen."""
 
-    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: Config, rng: random.Random | None = None, previous: Router | None = None
+    ) -> None:
+        """`previous`: the router this one replaces on a reload. A backend that is still there
+        (same name and URL) keeps its Upstream object, so its in-flight count, breaker and
+        health carry over, and requests in flight on it release into the same counters."""
         self._rng = rng if rng is not None else random.Random()
         self.strategy = config.routing.strategy
-        breaker = config.circuit_breaker
+        kept = {(u.name, u.url): u for u in previous.upstreams} if previous is not None else {}
 
         def upstream(endpoint: EndpointConfig, pool: str, model: str | None) -> Upstream:
+            existing = kept.get((endpoint.name, endpoint.url))
+            if existing is not None:
+                existing.pool = pool
+                existing.model = model
+                existing.weight = endpoint.weight
+                existing.max_concurrent = endpoint.max_concurrent
+                configure_breaker(existing.breaker, config.circuit_breaker)
+                return existing
+            breaker = CircuitBreaker()
+            configure_breaker(breaker, config.circuit_breaker)
             return Upstream(
                 endpoint.name,
                 endpoint.url,
@@ -33,7 +58,7 @@ class Router:
                 model=model,
                 weight=endpoint.weight,
                 max_concurrent=endpoint.max_concurrent,
-                breaker=CircuitBreaker(breaker.threshold, breaker.timeout, breaker.half_open_limit),
+                breaker=breaker,
             )
 
         self.models: dict[str, Pool] = {}

@@ -13,7 +13,7 @@ import pytest
 
 from circuit.breaker import BreakerState
 from proxy.config import RetryConfig
-from proxy.retry import RetryPolicy, retry_after_seconds
+from proxy.retry import RetryBudget, RetryPolicy, retry_after_seconds
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document
 
@@ -38,10 +38,10 @@ async def test_backend_killed_during_a_burst_costs_no_client_errors(
             async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as r:
                 await r.read()
                 statuses[r.status] += 1
-                backends[r.headers["x-router-backend"]] += 1
+                backends[r.headers.get("x-router-backend", f"{r.status} {await r.text()}")] += 1
 
     await asyncio.gather(*(client() for _ in range(20)))
-    assert statuses == {200: sum(statuses.values())} and sum(statuses.values()) >= 500
+    assert statuses == {200: sum(statuses.values())} and sum(statuses.values()) >= 500, backends
     assert 0 < backends["hermes-2"] < 150
     hermes = gateway.router.models["hermes-2"].upstreams[0]
     assert hermes.breaker.state is BreakerState.OPEN
@@ -203,13 +203,26 @@ def test_backoff_is_exponential_with_jitter_and_first_failover_immediate() -> No
     assert policy.backoff(9, other_backend=True) == 8.0
 
 
-def test_retry_budget() -> None:
-    policy = RetryPolicy(RetryConfig(budget_ratio=0.2, budget_min=3))
-    policy.retrying = 2
-    assert policy.budget_allows(in_flight=0)
-    policy.retrying = 3
-    assert not policy.budget_allows(in_flight=10)
-    assert policy.budget_allows(in_flight=20)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_retry_budget_allows_a_minimum_plus_a_share_of_requests() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=0.2, min_per_second=1, window=10, clock=clock)
+    assert sum(budget.try_withdraw() for _ in range(50)) == 10  # the floor: 1/s over 10 s
+    budget.requests += 100
+    assert sum(budget.try_withdraw() for _ in range(50)) == 20  # plus 20% of 100 requests
+    assert budget.denied == 70
+    clock.now = 12  # next window: the last one's requests and retries still count
+    budget.requests += 100
+    assert sum(budget.try_withdraw() for _ in range(100)) == 20
+    clock.now = 40  # long quiet: history forgotten, only the floor
+    assert sum(budget.try_withdraw() for _ in range(100)) == 10
 
 
 @pytest.mark.parametrize(
