@@ -17,7 +17,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import RUNNER_OPTIONS, build_app
+from proxy.app import GATEWAY_KEY, RELOADER_KEY, RUNNER_OPTIONS, build_app
 from proxy.config import Config, ConfigError, load
 
 log = logging.getLogger("request_router")
@@ -70,7 +70,9 @@ async def serve(config: Config, demo: bool) -> None:
         from proxy.demo import print_instructions, start_demo_backends
 
         cluster = await start_demo_backends(config)
-    runner = web.AppRunner(build_app(config), **RUNNER_OPTIONS)
+    app = build_app(config)
+    gateway, reloader = app[GATEWAY_KEY], app[RELOADER_KEY]
+    runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_grace, **RUNNER_OPTIONS)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048)
@@ -89,12 +91,27 @@ async def serve(config: Config, demo: bool) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_sighup() -> None:
+            task = loop.create_task(reloader.reload_logged())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
-        log.info("stopping")
+        gateway.draining = True
+        log.info(
+            "draining: no new connections; in-flight requests get up to %gs to finish",
+            gateway.config.server.shutdown_grace,
+        )
     finally:
+        # Stops listening, lets in-flight requests and streams finish within the grace
+        # period (then cancels them), then closes upstream sessions.
         await runner.cleanup()
         if cluster is not None:
             await cluster.stop()
+    log.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

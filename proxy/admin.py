@@ -15,8 +15,10 @@ import orjson
 from aiohttp import web
 
 from balancers.registry import UnknownStrategyError, strategy_names
+from proxy.config import ConfigError
 from proxy.errors import Forbidden, InvalidRequest, Unauthorized
-from proxy.handler import parse_object
+from proxy.handler import Gateway, parse_object
+from proxy.reload import Reloader
 from proxy.router import Router
 
 
@@ -51,9 +53,16 @@ def authorize(request: web.Request, token: str | None) -> None:
 
 
 class AdminApi:
-    def __init__(self, router: Router, admin_token: str | None) -> None:
-        self.router = router
-        self.admin_token = admin_token
+    def __init__(self, gateway: Gateway, reloader: Reloader) -> None:
+        self.gateway = gateway
+        self.reloader = reloader
+
+    @property
+    def router(self) -> Router:
+        return self.gateway.router  # the current one: a reload replaces it
+
+    def authorize(self, request: web.Request) -> None:
+        authorize(request, self.gateway.config.server.admin_token)
 
     async def get_strategy(self, request: web.Request) -> web.Response:
         return json_response(
@@ -65,7 +74,7 @@ class AdminApi:
         )
 
     async def put_strategy(self, request: web.Request) -> web.Response:
-        authorize(request, self.admin_token)
+        self.authorize(request)
         document = parse_object(await request.read())
         strategy = document.get("strategy")
         if not isinstance(strategy, str):
@@ -110,7 +119,13 @@ class AdminApi:
                         "requests": u.requests,
                         "failures": u.failures,
                         "healthy": u.healthy,
+                        "response_time_ms": u.last_response_ms,
+                        "last_check": u.last_check,
                         "circuit": u.breaker.state.value,
+                        "failure_count": u.breaker.failure_count,
+                        "slow_requests": u.breaker.slow_requests,
+                        "circuit_trips": u.breaker.trips,
+                        "cooling_down": u.cooldown_until > 0 and not u.live(),
                     }
                     for u in pool.upstreams
                 ]
@@ -147,6 +162,52 @@ class AdminApi:
     async def live(self, request: web.Request) -> web.Response:
         return json_response({"status": "alive"})
 
+    async def ready(self, request: web.Request) -> web.Response:
+        """Ready while serving; 503 once draining, so load balancers stop sending traffic."""
+        if self.gateway.draining:
+            return json_response({"status": "draining"}, status=503)
+        return json_response({"status": "ready", "config": self.gateway.config.source})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        self.authorize(request)
+        try:
+            config, ignored = await self.reloader.reload()
+        except ConfigError as exc:
+            raise InvalidRequest(
+                f"configuration not reloaded, the running one stays: {exc}",
+                code="invalid_config",
+            ) from None
+        return json_response(
+            {
+                "reloaded": True,
+                "config": config.source,
+                "strategy": config.routing.strategy,
+                "models": [m.name for m in config.models],
+                "backends": len(self.router.upstreams),
+                "ignored_changes": ignored,
+            }
+        )
+
+    async def state(self, request: web.Request) -> web.Response:
+        """The request path's own state: admission queue, retry budget and counters."""
+        gateway = self.gateway
+        budget = gateway.retry.budget
+        return json_response(
+            {
+                "admission": gateway.admission.state(),
+                "retry_budget": {
+                    "ratio": budget.ratio,
+                    "min_per_second": budget.min_per_second,
+                    "denied": budget.denied,
+                },
+                "counters": gateway.stats.as_dict(),
+                "draining": gateway.draining,
+                "pools_failing_open": [
+                    name for name, pool in self.router.pools.items() if pool.failing_open
+                ],
+            }
+        )
+
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/api/v1/router/strategy", self.get_strategy),
@@ -154,4 +215,7 @@ class AdminApi:
             web.get("/api/v1/router/backends", self.backends),
             web.get("/health", self.health),
             web.get("/health/live", self.live),
+            web.get("/health/ready", self.ready),
+            web.post("/api/v1/router/reload", self.reload),
+            web.get("/api/v1/router/state", self.state),
         ]

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from health.active import ActiveHealthChecker
 from proxy.admin import AdminApi
 from proxy.config import Config
 from proxy.errors import error_middleware
 from proxy.handler import QDRANT_PREFIX, Gateway
+from proxy.reload import HealthService, Reloader
 from proxy.router import Router
 
 # Cancel a handler when its client disconnects, so the upstream request it waits on is
@@ -18,37 +18,36 @@ from proxy.router import Router
 RUNNER_OPTIONS = {"access_log": None, "handler_cancellation": True}
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
-ROUTER_KEY = web.AppKey("router", Router)
+RELOADER_KEY = web.AppKey("reloader", Reloader)
 
 
-def build_app(config: Config, router: Router | None = None) -> web.Application:
+def build_app(
+    config: Config, router: Router | None = None, config_path: str | None = None
+) -> web.Application:
+    """`config_path`: the file a reload re-reads; by default the file `config` came from."""
     router = router if router is not None else Router(config)
     gateway = Gateway(config, router)
-    admin = AdminApi(router, config.server.admin_token)
+    health = HealthService()
+    reloader = Reloader(gateway, health, config_path or config.source)
+    admin = AdminApi(gateway, reloader)
     app = web.Application(
         middlewares=[error_middleware(config.server.max_body_bytes)],
         client_max_size=config.server.max_body_bytes,
     )
     app[GATEWAY_KEY] = gateway
-    app[ROUTER_KEY] = router
+    app[RELOADER_KEY] = reloader
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         await gateway.start()
         yield
         await gateway.close()
 
-    app.cleanup_ctx.append(upstream_session)
-    if config.health_check.enabled:
-        checker = ActiveHealthChecker(
-            router.home_pools(), config.health_check, on_change=router.refresh_health
-        )
-
-        async def health_checks(app: web.Application) -> AsyncIterator[None]:
-            checker.start()
+    async def health_checks(app: web.Application) -> AsyncIterator[None]:
+        async for _ in health.running(gateway):
             yield
-            await checker.stop()
 
-        app.cleanup_ctx.append(health_checks)
+    app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(health_checks)
 
     app.add_routes(
         [

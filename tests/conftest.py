@@ -96,9 +96,9 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
     runners: list[web.AppRunner] = []
 
     async def start(
-        document: dict[str, Any], environ: dict[str, str] | None = None
+        document: dict[str, Any] | Config, environ: dict[str, str] | None = None
     ) -> RunningGateway:
-        config = parse(document, environ or {})
+        config = document if isinstance(document, Config) else parse(document, environ or {})
         router = Router(config)
         app = build_app(config, router)
         runner, port = await serve(app, "127.0.0.1", 0, **RUNNER_OPTIONS)

@@ -1,0 +1,101 @@
+"""Re-reading the config while running (SIGHUP, POST /api/v1/router/reload).
+
+An invalid file changes nothing: the old config stays and the reason is reported. A valid one
+is swapped in without dropping requests in flight, and backends that still exist keep their
+state (in-flight counts, breakers, health). Settings bound at start-up (listen address,
+workers, body limit, upstream connection pool) need a restart; a change to them is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+from health.active import ActiveHealthChecker
+from proxy.config import Config, ConfigError, load
+from proxy.handler import Gateway
+from proxy.router import Router
+
+log = logging.getLogger("request_router")
+
+
+class HealthService:
+    """The active health checker of the current router; restarted when the router changes."""
+
+    def __init__(self) -> None:
+        self.checker: ActiveHealthChecker | None = None
+
+    async def restart(self, router: Router, config: Config) -> None:
+        await self.stop()
+        if config.health_check.enabled:
+            self.checker = ActiveHealthChecker(
+                router.home_pools(), config.health_check, on_change=router.refresh_health
+            )
+            self.checker.start()
+
+    async def stop(self) -> None:
+        if self.checker is not None:
+            await self.checker.stop()
+            self.checker = None
+
+    async def running(self, gateway: Gateway) -> AsyncIterator[None]:
+        await self.restart(gateway.router, gateway.config)
+        yield
+        await self.stop()
+
+
+class Reloader:
+    def __init__(self, gateway: Gateway, health: HealthService, path: str | None) -> None:
+        self.gateway = gateway
+        self.health = health
+        self.path = path
+        self._lock = asyncio.Lock()  # two reloads at once would race on the health checker
+
+    async def reload(self) -> tuple[Config, list[str]]:
+        """Load, validate and apply; returns the new config and the ignored changes.
+        Raises ConfigError, leaving everything as it was."""
+        if self.path is None or not Path(self.path).is_file():
+            raise ConfigError("no config file to reload (the gateway was not started from one)")
+        async with self._lock:
+            loaded = await asyncio.to_thread(load, self.path)
+            running = self.gateway.config
+            ignored = [
+                f"server.{key} (restart to apply)"
+                for key in ("host", "port", "workers", "max_body_bytes")
+                if getattr(loaded.server, key) != getattr(running.server, key)
+            ]
+            if loaded.connection_pool != running.connection_pool:
+                ignored.append("connection_pool (restart to apply)")
+            config = replace(
+                loaded,
+                server=replace(
+                    loaded.server,
+                    host=running.server.host,
+                    port=running.server.port,
+                    workers=running.server.workers,
+                    max_body_bytes=running.server.max_body_bytes,
+                ),
+                connection_pool=running.connection_pool,
+            )
+            router = Router(config, previous=self.gateway.router)
+            self.gateway.apply(config, router)
+            await self.health.restart(router, config)
+        log.info(
+            "configuration reloaded from %s (strategy %s, %d backends)",
+            self.path,
+            config.routing.strategy,
+            len(router.upstreams),
+        )
+        for item in ignored:
+            log.warning("reload: %s", item)
+        return config, ignored
+
+    async def reload_logged(self) -> None:
+        """For SIGHUP: nobody to answer, so the outcome goes to the log."""
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)

@@ -1,0 +1,117 @@
+"""Operations: graceful drain on SIGTERM, reload on SIGHUP and through the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import aiohttp
+import pytest
+import yaml
+
+from circuit.breaker import BreakerState
+from proxy.config import load
+from simulator.cluster import Cluster
+from tests.conftest import StartGateway, chat, config_document
+from tests.process import gateway_process
+
+
+async def read_stream(http: aiohttp.ClientSession, url: str, model: str) -> list[str]:
+    async with http.post(f"{url}/v1/chat/completions", json=chat(model, stream=True)) as r:
+        assert r.status == 200
+        return [line for line in (await r.text()).splitlines() if line]
+
+
+async def test_sigterm_lets_live_streams_finish_and_refuses_new_connections(
+    cluster: Cluster, tmp_path
+) -> None:
+    for name in ("hermes-2", "phi-3-mini"):
+        cluster[name].behaviour.tokens = 10
+        cluster[name].behaviour.token_delay = 0.1  # each stream lasts about a second
+    async with gateway_process(config_document(cluster), tmp_path) as gateway:
+        async with aiohttp.ClientSession() as http:
+            streams = [
+                asyncio.create_task(read_stream(http, gateway.url, model))
+                for model in ("hermes-2", "phi-3-mini", "hermes-2")
+            ]
+            await asyncio.sleep(0.3)
+            stopped_at = time.monotonic()
+            gateway.signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(f"{gateway.url}/health/live"):
+                        pass
+            results = await asyncio.gather(*streams)
+        assert await asyncio.wait_for(gateway.process.wait(), 10) == 0
+        assert time.monotonic() - stopped_at >= 0.6  # it waited for the streams
+    for events in results:
+        assert events[-1] == "data: [DONE]" and len(events) == 12
+
+
+async def test_sighup_with_a_bad_config_keeps_the_running_one(cluster: Cluster, tmp_path) -> None:
+    document = config_document(cluster)
+    async with gateway_process(document, tmp_path) as gateway:
+        async with aiohttp.ClientSession() as http:
+            strategy_url = f"{gateway.url}/api/v1/router/strategy"
+            gateway.write_config("routing:\n  strategy: [broken\n")
+            gateway.signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            async with http.get(strategy_url) as response:
+                assert (await response.json())["strategy"] == "round_robin"
+            async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as r:
+                assert r.status == 200
+            document["routing"] = {"strategy": "least_connections"}
+            gateway.write_config(document)
+            gateway.signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            async with http.get(strategy_url) as response:
+                assert (await response.json())["strategy"] == "least_connections"
+        gateway.signal(signal.SIGTERM)
+        await asyncio.wait_for(gateway.process.wait(), 10)
+        output = await gateway.output()
+    assert "reload refused, keeping the running configuration" in output
+    assert "YAML syntax error" in output
+    assert "configuration reloaded" in output
+
+
+async def test_reload_endpoint_swaps_config_and_keeps_backend_state(
+    cluster: Cluster, start_gateway: StartGateway, http, tmp_path
+) -> None:
+    path = tmp_path / "router.yaml"
+    document = config_document(cluster, circuit_breaker={"threshold": 1, "timeout": 60})
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    gateway = await start_gateway(load(path, environ={}))
+    hermes = gateway.router.models["hermes-2"].upstreams[0]
+    hermes.breaker.record_failure()
+    assert hermes.breaker.state is BreakerState.OPEN
+
+    document["models"].pop("openchat-3.5")
+    document["routing"] = {"strategy": "weighted"}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    async with http.post(f"{gateway.url}/api/v1/router/reload") as response:
+        assert response.status == 200
+        result = await response.json()
+    assert result["reloaded"] is True and result["strategy"] == "weighted"
+    assert result["models"] == ["mixtral-8x7b", "hermes-2", "phi-3-mini"]
+    router = gateway.app_gateway.router
+    assert router.models["hermes-2"].upstreams[0] is hermes  # same object, same breaker
+    assert hermes.breaker.state is BreakerState.OPEN
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("openchat-3.5")) as r:
+        assert r.status == 404
+    async with http.get(f"{gateway.url}/api/v1/router/strategy") as response:
+        assert (await response.json())["strategy"] == "weighted"
+
+    path.write_text("models: {x: {weight: -1, url: 'http://127.0.0.1:1'}}\n")
+    async with http.post(f"{gateway.url}/api/v1/router/reload") as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["code"] == "invalid_config" and "models.x.weight" in error["message"]
+    assert gateway.app_gateway.router is router
+
+
+async def test_reload_without_a_file_is_refused(gateway, http) -> None:
+    async with http.post(f"{gateway.url}/api/v1/router/reload") as response:
+        assert response.status == 400
+        assert "no config file" in (await response.json())["error"]["message"]
