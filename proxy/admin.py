@@ -192,6 +192,7 @@ class AdminApi:
         """The request path's own state: admission queue, retry budget and counters."""
         gateway = self.gateway
         budget = gateway.retry.budget
+        shed_reason = gateway.shedder.should_shed()
         return json_response(
             {
                 "admission": gateway.admission.state(),
@@ -200,7 +201,13 @@ class AdminApi:
                     "min_per_second": budget.min_per_second,
                     "denied": budget.denied,
                 },
-                "counters": gateway.stats.as_dict(),
+                "counters": {
+                    **gateway.stats.as_dict(),
+                    "shed": gateway.shedder.shed,
+                    "rate_limited": gateway.rate_limiter.limited,
+                },
+                "should_shed_load": shed_reason is not None,
+                "shed_reason": shed_reason,
                 "draining": gateway.draining,
                 "pools_failing_open": [
                     name for name, pool in self.router.pools.items() if pool.failing_open

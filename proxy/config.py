@@ -88,6 +88,26 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadSheddingConfig:
+    enabled: bool = True
+    max_pending: int = 0  # in flight + queued; 0: max_concurrent_requests + queue.size
+    min_healthy_backends: int = 0  # 0: off
+    max_failure_rate: float = 0.10
+    failure_window: float = 10.0
+    min_requests: int = 20  # outcomes in the window before the failure rate counts
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """Token buckets; 0 turns a limit off. Production value of `rps`: 50."""
+
+    rps: float = 0.0
+    burst: float = 0.0  # 0: same as rps
+    per_client_rps: float = 0.0
+    per_client_burst: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionPoolConfig:
     """Upstream keep-alive pool of the one long-lived client session."""
 
@@ -110,6 +130,7 @@ class ModelConfig:
     weight: float
     max_concurrent: int
     cost_per_request: float
+    rpm: int  # requests per minute for this model; 0: no limit
     capabilities: tuple[str, ...]
     specializations: tuple[str, ...]
     health_path: str
@@ -134,6 +155,8 @@ class Config:
     circuit_breaker: CircuitBreakerConfig
     retry: RetryConfig
     metrics: MetricsConfig
+    load_shedding: LoadSheddingConfig
+    rate_limit: RateLimitConfig
     connection_pool: ConnectionPoolConfig
     models: tuple[ModelConfig, ...]
     qdrant: ServiceConfig
@@ -310,6 +333,7 @@ def _model(name: Any, data: Any) -> ModelConfig:
     weight = _positive_weight(section, 1.0)
     max_concurrent = section.integer("max_concurrent", 100, minimum=1)
     cost = section.number("cost_per_request", 0.0)
+    rpm = section.integer("rpm", 0)
     capabilities = section.strings("capabilities")
     specializations = section.strings("specializations")
     health_path = section.string("health_path", "/health") or "/health"
@@ -330,6 +354,7 @@ def _model(name: Any, data: Any) -> ModelConfig:
         weight=weight,
         max_concurrent=max_concurrent,
         cost_per_request=cost,
+        rpm=rpm,
         capabilities=capabilities,
         specializations=specializations,
         health_path=health_path,
@@ -463,6 +488,26 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
     metrics = MetricsConfig(enabled=s.boolean("enabled", True))
     s.done()
 
+    s = _Section(root.raw("load_shedding"), "load_shedding")
+    shedding = LoadSheddingConfig(
+        enabled=s.boolean("enabled", True),
+        max_pending=s.integer("max_pending", 0),
+        min_healthy_backends=s.integer("min_healthy_backends", 0),
+        max_failure_rate=s.number("max_failure_rate", 0.10),
+        failure_window=s.number("failure_window", 10.0, minimum=0.1),
+        min_requests=s.integer("min_requests", 20, minimum=1),
+    )
+    s.done()
+
+    s = _Section(root.raw("rate_limit"), "rate_limit")
+    rate_limit = RateLimitConfig(
+        rps=s.number("rps", 0.0),
+        burst=s.number("burst", 0.0),
+        per_client_rps=s.number("per_client_rps", 0.0),
+        per_client_burst=s.number("per_client_burst", 0.0),
+    )
+    s.done()
+
     s = _Section(root.raw("connection_pool"), "connection_pool")
     pool = ConnectionPoolConfig(
         limit=s.integer("limit", 1000),
@@ -504,6 +549,8 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         circuit_breaker=breaker,
         retry=retry,
         metrics=metrics,
+        load_shedding=shedding,
+        rate_limit=rate_limit,
         connection_pool=pool,
         models=models,
         qdrant=qdrant,

@@ -32,8 +32,10 @@ from proxy.errors import (
 )
 from proxy.forward import client_response_headers, upstream_request_headers
 from proxy.queue import NORMAL_PRIORITY, PRIORITIES, Admission
+from proxy.ratelimit import RateLimiter
 from proxy.retry import DEFAULT_COOLDOWN, RETRY_STATUSES, RetryPolicy, retry_after_seconds
 from proxy.router import Router
+from proxy.shedding import LoadShedder, Shed
 from proxy.streaming import CLIENT_GONE, UPSTREAM_FAILED, relay
 from proxy.upstream import Pool, Upstream
 
@@ -141,6 +143,8 @@ class Gateway:
             self.retry.budget = previous.budget
             self.retry.budget.ratio = config.retry.budget_ratio
             self.retry.budget.min_per_second = config.retry.budget_min
+        self.rate_limiter = RateLimiter(config)
+        self.shedder = LoadShedder(config.load_shedding, self.admission, router)
         self._priority_header = config.queue.priority_header
         routing = config.routing
         self._stream_timeout = aiohttp.ClientTimeout(
@@ -335,6 +339,11 @@ class Gateway:
         tried: list[Upstream] = []
         attempts = 0
         try:
+            self.shedder.check()
+            if self.rate_limiter.active:
+                self.rate_limiter.check(
+                    request, pool.name if pool.name in self.router.models else None
+                )
             while True:
                 upstream = await self._admit(pools, tried, priority)
                 attempts += 1
@@ -366,8 +375,11 @@ class Gateway:
                     self.stats.failovers += 1
                 if fallback:
                     self.stats.fallbacks += 1
+                self.shedder.record(response.status)
                 return response
         except GatewayError as exc:
+            if not isinstance(exc, Shed):
+                self.shedder.record(exc.status)
             exc.headers = {**(exc.headers or {}), "x-router-attempts": str(attempts)}
             raise
         except asyncio.CancelledError:

@@ -1,0 +1,104 @@
+"""Rate limits: token buckets, global, per model and per client key -> 429 + Retry-After."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.errors import GatewayError
+
+MAX_CLIENT_BUCKETS = 10_000  # least recently seen client keys are forgotten beyond this
+
+
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class TokenBucket:
+    __slots__ = ("rate", "capacity", "tokens", "updated", "_clock")
+
+    def __init__(
+        self, rate: float, capacity: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate  # tokens per second
+        self.capacity = capacity
+        self.tokens = capacity
+        self._clock = clock
+        self.updated = clock()
+
+    def take(self) -> float:
+        """Take one token: 0.0 when granted, else the seconds until one is available."""
+        now = self._clock()
+        tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return 0.0
+        self.tokens = tokens
+        return (1.0 - tokens) / self.rate
+
+
+def client_key(request: web.Request) -> str:
+    """Who is asking: the bearer token or API key when sent, else the peer address."""
+    authorization = request.headers.get("Authorization")
+    if authorization and authorization[:7].lower() == "bearer ":
+        return "bearer:" + authorization[7:].strip()
+    api_key = request.headers.get("X-API-Key")
+    if api_key:
+        return "key:" + api_key
+    return "peer:" + (request.remote or "unknown")
+
+
+class RateLimiter:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        limits = config.rate_limit
+        self._clock = clock
+        self.limited = 0
+        self.global_bucket = (
+            TokenBucket(limits.rps, limits.burst or limits.rps, clock) if limits.rps else None
+        )
+        self.per_client_rps = limits.per_client_rps
+        self.per_client_burst = limits.per_client_burst or limits.per_client_rps
+        self.clients: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.models = {
+            m.name: TokenBucket(m.rpm / 60.0, float(m.rpm), clock) for m in config.models if m.rpm
+        }
+        self.active = bool(self.global_bucket or self.per_client_rps or self.models)
+
+    def check(self, request: web.Request, model: str | None) -> None:
+        """Raise RateLimited when any limit that applies is exhausted."""
+        if self.global_bucket is not None:
+            self._take(self.global_bucket, "the gateway's request rate limit")
+        if self.per_client_rps:
+            self._take(self._client_bucket(client_key(request)), "your request rate limit")
+        if model is not None:
+            bucket = self.models.get(model)
+            if bucket is not None:
+                self._take(bucket, f"the request rate limit of model '{model}'")
+
+    def _take(self, bucket: TokenBucket, what: str) -> None:
+        wait = bucket.take()
+        if wait:
+            self.limited += 1
+            raise RateLimited(
+                f"{what} is exceeded; retry later",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+    def _client_bucket(self, key: str) -> TokenBucket:
+        bucket = self.clients.get(key)
+        if bucket is None:
+            bucket = TokenBucket(self.per_client_rps, self.per_client_burst, self._clock)
+            self.clients[key] = bucket
+            if len(self.clients) > MAX_CLIENT_BUCKETS:
+                self.clients.popitem(last=False)
+        else:
+            self.clients.move_to_end(key)
+        return bucket
