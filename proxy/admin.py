@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from balancers.registry import UnknownStrategyError, strategy_names
+from proxy.chaos import Chaos
 from proxy.config import ConfigError
 from proxy.errors import Forbidden, InvalidRequest, Unauthorized
 from proxy.handler import Gateway, parse_object
@@ -56,6 +57,7 @@ class AdminApi:
     def __init__(self, gateway: Gateway, reloader: Reloader) -> None:
         self.gateway = gateway
         self.reloader = reloader
+        self.chaos = Chaos(gateway)
 
     @property
     def router(self) -> Router:
@@ -188,6 +190,14 @@ class AdminApi:
             }
         )
 
+    async def circuit_breaker_test(self, request: web.Request) -> web.Response:
+        self.authorize(request)
+        return json_response(await self.chaos.circuit_breaker_test(request))
+
+    async def failover_test(self, request: web.Request) -> web.Response:
+        self.authorize(request)
+        return json_response(await self.chaos.failover_test(request))
+
     async def state(self, request: web.Request) -> web.Response:
         """The request path's own state: admission queue, retry budget and counters."""
         gateway = self.gateway
@@ -225,4 +235,6 @@ class AdminApi:
             web.get("/health/ready", self.ready),
             web.post("/api/v1/router/reload", self.reload),
             web.get("/api/v1/router/state", self.state),
+            web.post("/api/v1/router/circuit-breaker/test", self.circuit_breaker_test),
+            web.post("/api/v1/router/failover/test", self.failover_test),
         ]

@@ -108,6 +108,11 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ChaosConfig:
+    enabled: bool = False  # the chaos test endpoints of the admin API
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionPoolConfig:
     """Upstream keep-alive pool of the one long-lived client session."""
 
@@ -157,6 +162,7 @@ class Config:
     metrics: MetricsConfig
     load_shedding: LoadSheddingConfig
     rate_limit: RateLimitConfig
+    chaos: ChaosConfig
     connection_pool: ConnectionPoolConfig
     models: tuple[ModelConfig, ...]
     qdrant: ServiceConfig
@@ -508,6 +514,10 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
     )
     s.done()
 
+    s = _Section(root.raw("chaos"), "chaos")
+    chaos = ChaosConfig(enabled=s.boolean("enabled", False))
+    s.done()
+
     s = _Section(root.raw("connection_pool"), "connection_pool")
     pool = ConnectionPoolConfig(
         limit=s.integer("limit", 1000),
@@ -551,6 +561,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         metrics=metrics,
         load_shedding=shedding,
         rate_limit=rate_limit,
+        chaos=chaos,
         connection_pool=pool,
         models=models,
         qdrant=qdrant,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,44 @@ MODELS = {
     "openchat-3.5": (0.6, 50, 0.0012),
     "phi-3-mini": (0.4, 100, 0.0004),
 }
+
+
+def open_descriptors() -> set[str]:
+    fd_dir = "/proc/self/fd"
+    return set(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else set()
+
+
+@pytest.fixture(autouse=True)
+async def no_leaks() -> AsyncIterator[None]:
+    """Every test must leave no task running and no socket or file open: set up before and
+    torn down after every other fixture of the test, so their cleanup counts."""
+    before = open_descriptors()
+    yield
+    current = asyncio.current_task()
+    leaked_tasks: list[asyncio.Task[object]] = []
+    leaked_fds: set[str] = set()
+    for _ in range(50):  # closing transports and finishing tasks takes a few loop turns
+        await asyncio.sleep(0.02)
+        leaked_tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        leaked_fds = {fd for fd in open_descriptors() - before if _is_socket_or_file(fd)}
+        if not leaked_tasks and not leaked_fds:
+            return
+    details = [f"task {t!r}" for t in leaked_tasks]
+    details += [f"fd {fd} -> {_target(fd)}" for fd in sorted(leaked_fds)]
+    pytest.fail("test leaked:\n" + "\n".join(details))
+
+
+def _target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def _is_socket_or_file(fd: str) -> bool:
+    target = _target(fd)
+    # The event loop's own epoll and self-pipe come and go with the loop, not the test.
+    return target != "?" and not target.startswith("anon_inode:")
 
 
 @pytest.fixture

@@ -1,0 +1,194 @@
+"""Chaos endpoints: exercise the real breaker and failover mechanisms on demand.
+
+Disabled unless `chaos.enabled` is set, and admin-protected. They act on live state: the
+breaker test trips the named backend's real breaker with recorded failures, and the failover
+test opens the primary's breaker while a burst of real requests runs through the gateway's own
+listener, measuring what those requests saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from circuit.breaker import BreakerState
+from proxy.errors import GatewayError, InvalidRequest
+from proxy.handler import Gateway, parse_object
+from proxy.upstream import Upstream
+
+BURST_CONCURRENCY = 5
+DEFAULT_BURST = 20
+MAX_BURST = 500
+
+
+class ChaosDisabled(GatewayError):
+    status = 403
+    error_type = "permission_error"
+    code = "chaos_disabled"
+
+
+class UnknownBackend(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "backend_not_found"
+
+
+def elapsed_ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)
+
+
+class Chaos:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def _backend(self, document: dict[str, Any], key: str) -> Upstream:
+        if not self.gateway.config.chaos.enabled:
+            raise ChaosDisabled("chaos endpoints are disabled (set chaos.enabled: true)")
+        name = document.get(key)
+        for upstream in self.gateway.router.upstreams:
+            if upstream.name == name:
+                return upstream
+        names = ", ".join(u.name for u in self.gateway.router.upstreams)
+        raise UnknownBackend(f"unknown backend {name!r} in '{key}'; backends: {names}")
+
+    def _backup(self, primary: Upstream) -> Upstream | None:
+        pool = self.gateway.router.pools[primary.pool]
+        for upstream in pool.upstreams:
+            if upstream is not primary and upstream.available():
+                return upstream
+        if primary.model is not None:  # a model backend: another model can take `auto`
+            for upstream in self.gateway.router.auto.upstreams:
+                if upstream is not primary and upstream.available():
+                    return upstream
+        return None
+
+    async def circuit_breaker_test(self, request: web.Request) -> dict[str, Any]:
+        document = parse_object(await request.read())
+        upstream = self._backend(document, "backend")
+        breaker = upstream.breaker
+        started = time.perf_counter()
+        initial = breaker.state
+        simulated = 0
+        if document.get("simulate_failure", True):
+            test_type = "simulate_failure"
+            while breaker.state is not BreakerState.OPEN and simulated < breaker.threshold + 1:
+                upstream.failures += 1
+                breaker.record_failure()
+                simulated += 1
+        else:
+            test_type = "reset"
+            breaker.record_success()
+        backup = self._backup(upstream)
+        new_state = breaker.state
+        return {
+            "circuit_breaker_test": {
+                "backend": upstream.name,
+                "test_type": test_type,
+                "initial_state": initial.value,
+                "failure_threshold": breaker.threshold,
+                "simulated_failures": simulated,
+                "circuit_breaker_triggered": new_state is BreakerState.OPEN
+                and initial is not BreakerState.OPEN,
+                "new_state": new_state.value,
+                "failover_activated": new_state is BreakerState.OPEN and backup is not None,
+                "backup_backend": backup.name if backup is not None else None,
+                "test_duration_ms": elapsed_ms(started),
+                "recovery_time_ms": round(breaker.open_for * 1000, 3)
+                if new_state is BreakerState.OPEN
+                else 0.0,
+            }
+        }
+
+    async def failover_test(self, request: web.Request) -> dict[str, Any]:
+        document = parse_object(await request.read())
+        primary = self._backend(document, "primary_backend")
+        count = document.get("requests", DEFAULT_BURST)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_BURST:
+            raise InvalidRequest(f"'requests' must be an integer from 1 to {MAX_BURST}")
+        simulate = document.get("simulate_failure", True)
+        method, path, body = self._probe_request(primary)
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not sockname:
+            raise InvalidRequest("cannot find the gateway's own listener for the burst")
+        url = f"http://127.0.0.1:{sockname[1]}{path}"
+        session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        outcomes: list[tuple[float, int, str | None]] = []  # (time, status, backend)
+        try:
+            injected = time.perf_counter()
+            if simulate:
+                primary.breaker.force_open()
+            queue = list(range(count))
+
+            async def worker() -> None:
+                while queue:
+                    queue.pop()
+                    try:
+                        async with session.request(
+                            method, url, data=body, headers={"Content-Type": "application/json"}
+                        ) as response:
+                            await response.read()
+                            outcomes.append(
+                                (
+                                    time.perf_counter(),
+                                    response.status,
+                                    response.headers.get("x-router-backend"),
+                                )
+                            )
+                    except aiohttp.ClientError:
+                        outcomes.append((time.perf_counter(), 0, None))
+
+            await asyncio.gather(*(worker() for _ in range(min(BURST_CONCURRENCY, count))))
+            served_elsewhere = [t for t, s, b in outcomes if s < 400 and b != primary.name]
+            lost = [t for t, s, _ in outcomes if s >= 500 or s == 0]
+            backups = Counter(b for _, s, b in outcomes if s < 400 and b != primary.name)
+
+            recovery_started = time.perf_counter()
+            if simulate:
+                primary.breaker.record_success()  # the primary is back
+            recovered = False
+            async with session.request(
+                method, url, data=body, headers={"Content-Type": "application/json"}
+            ) as response:
+                await response.read()
+                recovered = response.status < 400
+            recovery_ms = elapsed_ms(recovery_started)
+        finally:
+            await session.close()
+        return {
+            "failover_test": {
+                "primary_backend": primary.name,
+                "backup_backend": backups.most_common(1)[0][0] if backups else None,
+                "failure_simulation": "circuit_opened" if simulate else "none",
+                "failover_triggered": bool(served_elsewhere),
+                "failover_time_ms": round((min(served_elsewhere) - injected) * 1000, 3)
+                if served_elsewhere
+                else None,
+                "requests_during_failover": len(outcomes),
+                "requests_lost": len(lost),
+                "recovery_successful": recovered,
+                "recovery_time_ms": recovery_ms,
+                "total_downtime_ms": round((max(lost) - min(lost)) * 1000, 3) if lost else 0.0,
+            }
+        }
+
+    def _probe_request(self, primary: Upstream) -> tuple[str, str, bytes]:
+        if primary.pool == "qdrant":
+            return "GET", "/qdrant/collections", b""
+        if primary.pool == "embedding":
+            return "POST", "/v1/embeddings", b'{"input": "failover test"}'
+        router = self.gateway.router
+        pool = router.models[primary.pool]
+        alone = len(pool.upstreams) == 1 and not router.fallbacks.get(primary.pool)
+        model = "auto" if alone else primary.pool
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "failover test"}],
+            "max_tokens": 1,
+        }
+        return "POST", "/v1/chat/completions", orjson.dumps(body)
