@@ -28,9 +28,12 @@ MODELS = {
 }
 
 
-def open_descriptors() -> set[str]:
+def open_descriptors() -> set[tuple[str, str]]:
+    """(fd, what it points to): numbers alone miss an fd closed and reused by another file."""
     fd_dir = "/proc/self/fd"
-    return set(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else set()
+    if not os.path.isdir(fd_dir):
+        return set()
+    return {(fd, _target(fd)) for fd in os.listdir(fd_dir)}
 
 
 @pytest.fixture(autouse=True)
@@ -41,15 +44,19 @@ async def no_leaks() -> AsyncIterator[None]:
     yield
     current = asyncio.current_task()
     leaked_tasks: list[asyncio.Task[object]] = []
-    leaked_fds: set[str] = set()
+    leaked_fds: set[str] = set()  # the loop's epoll fd (anon_inode) lives with the loop
     for _ in range(50):  # closing transports and finishing tasks takes a few loop turns
         await asyncio.sleep(0.02)
         leaked_tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-        leaked_fds = {fd for fd in open_descriptors() - before if _is_socket_or_file(fd)}
+        leaked_fds = {
+            f"{fd} -> {target}"
+            for fd, target in open_descriptors() - before
+            if target != "?" and not target.startswith("anon_inode:")
+        }
         if not leaked_tasks and not leaked_fds:
             return
     details = [f"task {t!r}" for t in leaked_tasks]
-    details += [f"fd {fd} -> {_target(fd)}" for fd in sorted(leaked_fds)]
+    details += [f"fd {fd}" for fd in sorted(leaked_fds)]
     pytest.fail("test leaked:\n" + "\n".join(details))
 
 
@@ -58,12 +65,6 @@ def _target(fd: str) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
-
-
-def _is_socket_or_file(fd: str) -> bool:
-    target = _target(fd)
-    # The event loop's own epoll and self-pipe come and go with the loop, not the test.
-    return target != "?" and not target.startswith("anon_inode:")
 
 
 @pytest.fixture
