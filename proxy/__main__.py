@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"request-router: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if args.demo:  # simulated backends: let the walk-through exercise the chaos endpoints
+        config = replace(config, chaos=replace(config.chaos, enabled=True))
     if args.check_config:
         print(config.summary())
         print("configuration OK")

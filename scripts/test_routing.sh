@@ -80,6 +80,52 @@ curl -sf -X POST "$BASE/api/v1/vectors/search" -H 'Content-Type: application/jso
   | jq -e '.result | length == 2' >/dev/null || fail "vector search"
 echo "  ok"
 
+# POST an admin chaos endpoint; prints the body, or returns 3 when chaos is disabled.
+chaos() {
+  local out code
+  out=$(curl -s -w '\n%{http_code}' -X POST "$BASE/api/v1/router/$1" "${AUTH[@]}" \
+             -H 'Content-Type: application/json' -d "$2")
+  code=${out##*$'\n'}
+  out=${out%$'\n'*}
+  if [[ "$code" == "403" ]] && grep -q chaos_disabled <<<"$out"; then return 3; fi
+  [[ "$code" == "200" ]] || fail "$1 answered $code: $out"
+  echo "$out"
+}
+
+VICTIM=$(curl -sf "$BASE/api/v1/router/backends" | jq -r '[.[]][0][0].name') || fail "backends"
+
+step "circuit breaker: trip $VICTIM's breaker, traffic avoids it"
+set_strategy round_robin
+if result=$(chaos circuit-breaker/test "{\"backend\": \"$VICTIM\", \"simulate_failure\": true}"); then
+  echo "  $(jq -c '.circuit_breaker_test | {initial_state, simulated_failures, new_state, backup_backend}' <<<"$result")"
+  jq -e '.circuit_breaker_test.new_state == "open"' <<<"$result" >/dev/null || fail "breaker did not open"
+  for i in 1 2 3 4 5; do
+    line=$(ask)
+    [[ "${line%% *}" == "200" && "${line#* }" != "$VICTIM" ]] || fail "request $i answered '$line'"
+    printf '  request %d -> %s\n' "$i" "${line#* }"
+  done
+  chaos circuit-breaker/test "{\"backend\": \"$VICTIM\", \"simulate_failure\": false}" >/dev/null
+  echo "  breaker closed again"
+else
+  [[ $? -eq 3 ]] || exit 1
+  echo "  skipped: chaos.enabled is false (the --demo turns it on)"
+fi
+
+step "failover: $VICTIM fails during a burst of 20 requests"
+if result=$(chaos failover/test "{\"primary_backend\": \"$VICTIM\", \"simulate_failure\": true, \"requests\": 20}"); then
+  echo "  $(jq -c '.failover_test | {backup_backend, failover_time_ms, requests_during_failover, requests_lost, recovery_successful}' <<<"$result")"
+  jq -e '.failover_test.requests_lost == 0 and .failover_test.recovery_successful' <<<"$result" >/dev/null \
+    || fail "requests were lost during failover"
+else
+  [[ $? -eq 3 ]] || exit 1
+  echo "  skipped: chaos.enabled is false (the --demo turns it on)"
+fi
+
+step "admission and resilience state"
+curl -sf "$BASE/api/v1/router/state" \
+  | jq -c '{admission: .admission | {in_flight, queued, queue_size}, counters, should_shed_load}' \
+  | sed 's/^/  /' || fail "state"
+
 step "backend state"
 curl -sf "$BASE/api/v1/router/backends" \
   | jq -r 'to_entries[] | .value[] | "  \(.name): requests=\(.requests) active=\(.active) healthy=\(.healthy) circuit=\(.circuit)"' \

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import config_document
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "test_routing.sh"
 
 
 @pytest.mark.skipif(
     not (shutil.which("curl") and shutil.which("jq")), reason="needs curl and jq (.ci/run installs)"
 )
-async def test_walk_through_passes_against_a_running_gateway(gateway) -> None:
+async def test_walk_through_passes_against_a_running_gateway(cluster, start_gateway) -> None:
+    gateway = await start_gateway(config_document(cluster, chaos={"enabled": True}))
     process = await asyncio.create_subprocess_exec(
         "bash",
         str(SCRIPT),
@@ -25,6 +28,7 @@ async def test_walk_through_passes_against_a_running_gateway(gateway) -> None:
     output = (await asyncio.wait_for(process.communicate(), 50))[0].decode()
     assert process.returncode == 0, output
     assert "request 10 -> " in output and "all steps passed" in output
+    assert '"new_state":"open"' in output and '"requests_lost":0' in output
     assert gateway.router.strategy == "round_robin"  # restored at the end
 
 
