@@ -137,7 +137,7 @@ class AdminApi:
         )
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 while every model pool has a backend that can serve; 503 otherwise."""
+        """200 while any model can be served ("degraded" when some cannot); 503 when none."""
         serving = {
             name: any(u.healthy and u.breaker.allows() for u in pool.upstreams)
             for name, pool in self.router.models.items()
@@ -158,7 +158,7 @@ class AdminApi:
                 "strategy": self.router.strategy,
                 "timestamp": now_iso(),
             },
-            status=200 if all(serving.values()) else 503,
+            status=200 if any(serving.values()) else 503,
         )
 
     async def live(self, request: web.Request) -> web.Response:

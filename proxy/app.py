@@ -10,6 +10,8 @@ from proxy.admin import AdminApi
 from proxy.config import Config
 from proxy.errors import error_middleware
 from proxy.handler import QDRANT_PREFIX, Gateway
+from proxy.metrics import PrometheusMetrics
+from proxy.observability import Observability
 from proxy.reload import HealthService, Reloader
 from proxy.router import Router
 
@@ -58,6 +60,12 @@ def build_app(
             web.post("/api/v1/vectors/search", gateway.vector_search),
             web.route("*", QDRANT_PREFIX + "/{tail:.*}", gateway.qdrant_passthrough),
             *admin.routes(),
+            *Observability(gateway).routes(),
         ]
     )
+    if config.metrics.enabled:
+        metrics = PrometheusMetrics(gateway)
+        gateway.telemetry.sinks.append(metrics.observe)
+        gateway.gap_observer = metrics.gap_observer
+        app.router.add_get("/metrics", metrics.handler)
     return app

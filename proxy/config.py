@@ -135,6 +135,8 @@ class ModelConfig:
     weight: float
     max_concurrent: int
     cost_per_request: float
+    cost_per_1k_prompt_tokens: float
+    cost_per_1k_completion_tokens: float
     rpm: int  # requests per minute for this model; 0: no limit
     capabilities: tuple[str, ...]
     specializations: tuple[str, ...]
@@ -339,6 +341,8 @@ def _model(name: Any, data: Any) -> ModelConfig:
     weight = _positive_weight(section, 1.0)
     max_concurrent = section.integer("max_concurrent", 100, minimum=1)
     cost = section.number("cost_per_request", 0.0)
+    prompt_price = section.number("cost_per_1k_prompt_tokens", 0.0)
+    completion_price = section.number("cost_per_1k_completion_tokens", 0.0)
     rpm = section.integer("rpm", 0)
     capabilities = section.strings("capabilities")
     specializations = section.strings("specializations")
@@ -360,6 +364,8 @@ def _model(name: Any, data: Any) -> ModelConfig:
         weight=weight,
         max_concurrent=max_concurrent,
         cost_per_request=cost,
+        cost_per_1k_prompt_tokens=prompt_price,
+        cost_per_1k_completion_tokens=completion_price,
         rpm=rpm,
         capabilities=capabilities,
         specializations=specializations,

@@ -118,8 +118,12 @@ def error_middleware(max_body_bytes: int) -> Middleware:
                 500, "internal gateway error", "server_error", "internal_error"
             )
         request_id = request.get(REQUEST_ID)
+        headers = response.headers
         if request_id is not None:
-            response.headers["x-request-id"] = request_id
+            headers["x-request-id"] = request_id
+        # Refused before any backend was chosen: say so in the headers every response has.
+        headers.setdefault("x-router-backend", "none")
+        headers.setdefault("x-router-attempts", "0")
         return response
 
     return middleware

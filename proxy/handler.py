@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -37,6 +38,7 @@ from proxy.retry import DEFAULT_COOLDOWN, RETRY_STATUSES, RetryPolicy, retry_aft
 from proxy.router import Router
 from proxy.shedding import LoadShedder, Shed
 from proxy.streaming import CLIENT_GONE, UPSTREAM_FAILED, relay
+from proxy.telemetry import Outcome, Telemetry
 from proxy.upstream import Pool, Upstream
 
 # Bodies up to this size that arrive with a Content-Length are read whole and sent with one
@@ -62,19 +64,37 @@ class AttemptFailed(Exception):
         self.error = error
 
 
-class AttemptContext:
-    __slots__ = ("request_id", "attempt", "fallback", "pools")
+class RequestContext:
+    """One request across its attempts: what the response headers and the outcome need."""
 
-    def __init__(
-        self, request_id: str, attempt: int, fallback: str | None, pools: tuple[Pool, ...]
-    ) -> None:
+    __slots__ = (
+        "request_id",
+        "started",
+        "backend_time",
+        "attempt",
+        "fallback",
+        "pools",
+        "outcome",
+        "usage_chunk",
+        "observe_gap",
+    )
+
+    def __init__(self, request_id: str, pools: tuple[Pool, ...], outcome: Outcome) -> None:
         self.request_id = request_id
-        self.attempt = attempt
-        self.fallback = fallback  # the model that served instead of the requested one
+        self.started = time.perf_counter()
+        self.backend_time = 0.0  # spent waiting on backends: excluded from gateway overhead
+        self.attempt = 0
+        self.fallback: str | None = None  # the model that served instead of the requested one
         self.pools = pools  # where a retry could go
+        self.outcome = outcome
+        self.usage_chunk: bytes | None = None  # the stream chunk that carried `usage`
+        self.observe_gap: Callable[[float], None] | None = None
 
     def retry_possible(self) -> bool:
         return any(pool.has_live() for pool in self.pools)
+
+    def overhead(self) -> float:
+        return time.perf_counter() - self.started - self.backend_time
 
 
 class GatewayStats:
@@ -110,6 +130,25 @@ def parse_object(body: bytes) -> dict[str, Any]:
     return document
 
 
+def usage_from_body(payload: bytes) -> Any:
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return document.get("usage") if isinstance(document, dict) else None
+
+
+def usage_from_stream(chunk: bytes) -> Any:
+    """`usage` from the SSE event in `chunk` that carries it (the final chunk of a stream
+    with stream_options.include_usage)."""
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: ") and b'"usage"' in line:
+            usage = usage_from_body(line[6:])
+            if usage is not None:
+                return usage
+    return None
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -124,6 +163,9 @@ class Gateway:
             config.routing.max_concurrent_requests, config.queue.size, config.queue.timeout
         )
         self.stats = GatewayStats()
+        self.telemetry = Telemetry()
+        # pool name -> observe(seconds) for gaps between streamed chunks (Prometheus), if on
+        self.gap_observer: Callable[[str], Callable[[float], None]] | None = None
         self.draining = False
         self._id_prefix = os.urandom(4).hex() + "-"
         self._ids = itertools.count(1)
@@ -174,6 +216,7 @@ class Gateway:
             }
         )
         self._model_names = ", ".join(m.name for m in config.models)
+        self._models = {m.name: m for m in config.models}
 
     async def start(self) -> None:
         pool = self.config.connection_pool
@@ -298,7 +341,12 @@ class Gateway:
                 search[key] = document[key]
         path = f"/collections/{quote(collection, safe='')}/points/search"
         return await self._forward(
-            request, self.router.qdrant, path, orjson.dumps(search), request_id
+            request,
+            self.router.qdrant,
+            path,
+            orjson.dumps(search),
+            request_id,
+            route="/api/v1/vectors/search",
         )
 
     async def qdrant_passthrough(self, request: web.Request) -> web.StreamResponse:
@@ -308,7 +356,9 @@ class Gateway:
         if not path.startswith("/"):
             path = "/" + path
         body = await request.read()
-        return await self._forward(request, self.router.qdrant, path, body, request_id)
+        return await self._forward(
+            request, self.router.qdrant, path, body, request_id, route="/qdrant"
+        )
 
     # --- forwarding ---------------------------------------------------------------------------
 
@@ -323,6 +373,7 @@ class Gateway:
         choose_model: dict[str, Any] | None = None,
         stream: bool = False,
         fallbacks: tuple[Pool, ...] = (),
+        route: str | None = None,
     ) -> web.StreamResponse:
         """Admit -> attempt -> (retry elsewhere) until a backend answers or retries run out.
 
@@ -337,7 +388,9 @@ class Gateway:
         )
         retry = self.retry
         tried: list[Upstream] = []
-        attempts = 0
+        outcome = Outcome(request_id, route or path, pool.name, stream)
+        context = RequestContext(request_id, pools, outcome)
+        failed_at: float | None = None
         try:
             self.shedder.check()
             if self.rate_limiter.active:
@@ -345,19 +398,21 @@ class Gateway:
                     request, pool.name if pool.name in self.router.models else None
                 )
             while True:
+                queued_at = time.perf_counter()
                 upstream = await self._admit(pools, tried, priority)
-                attempts += 1
-                if attempts > 1:
+                outcome.queue_wait += time.perf_counter() - queued_at
+                context.attempt += 1
+                if context.attempt > 1:
                     self.stats.retries += 1
                 fallback = upstream.pool != pool.name and pool is not self.router.auto
+                context.fallback = upstream.model if fallback else None
+                outcome.backend = upstream.name
+                outcome.model = upstream.model
                 data = body
                 if choose_model is not None or fallback:
                     document = choose_model if choose_model is not None else orjson.loads(body)
                     data = orjson.dumps({**document, "model": upstream.model})
-                final = attempts >= retry.max_attempts
-                context = AttemptContext(
-                    request_id, attempts, upstream.model if fallback else None, pools
-                )
+                final = context.attempt >= retry.max_attempts
                 try:
                     response = await self._attempt(
                         request, upstream, path, data, headers, context, final, stream
@@ -365,28 +420,74 @@ class Gateway:
                 except AttemptFailed as failed:
                     if final or not self._may_retry(context):
                         raise failed.error from None
+                    if failed_at is None:
+                        failed_at = time.perf_counter()
                     tried.append(upstream)
                     others = any(p.has_live(tried) for p in pools)
-                    delay = retry.backoff(attempts, other_backend=others)
+                    delay = retry.backoff(context.attempt, other_backend=others)
                     if delay:
                         await asyncio.sleep(delay)
                     continue
-                if attempts > 1 and tried and upstream is not tried[-1]:
+                if tried and upstream is not tried[-1]:
                     self.stats.failovers += 1
                 if fallback:
                     self.stats.fallbacks += 1
-                self.shedder.record(response.status)
+                    outcome.fallback = True
+                if failed_at is not None:
+                    outcome.failover_time = time.perf_counter() - failed_at
+                outcome.status = response.status
                 return response
         except GatewayError as exc:
-            if not isinstance(exc, Shed):
-                self.shedder.record(exc.status)
-            exc.headers = {**(exc.headers or {}), "x-router-attempts": str(attempts)}
+            outcome.status = exc.status
+            if isinstance(exc, Shed):
+                outcome.status = -exc.status  # marked so the failure rate ignores it
+            exc.headers = {
+                **(exc.headers or {}),
+                "x-router-backend": outcome.backend or "none",
+                "x-router-attempts": str(context.attempt),
+                "x-router-overhead-ms": f"{context.overhead() * 1000:.3f}",
+            }
             raise
         except asyncio.CancelledError:
             self.stats.client_closed += 1  # nginx's 499: the client went away first
+            outcome.status = 499
             raise
+        finally:
+            self._finish(context)
 
-    def _may_retry(self, context: AttemptContext) -> bool:
+    def _finish(self, context: RequestContext) -> None:
+        outcome = context.outcome
+        if outcome.status < 0:  # shed: not a failure of the backends
+            outcome.status = -outcome.status
+        else:
+            self.shedder.record(outcome.status)
+        outcome.duration = time.perf_counter() - context.started
+        outcome.attempts = context.attempt
+        if not outcome.overhead:
+            outcome.overhead = context.overhead()
+        if context.usage_chunk is not None:
+            self._account_usage(outcome, usage_from_stream(context.usage_chunk))
+        model = self._models.get(outcome.model) if outcome.model is not None else None
+        if model is not None and outcome.status < 400:
+            outcome.cost = (
+                model.cost_per_request
+                + (
+                    outcome.prompt_tokens * model.cost_per_1k_prompt_tokens
+                    + outcome.completion_tokens * model.cost_per_1k_completion_tokens
+                )
+                / 1000
+            )
+        self.telemetry.record(outcome)
+
+    @staticmethod
+    def _account_usage(outcome: Outcome, usage: Any) -> None:
+        if isinstance(usage, dict):
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+            outcome.prompt_tokens = prompt if isinstance(prompt, int) else 0
+            outcome.completion_tokens = completion if isinstance(completion, int) else 0
+
+    def _may_retry(self, context: RequestContext) -> bool:
         """Somewhere to go, and room in the retry budget (spent only when both hold)."""
         return context.retry_possible() and self.retry.budget.try_withdraw()
 
@@ -417,7 +518,7 @@ class Gateway:
         path: str,
         data: bytes,
         headers: CIMultiDict[str],
-        context: AttemptContext,
+        context: RequestContext,
         final: bool,
         stream: bool,
     ) -> web.StreamResponse:
@@ -430,21 +531,26 @@ class Gateway:
             try:
                 response = await self._send(request.method, url, data, headers, timeout)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                context.backend_time += time.perf_counter() - started
                 self._failed(upstream)
                 raise AttemptFailed(
                     UpstreamUnreachable(f"backend '{upstream.name}' is unreachable: {exc}")
                 ) from None
             except TimeoutError:
+                context.backend_time += time.perf_counter() - started
                 self._failed(upstream)
                 raise AttemptFailed(
                     GatewayTimeout(f"backend '{upstream.name}' sent no response in time")
                 ) from None
             except aiohttp.ClientError as exc:
+                context.backend_time += time.perf_counter() - started
                 self._failed(upstream)
                 raise AttemptFailed(
                     BadGateway(f"backend '{upstream.name}' failed: {exc!r}")
                 ) from None
-            upstream.breaker.record_latency(time.perf_counter() - started)
+            waited = time.perf_counter() - started
+            context.backend_time += waited
+            upstream.breaker.record_latency(waited)
             return await self._respond(request, upstream, response, context, final)
         finally:
             self.admission.release(upstream)
@@ -494,7 +600,7 @@ class Gateway:
         request: web.Request,
         upstream: Upstream,
         response: aiohttp.ClientResponse,
-        context: AttemptContext,
+        context: RequestContext,
         final: bool,
     ) -> web.StreamResponse:
         clean = True
@@ -519,6 +625,7 @@ class Gateway:
                 headers["x-router-fallback"] = context.fallback
             length = response.content_length
             if length is not None and length <= BUFFER_LIMIT:
+                reading = time.perf_counter()
                 try:
                     payload = await response.read()
                 except TimeoutError:
@@ -531,10 +638,21 @@ class Gateway:
                     raise BadGateway(
                         f"backend '{upstream.name}' broke off its response: {exc!r}"
                     ) from None
+                context.backend_time += time.perf_counter() - reading
+                if b'"usage"' in payload:
+                    self._account_usage(context.outcome, usage_from_body(payload))
+                overhead = context.overhead()
+                context.outcome.overhead = overhead
+                headers["x-router-overhead-ms"] = f"{overhead * 1000:.3f}"
                 return web.Response(
                     status=status, reason=response.reason, body=payload, headers=headers
                 )
-            relayed, outcome = await relay(request, response, headers, upstream.name)
+            overhead = context.overhead()
+            context.outcome.overhead = overhead
+            headers["x-router-overhead-ms"] = f"{overhead * 1000:.3f}"
+            if self.gap_observer is not None:
+                context.observe_gap = self.gap_observer(context.outcome.pool)
+            relayed, outcome = await relay(request, response, headers, upstream.name, context)
             if outcome is UPSTREAM_FAILED:
                 clean = False
             elif outcome is CLIENT_GONE:

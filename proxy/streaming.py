@@ -8,13 +8,30 @@ StreamReader then pauses the upstream socket: memory stays flat however slow the
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.telemetry import Outcome
+
 log = logging.getLogger("request_router")
+
+
+class StreamContext(Protocol):
+    """What the relay records about the stream it carries."""
+
+    started: float
+    usage_chunk: bytes | None
+    observe_gap: Callable[[float], None] | None
+
+    @property
+    def outcome(self) -> Outcome: ...
+
 
 # How a relay ended.
 COMPLETE = "complete"
@@ -27,12 +44,16 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     backend: str,
+    context: StreamContext,
 ) -> tuple[web.StreamResponse, str]:
     """Returns the response and how the relay ended: COMPLETE, UPSTREAM_FAILED (count a
     backend failure) or CLIENT_GONE (the client left; the upstream request is closed)."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
     content = upstream.content
+    first = True
+    observe_gap = context.observe_gap
+    last = 0.0
     while True:
         try:
             chunk = await content.readany()
@@ -46,6 +67,16 @@ async def relay(
             return response, UPSTREAM_FAILED
         if not chunk:
             break
+        if observe_gap is not None or first:
+            now = time.perf_counter()
+            if first:
+                context.outcome.ttft = now - context.started
+                first = False
+            elif observe_gap is not None:
+                observe_gap(now - last)
+            last = now
+        if b'"usage"' in chunk:
+            context.usage_chunk = chunk
         try:
             await response.write(chunk)
         except ConnectionResetError:

@@ -1,0 +1,236 @@
+"""What happened to each request, kept in small rolling windows for the JSON endpoints.
+
+The request path builds one `Outcome` per request and hands it to `Telemetry.record`, which
+updates plain counters and fixed-size rings (no allocation beyond the outcome itself) and passes
+the outcome on to the Prometheus metrics and the SQL accounting buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+LATENCY_SAMPLES = 1024  # per ring: enough for stable p99 over the recent past
+RATE_BUCKETS = 60  # one per second
+RATE_WINDOW = 10  # seconds behind requests_per_second
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+class Outcome:
+    """One finished request, as the client saw it."""
+
+    __slots__ = (
+        "request_id",
+        "started",
+        "route",
+        "pool",
+        "model",
+        "backend",
+        "status",
+        "stream",
+        "duration",
+        "ttft",
+        "overhead",
+        "queue_wait",
+        "attempts",
+        "fallback",
+        "failover_time",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+    )
+
+    def __init__(self, request_id: str, route: str, pool: str, stream: bool) -> None:
+        self.request_id = request_id
+        self.started = time.time()
+        self.route = route
+        self.pool = pool
+        self.model: str | None = None
+        self.backend: str | None = None
+        self.status = 0
+        self.stream = stream
+        self.duration = 0.0
+        self.ttft: float | None = None
+        self.overhead = 0.0
+        self.queue_wait = 0.0
+        self.attempts = 0
+        self.fallback = False
+        self.failover_time: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class LatencyRing:
+    """The last LATENCY_SAMPLES values, for mean and percentiles."""
+
+    __slots__ = ("values", "next", "count")
+
+    def __init__(self) -> None:
+        self.values = [0.0] * LATENCY_SAMPLES
+        self.next = 0
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        self.values[self.next] = value
+        self.next = (self.next + 1) % LATENCY_SAMPLES
+        if self.count < LATENCY_SAMPLES:
+            self.count += 1
+
+    def _recent(self) -> list[float]:
+        return self.values[: self.count]
+
+    def mean(self) -> float:
+        return sum(self._recent()) / self.count if self.count else 0.0
+
+    def percentile(self, fraction: float) -> float:
+        if not self.count:
+            return 0.0
+        ordered = sorted(self._recent())
+        return ordered[min(self.count - 1, int(fraction * self.count))]
+
+
+class OutcomeRing:
+    """Successes and failures of the last LATENCY_SAMPLES requests."""
+
+    __slots__ = ("ok", "next", "count", "successes")
+
+    def __init__(self) -> None:
+        self.ok = [True] * LATENCY_SAMPLES
+        self.next = 0
+        self.count = 0
+        self.successes = 0
+
+    def add(self, ok: bool) -> None:
+        if self.count == LATENCY_SAMPLES:
+            self.successes -= self.ok[self.next]
+        else:
+            self.count += 1
+        self.ok[self.next] = ok
+        self.successes += ok
+        self.next = (self.next + 1) % LATENCY_SAMPLES
+
+    def success_rate(self) -> float:
+        return self.successes / self.count if self.count else 1.0
+
+
+class RateCounter:
+    """Requests per second over the last RATE_WINDOW seconds, from per-second buckets."""
+
+    __slots__ = ("buckets", "second", "_clock")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.buckets = [0] * RATE_BUCKETS
+        self._clock = clock
+        self.second = int(clock())
+
+    def _advance(self) -> None:
+        now = int(self._clock())
+        if now != self.second:
+            for step in range(min(now - self.second, RATE_BUCKETS)):
+                self.buckets[(self.second + 1 + step) % RATE_BUCKETS] = 0
+            self.second = now
+
+    def add(self) -> None:
+        self._advance()
+        self.buckets[self.second % RATE_BUCKETS] += 1
+
+    def per_second(self) -> float:
+        self._advance()
+        # The current second is still filling: average over the full seconds before it.
+        total = sum(
+            self.buckets[(self.second - back) % RATE_BUCKETS] for back in range(1, RATE_WINDOW + 1)
+        )
+        return total / RATE_WINDOW
+
+
+class SeriesStats:
+    """Rolling figures for one backend or one model."""
+
+    __slots__ = (
+        "requests",
+        "latency",
+        "ttft",
+        "outcomes",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.latency = LatencyRing()
+        self.ttft = LatencyRing()
+        self.outcomes = OutcomeRing()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost = 0.0
+
+    def add(self, outcome: Outcome, ok: bool) -> None:
+        self.requests += 1
+        self.latency.add(outcome.duration)
+        if outcome.ttft is not None:
+            self.ttft.add(outcome.ttft)
+        self.outcomes.add(ok)
+        self.prompt_tokens += outcome.prompt_tokens
+        self.completion_tokens += outcome.completion_tokens
+        self.cost += outcome.cost
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.total = 0
+        self.successful = 0
+        self.failed = 0
+        self.latency = LatencyRing()
+        self.ttft = LatencyRing()
+        self.overhead = LatencyRing()
+        self.rate = RateCounter()
+        self.backends: dict[str, SeriesStats] = {}
+        self.models: dict[str, SeriesStats] = {}
+        self.failovers = 0
+        self.successful_failovers = 0
+        self.failover_time_total = 0.0
+        self.last_failover: float | None = None
+        self.sinks: list[Callable[[Outcome], None]] = []  # Prometheus, accounting, access log
+
+    def record(self, outcome: Outcome) -> None:
+        ok = outcome.status < 400
+        self.total += 1
+        if ok:
+            self.successful += 1
+        else:
+            self.failed += 1
+        self.rate.add()
+        self.latency.add(outcome.duration)
+        self.overhead.add(outcome.overhead)
+        if outcome.ttft is not None:
+            self.ttft.add(outcome.ttft)
+        if outcome.backend is not None:
+            series = self.backends.get(outcome.backend)
+            if series is None:
+                series = self.backends[outcome.backend] = SeriesStats()
+            series.add(outcome, ok)
+        if outcome.model is not None:
+            series = self.models.get(outcome.model)
+            if series is None:
+                series = self.models[outcome.model] = SeriesStats()
+            series.add(outcome, ok)
+        if outcome.failover_time is not None:
+            self.failovers += 1
+            self.last_failover = outcome.started
+            if ok:
+                self.successful_failovers += 1
+                self.failover_time_total += outcome.failover_time
+        for sink in self.sinks:
+            sink(outcome)

@@ -1,0 +1,170 @@
+"""Health and metrics endpoints in their specified shapes, moved by real traffic."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from simulator.cluster import Cluster
+from tests.conftest import StartGateway, chat, config_document
+
+
+async def get_json(http, url: str) -> dict:
+    async with http.get(url) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def test_every_response_carries_the_router_headers(gateway, http) -> None:
+    cases = [
+        chat("hermes-2"),  # proxied
+        chat("no-such-model"),  # refused before routing
+        {"model": 3},  # bad input
+    ]
+    for body in cases:
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=body) as response:
+            for header in ("x-request-id", "x-router-backend", "x-router-attempts"):
+                assert header in response.headers, (body, header)
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.headers["x-router-backend"] == "hermes-2"
+        assert r.headers["x-router-attempts"] == "1"
+        assert 0 < float(r.headers["x-router-overhead-ms"]) < 50
+
+
+async def test_routing_metrics_follow_traffic(gateway, http, cluster: Cluster) -> None:
+    url = f"{gateway.url}/api/v1/router/metrics"
+    before = await get_json(http, url)
+    assert before["load_balancing"]["backend_distribution"]["hermes-2"]["requests"] == 0
+    for _ in range(3):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+            assert r.status == 200
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("phi-3-mini")) as r:
+        assert r.status == 200
+    after = await get_json(http, url)
+    routing = after["routing_metrics"]
+    assert routing["total_requests"] == 4 and routing["successful_requests"] == 4
+    assert routing["failed_requests"] == 0 and routing["success_rate"] == 1.0
+    assert routing["avg_response_time_ms"] > 0
+    distribution = after["load_balancing"]["backend_distribution"]
+    assert distribution["hermes-2"] == {"requests": 3, "percentage": 75.0}
+    assert distribution["phi-3-mini"]["percentage"] == 25.0
+    assert after["load_balancing"]["strategy"] == "round_robin"
+    assert after["load_balancing"]["distribution_variance"] > 0
+    assert after["circuit_breakers"]["hermes-2"] == {
+        "status": "closed",
+        "failure_count": 0,
+        "last_failure": None,
+        "slow_requests": 0,
+        "trips": 0,
+    }
+    assert set(after["failover_events"]) == {
+        "total_failovers",
+        "successful_failovers",
+        "avg_failover_time_ms",
+        "last_failover",
+    }
+
+
+async def test_failing_backend_shows_in_breakers_health_and_model_status(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster, retry={"max_retries": 0}))
+    cluster["phi-3-mini"].behaviour.status = 500
+    for _ in range(5):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("phi-3-mini")) as r:
+            assert r.status == 500
+    metrics = await get_json(http, f"{gateway.url}/api/v1/router/metrics")
+    breaker = metrics["circuit_breakers"]["phi-3-mini"]
+    assert breaker["status"] == "open" and breaker["failure_count"] == 5
+    assert breaker["last_failure"].endswith("Z")
+    health = await get_json(http, f"{gateway.url}/api/v1/router/health")
+    assert health["health_status"]["phi-3-mini"]["phi-3-mini"]["status"] == "circuit_open"
+    assert health["overall_health"] == "degraded"
+    assert (health["total_backends"], health["healthy_backends"]) == (8, 7)
+    assert health["unhealthy_backends"] == 1
+    models = (await get_json(http, f"{gateway.url}/models/status"))["models"]
+    assert models["phi-3-mini"]["circuit_open"] is True
+    assert models["phi-3-mini"]["health_score"] == 0
+    assert models["phi-3-mini"]["adaptive_breakers"]["phi-3-mini"]["failures"] == 5
+    assert models["hermes-2"]["health_score"] == 100
+    stats = await get_json(http, f"{gateway.url}/v1/admin/models/stats")
+    assert stats["models"].keys() == models.keys() and stats["should_shed_load"] is False
+
+
+async def test_failover_events_are_counted(gateway, http, cluster: Cluster) -> None:
+    cluster["mixtral-8x7b"].behaviour.status = 503
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as response:
+        assert response.status == 200 and response.headers["x-router-attempts"] == "2"
+    events = (await get_json(http, f"{gateway.url}/api/v1/router/metrics"))["failover_events"]
+    assert events["total_failovers"] == 1 and events["successful_failovers"] == 1
+    assert events["avg_failover_time_ms"] > 0 and events["last_failover"].endswith("Z")
+
+
+async def test_model_status_counts_tokens_from_usage(gateway, http) -> None:
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.status == 200
+    body = chat("hermes-2", stream=True) | {"stream_options": {"include_usage": True}}
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=body) as r:
+        await r.read()
+    hermes = (await get_json(http, f"{gateway.url}/models/status"))["models"]["hermes-2"]
+    assert hermes["total_requests"] == 2
+    assert hermes["tokens"] == {"prompt": 2, "completion": 16}
+    assert hermes["cost"] == round(2 * 0.0018, 6)
+    assert hermes["avg_ttft"] > 0 and hermes["p99_latency"] >= hermes["p95_latency"] > 0
+
+
+async def test_prometheus_exposition_parses_and_counts(gateway, http, cluster: Cluster) -> None:
+    cluster["openchat-3.5"].behaviour.token_delay = 0.01
+    for model in ("hermes-2", "hermes-2"):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat(model)) as r:
+            assert r.status == 200
+    body = chat("openchat-3.5", stream=True) | {"stream_options": {"include_usage": True}}
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=body) as r:
+        await r.read()
+    async with http.get(f"{gateway.url}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    key = (
+        ("backend", "hermes-2"),
+        ("pool", "hermes-2"),
+        ("route", "/v1/chat/completions"),
+        ("status_class", "2xx"),
+    )
+    assert samples[("router_requests_total", key)] == 2
+    assert samples[("router_time_to_first_token_seconds_count", (("pool", "openchat-3.5"),))] == 1
+    assert samples[("router_inter_token_gap_seconds_count", (("pool", "openchat-3.5"),))] >= 7
+    assert samples[("router_tokens_total", (("kind", "completion"), ("model", "hermes-2")))] == 16
+    assert samples[("router_gateway_overhead_seconds_count", ())] == 3
+    assert samples[("router_breaker_state", (("backend", "hermes-2"),))] == 0
+    assert samples[("router_backend_healthy", (("backend", "phi-3-mini"),))] == 1
+    assert samples[("router_in_flight", ())] == 0
+    assert ("router_retries_total", ()) in samples
+
+
+async def test_metrics_can_be_turned_off(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(
+        config_document(cluster), environ={"ROUTER_METRICS_ENABLED": "false"}
+    )
+    async with http.get(f"{gateway.url}/metrics") as response:
+        assert response.status == 404
+
+
+async def test_health_endpoints(gateway, http, cluster: Cluster) -> None:
+    health = await get_json(http, f"{gateway.url}/health")
+    assert health["status"] == "healthy" and health["load_balancing"] is True
+    assert health["circuit_breaker"] is True and health["timestamp"].endswith("Z")
+    assert (await get_json(http, f"{gateway.url}/health/live"))["status"] == "alive"
+    assert (await get_json(http, f"{gateway.url}/health/ready"))["status"] == "ready"
+    for pool in gateway.router.models.values():
+        for upstream in pool.upstreams:
+            upstream.breaker.force_open()
+    async with http.get(f"{gateway.url}/health") as response:
+        assert response.status == 503
+        assert (await response.json())["status"] == "unhealthy"
