@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from proxy.accounting import Accountant, store_for
 from proxy.admin import AdminApi
 from proxy.config import Config
+from proxy.costs import CostAnalysis
 from proxy.errors import error_middleware
 from proxy.handler import QDRANT_PREFIX, Gateway
 from proxy.metrics import PrometheusMetrics
@@ -61,8 +63,20 @@ def build_app(
             web.route("*", QDRANT_PREFIX + "/{tail:.*}", gateway.qdrant_passthrough),
             *admin.routes(),
             *Observability(gateway).routes(),
+            *CostAnalysis(gateway).routes(),
         ]
     )
+    store = store_for(config.accounting)
+    if store is not None:
+        accountant = Accountant(store, config.accounting)
+        gateway.accountant = accountant
+        gateway.telemetry.sinks.append(accountant.add)
+
+        async def accounting(app: web.Application) -> AsyncIterator[None]:
+            async for _ in accountant.running():
+                yield
+
+        app.cleanup_ctx.append(accounting)
     if config.metrics.enabled:
         metrics = PrometheusMetrics(gateway)
         gateway.telemetry.sinks.append(metrics.observe)

@@ -108,6 +108,23 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountingConfig:
+    """Per-request rows in SQL, written in batches off the request path."""
+
+    enabled: bool = True
+    sqlite_path: str = "data/requests.db"
+    postgres_dsn: str | None = None  # when set, PostgreSQL instead of SQLite
+    buffer_size: int = 10_000  # rows waiting; beyond this, rows are dropped and counted
+    batch_size: int = 500
+    flush_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    limit: float = 1000.0  # total spend, in the unit of the models' costs
+
+
+@dataclass(frozen=True, slots=True)
 class ChaosConfig:
     enabled: bool = False  # the chaos test endpoints of the admin API
 
@@ -165,6 +182,8 @@ class Config:
     load_shedding: LoadSheddingConfig
     rate_limit: RateLimitConfig
     chaos: ChaosConfig
+    accounting: AccountingConfig
+    budget: BudgetConfig
     connection_pool: ConnectionPoolConfig
     models: tuple[ModelConfig, ...]
     qdrant: ServiceConfig
@@ -201,6 +220,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "ROUTER_HOST": ("server", "host"),
     "ROUTER_PORT": ("server", "port"),
     "ROUTER_ADMIN_TOKEN": ("server", "admin_token"),
+    "ROUTER_POSTGRES_DSN": ("accounting", "postgres_dsn"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -524,6 +544,21 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
     chaos = ChaosConfig(enabled=s.boolean("enabled", False))
     s.done()
 
+    s = _Section(root.raw("accounting"), "accounting")
+    accounting = AccountingConfig(
+        enabled=s.boolean("enabled", True),
+        sqlite_path=s.string("sqlite_path", "data/requests.db") or "data/requests.db",
+        postgres_dsn=s.string("postgres_dsn", None) or None,
+        buffer_size=s.integer("buffer_size", 10_000, minimum=1),
+        batch_size=s.integer("batch_size", 500, minimum=1),
+        flush_interval=s.number("flush_interval", 1.0, minimum=0.01),
+    )
+    s.done()
+
+    s = _Section(root.raw("budget"), "budget")
+    budget = BudgetConfig(limit=s.number("limit", 1000.0))
+    s.done()
+
     s = _Section(root.raw("connection_pool"), "connection_pool")
     pool = ConnectionPoolConfig(
         limit=s.integer("limit", 1000),
@@ -568,6 +603,8 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         load_shedding=shedding,
         rate_limit=rate_limit,
         chaos=chaos,
+        accounting=accounting,
+        budget=budget,
         connection_pool=pool,
         models=models,
         qdrant=qdrant,

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from health.passive import is_failure_status
+from proxy.accounting import Accountant
 from proxy.config import Config
 from proxy.errors import (
     REQUEST_ID,
@@ -164,6 +165,7 @@ class Gateway:
         )
         self.stats = GatewayStats()
         self.telemetry = Telemetry()
+        self.accountant: Accountant | None = None  # set when accounting is on
         # pool name -> observe(seconds) for gaps between streamed chunks (Prometheus), if on
         self.gap_observer: Callable[[str], Callable[[float], None]] | None = None
         self.draining = False

@@ -143,6 +143,7 @@ class Observability:
                     "shed": gateway.shedder.shed,
                     "rate_limited": gateway.rate_limiter.limited,
                 },
+                "accounting": gateway.accountant.state() if gateway.accountant else None,
             }
         )
 
