@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,9 +17,10 @@ import orjson
 from aiohttp import web
 
 from balancers.registry import UnknownStrategyError, strategy_names
+from proxy.audit import AuditLog
 from proxy.chaos import Chaos
 from proxy.config import ConfigError
-from proxy.errors import Forbidden, InvalidRequest, Unauthorized
+from proxy.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized
 from proxy.handler import Gateway, parse_object
 from proxy.reload import Reloader
 from proxy.router import Router
@@ -58,6 +61,25 @@ class AdminApi:
         self.gateway = gateway
         self.reloader = reloader
         self.chaos = Chaos(gateway)
+        self.audit = AuditLog(gateway.config.logging.audit_log)
+
+    @contextmanager
+    def audited(self, request: web.Request, action: str, old: Any) -> Iterator[dict[str, Any]]:
+        """Record the admin change made inside the block, or its refusal, in the audit log."""
+        change: dict[str, Any] = {"old": old, "new": None}
+        try:
+            yield change
+        except GatewayError as exc:
+            self.audit.record(
+                request,
+                action,
+                old=change["old"],
+                new=change["new"],
+                accepted=False,
+                reason=exc.message,
+            )
+            raise
+        self.audit.record(request, action, old=change["old"], new=change["new"], accepted=True)
 
     @property
     def router(self) -> Router:
@@ -76,9 +98,14 @@ class AdminApi:
         )
 
     async def put_strategy(self, request: web.Request) -> web.Response:
+        with self.audited(request, "strategy", self.router.strategy) as audit:
+            return await self._put_strategy(request, audit)
+
+    async def _put_strategy(self, request: web.Request, audit: dict[str, Any]) -> web.Response:
         self.authorize(request)
         document = parse_object(await request.read())
         strategy = document.get("strategy")
+        audit["new"] = {"strategy": strategy, "pool": document.get("pool")}
         if not isinstance(strategy, str):
             raise InvalidRequest(
                 f"'strategy' is required; valid strategies: {', '.join(strategy_names())}",
@@ -95,6 +122,7 @@ class AdminApi:
             previous = self.router.set_strategy(strategy, pool)
         except UnknownStrategyError as exc:
             raise InvalidRequest(str(exc), code="invalid_strategy") from None
+        audit["old"] = previous
         change: dict[str, Any] = {
             "previous_strategy": previous,
             "new_strategy": strategy,
@@ -171,14 +199,16 @@ class AdminApi:
         return json_response({"status": "ready", "config": self.gateway.config.source})
 
     async def reload(self, request: web.Request) -> web.Response:
-        self.authorize(request)
-        try:
-            config, ignored = await self.reloader.reload()
-        except ConfigError as exc:
-            raise InvalidRequest(
-                f"configuration not reloaded, the running one stays: {exc}",
-                code="invalid_config",
-            ) from None
+        with self.audited(request, "reload", self.gateway.config.source) as audit:
+            self.authorize(request)
+            try:
+                config, ignored = await self.reloader.reload()
+            except ConfigError as exc:
+                raise InvalidRequest(
+                    f"configuration not reloaded, the running one stays: {exc}",
+                    code="invalid_config",
+                ) from None
+            audit["new"] = {"config": config.source, "strategy": config.routing.strategy}
         return json_response(
             {
                 "reloaded": True,
@@ -191,12 +221,25 @@ class AdminApi:
         )
 
     async def circuit_breaker_test(self, request: web.Request) -> web.Response:
-        self.authorize(request)
-        return json_response(await self.chaos.circuit_breaker_test(request))
+        with self.audited(request, "chaos.circuit_breaker_test", None) as audit:
+            self.authorize(request)
+            result = await self.chaos.circuit_breaker_test(request)
+            test = result["circuit_breaker_test"]
+            audit.update(
+                old=test["initial_state"],
+                new={
+                    "backend": test["backend"],
+                    "state": test["new_state"],
+                },
+            )
+            return json_response(result)
 
     async def failover_test(self, request: web.Request) -> web.Response:
-        self.authorize(request)
-        return json_response(await self.chaos.failover_test(request))
+        with self.audited(request, "chaos.failover_test", None) as audit:
+            self.authorize(request)
+            result = await self.chaos.failover_test(request)
+            audit["new"] = {"primary_backend": result["failover_test"]["primary_backend"]}
+            return json_response(result)
 
     async def state(self, request: web.Request) -> web.Response:
         """The request path's own state: admission queue, retry budget and counters."""

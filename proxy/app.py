@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from proxy.accesslog import AccessLog
 from proxy.accounting import Accountant, store_for
 from proxy.admin import AdminApi
 from proxy.config import Config
@@ -77,6 +78,15 @@ def build_app(
                 yield
 
         app.cleanup_ctx.append(accounting)
+    if config.logging.access_log:
+        access_log = AccessLog(config.logging.access_log)
+        gateway.telemetry.sinks.append(access_log.add)
+
+        async def access_logging(app: web.Application) -> AsyncIterator[None]:
+            async for _ in access_log.running():
+                yield
+
+        app.cleanup_ctx.append(access_logging)
     if config.metrics.enabled:
         metrics = PrometheusMetrics(gateway)
         gateway.telemetry.sinks.append(metrics.observe)

@@ -120,6 +120,12 @@ class AccountingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    access_log: str | None = None  # one JSON line per request: "-" (stdout) or a file path
+    audit_log: str | None = "data/audit.jsonl"  # one JSON line per admin change
+
+
+@dataclass(frozen=True, slots=True)
 class BudgetConfig:
     limit: float = 1000.0  # total spend, in the unit of the models' costs
 
@@ -184,6 +190,7 @@ class Config:
     chaos: ChaosConfig
     accounting: AccountingConfig
     budget: BudgetConfig
+    logging: LoggingConfig
     connection_pool: ConnectionPoolConfig
     models: tuple[ModelConfig, ...]
     qdrant: ServiceConfig
@@ -559,6 +566,13 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
     budget = BudgetConfig(limit=s.number("limit", 1000.0))
     s.done()
 
+    s = _Section(root.raw("logging"), "logging")
+    logging_config = LoggingConfig(
+        access_log=s.string("access_log", None) or None,
+        audit_log=s.string("audit_log", "data/audit.jsonl") or None,
+    )
+    s.done()
+
     s = _Section(root.raw("connection_pool"), "connection_pool")
     pool = ConnectionPoolConfig(
         limit=s.integer("limit", 1000),
@@ -605,6 +619,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         chaos=chaos,
         accounting=accounting,
         budget=budget,
+        logging=logging_config,
         connection_pool=pool,
         models=models,
         qdrant=qdrant,

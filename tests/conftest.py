@@ -96,6 +96,7 @@ def config_document(cluster: Cluster, **changes: Any) -> dict[str, Any]:
         "server": {"host": "127.0.0.1", "port": 0},
         "health_check": {"enabled": False},
         "accounting": {"enabled": False},
+        "logging": {"audit_log": None},
         "retry": {"delay": 0},
         "models": {
             name: {
