@@ -7,6 +7,7 @@ breakers, health verdicts, Telemetry windows) when an endpoint is read, never pe
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from proxy.telemetry import SeriesStats, iso
 from proxy.upstream import Upstream
 
 HEALTH_WEIGHTS = (0.5, 0.3, 0.2)  # success rate, latency, spare capacity
+DASHBOARD = Path(__file__).resolve().parent / "static" / "dashboard.html"
 
 
 def backend_status(upstream: Upstream) -> str:
@@ -49,6 +51,12 @@ def health_score(
 class Observability:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.dashboard_page = DASHBOARD.read_bytes()
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        """A self-contained page (no CDN: inline script and canvas charts) that reads only the
+        JSON endpoints and switches strategy through the admin API."""
+        return web.Response(body=self.dashboard_page, content_type="text/html", charset="utf-8")
 
     async def router_health(self, request: web.Request) -> web.Response:
         router = self.gateway.router
@@ -205,4 +213,5 @@ class Observability:
             web.get("/api/v1/router/metrics", self.routing_metrics),
             web.get("/models/status", self.models_status),
             web.get("/v1/admin/models/stats", self.models_status),
+            web.get("/dashboard", self.dashboard),
         ]

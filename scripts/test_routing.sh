@@ -126,6 +126,45 @@ curl -sf "$BASE/api/v1/router/state" \
   | jq -c '{admission: .admission | {in_flight, queued, queue_size}, counters, should_shed_load}' \
   | sed 's/^/  /' || fail "state"
 
+step "router health"
+curl -sf "$BASE/api/v1/router/health" \
+  | jq -r '"  overall \(.overall_health): \(.healthy_backends)/\(.total_backends) healthy",
+           (.health_status | to_entries[] | .value | to_entries[]
+            | "  \(.key): \(.value.status), check \(.value.response_time_ms // "-") ms")' \
+  || fail "router health"
+
+step "routing metrics"
+curl -sf "$BASE/api/v1/router/metrics" \
+  | jq -c '.routing_metrics | {total_requests, success_rate, requests_per_second,
+           avg_response_time_ms, p99_response_time_ms, avg_gateway_overhead_ms}' \
+  | sed 's/^/  /' || fail "routing metrics"
+curl -sf "$BASE/api/v1/router/metrics" \
+  | jq -r '.load_balancing.backend_distribution | to_entries[]
+           | "  \(.key): \(.value.requests) requests (\(.value.percentage)%)"' \
+  || fail "distribution"
+
+step "model status"
+curl -sf "$BASE/models/status" \
+  | jq -r '.models | to_entries[]
+           | "  \(.key): health \(.value.health_score), p95 \(.value.p95_latency) ms, circuit_open=\(.value.circuit_open)"' \
+  || fail "model status"
+
+step "Prometheus /metrics"
+if metrics=$(curl -sf "$BASE/metrics"); then
+  echo "  $(grep -c '^router_' <<<"$metrics") samples, e.g.:"
+  grep -E '^router_(requests_total|in_flight|breaker_state)' <<<"$metrics" | head -n 4 | sed 's/^/    /'
+else
+  echo "  not exposed (metrics.enabled is false)"
+fi
+
+step "cost analysis"
+if costs=$(curl -sf "$BASE/routing/cost-analysis"); then
+  jq -c '.budget' <<<"$costs" | sed 's/^/  budget /'
+  jq -r '.recommendations[]? | "  \(.model) -> \(.cheaper_model) would save \(.potential_saving)"' <<<"$costs"
+else
+  echo "  accounting is off"
+fi
+
 step "backend state"
 curl -sf "$BASE/api/v1/router/backends" \
   | jq -r 'to_entries[] | .value[] | "  \(.name): requests=\(.requests) active=\(.active) healthy=\(.healthy) circuit=\(.circuit)"' \
