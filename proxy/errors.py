@@ -7,6 +7,7 @@ surface the message as they would from OpenAI itself.
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
 from aiohttp import web
@@ -102,6 +103,7 @@ def error_middleware(max_body_bytes: int) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -124,6 +126,7 @@ def error_middleware(max_body_bytes: int) -> Middleware:
         # Refused before any backend was chosen: say so in the headers every response has.
         headers.setdefault("x-router-backend", "none")
         headers.setdefault("x-router-attempts", "0")
+        headers.setdefault("x-router-overhead-ms", f"{(time.perf_counter() - started) * 1000:.3f}")
         return response
 
     return middleware

@@ -22,7 +22,12 @@ async def test_every_response_carries_the_router_headers(gateway, http) -> None:
     ]
     for body in cases:
         async with http.post(f"{gateway.url}/v1/chat/completions", json=body) as response:
-            for header in ("x-request-id", "x-router-backend", "x-router-attempts"):
+            for header in (
+                "x-request-id",
+                "x-router-backend",
+                "x-router-attempts",
+                "x-router-overhead-ms",
+            ):
                 assert header in response.headers, (body, header)
     async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
         assert r.headers["x-router-backend"] == "hermes-2"
