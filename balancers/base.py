@@ -10,12 +10,27 @@ import random
 from collections.abc import Collection, Sequence
 from typing import Any, Protocol, TypeVar
 
+from balancers.request import RoutingRequest, StrategySettings
+from circuit.breaker import CircuitBreaker
+from health.passive import LatencyRing, OutcomeRing, PeakEwma
+
 
 class Backend(Protocol):
-    """What a balancer may read of a backend."""
+    """What a balancer may read of a backend (proxy.upstream.Upstream has it all)."""
 
+    name: str
+    model: str | None
     active: int
+    max_concurrent: int
     weight: float
+    cost: float
+    quality: float
+    priority: int
+    specializations: frozenset[str]
+    latency: PeakEwma
+    latencies: LatencyRing
+    outcomes: OutcomeRing
+    breaker: CircuitBreaker
 
     def available(self) -> bool: ...
 
@@ -24,13 +39,41 @@ B = TypeVar("B", bound=Backend)
 
 
 class Balancer(Protocol):
-    def select(self, backends: Sequence[B], exclude: Collection[B] = ()) -> B | None:
-        """The backend for the next request: available and not in `exclude`, or None."""
+    def select(
+        self,
+        backends: Sequence[B],
+        exclude: Collection[B] = (),
+        request: RoutingRequest | None = None,
+    ) -> B | None:
+        """The backend for the next request: available and not in `exclude`, or None.
+        `request` is given to strategies that route on its content (`uses_request`)."""
         ...
 
 
 class BalancerFactory(Protocol):
-    def __call__(self, backends: Sequence[Any], rng: random.Random) -> Balancer: ...
+    def __call__(
+        self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
+    ) -> Balancer: ...
+
+
+def uses_request(balancer: Balancer) -> bool:
+    return bool(getattr(balancer, "uses_request", False))
+
+
+def least_loaded(candidates: Sequence[B], rng: random.Random) -> B | None:
+    """Fewest in flight relative to capacity; ties at random."""
+    best: list[B] = []
+    lowest = 2.0
+    for backend in candidates:
+        load = backend.active / backend.max_concurrent
+        if load < lowest:
+            lowest = load
+            best = [backend]
+        elif load == lowest:
+            best.append(backend)
+    if not best:
+        return None
+    return best[0] if len(best) == 1 else rng.choice(best)
 
 
 def eligible(backends: Sequence[B], exclude: Collection[B]) -> list[B]:

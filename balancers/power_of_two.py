@@ -9,15 +9,26 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from balancers.base import B, eligible
+from balancers.request import RoutingRequest, StrategySettings
 
 
 class PowerOfTwo:
     __slots__ = ("_rng",)
 
-    def __init__(self, backends: Sequence[Any], rng: random.Random) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Any],
+        rng: random.Random,
+        settings: StrategySettings | None = None,
+    ) -> None:
         self._rng = rng
 
-    def select(self, backends: Sequence[B], exclude: Collection[B] = ()) -> B | None:
+    def select(
+        self,
+        backends: Sequence[B],
+        exclude: Collection[B] = (),
+        request: RoutingRequest | None = None,
+    ) -> B | None:
         candidates = eligible(backends, exclude)
         if len(candidates) < 2:
             return candidates[0] if candidates else None

@@ -6,11 +6,18 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from balancers.adaptive import Adaptive
 from balancers.base import Balancer, BalancerFactory
+from balancers.by_model_traits import Balanced, CostOptimized, Priority, QualityOptimized
+from balancers.ensemble import Ensemble
+from balancers.latency import LatencyAware
 from balancers.least_connections import LeastConnections
 from balancers.power_of_two import PowerOfTwo
+from balancers.prefix_affinity import PrefixAffinity
 from balancers.random_choice import RandomChoice
+from balancers.request import StrategySettings
 from balancers.round_robin import RoundRobin
+from balancers.specialization import Specialization
 from balancers.weighted import SmoothWeighted
 
 STRATEGIES: dict[str, BalancerFactory] = {
@@ -20,7 +27,18 @@ STRATEGIES: dict[str, BalancerFactory] = {
     "least_connections": LeastConnections,
     "random": RandomChoice,
     "power_of_two": PowerOfTwo,
+    "latency": LatencyAware,
+    "adaptive": Adaptive,
+    "cost_optimized": CostOptimized,
+    "quality_optimized": QualityOptimized,
+    "balanced": Balanced,
+    "priority": Priority,
+    "specialization": Specialization,
+    "prefix_affinity": PrefixAffinity,
+    "ensemble": Ensemble,
 }
+# Strategies whose choice follows the spend: they obey the budget (budget.on_exhausted).
+COST_AWARE = frozenset({"cost_optimized", "balanced", "ensemble"})
 
 
 class UnknownStrategyError(ValueError):
@@ -35,8 +53,13 @@ def strategy_names() -> list[str]:
     return list(STRATEGIES)
 
 
-def create_balancer(name: str, backends: Sequence[Any], rng: random.Random) -> Balancer:
+def create_balancer(
+    name: str,
+    backends: Sequence[Any],
+    rng: random.Random,
+    settings: StrategySettings | None = None,
+) -> Balancer:
     factory = STRATEGIES.get(name)
     if factory is None:
         raise UnknownStrategyError(name)
-    return factory(backends, rng)
+    return factory(backends, rng, settings)

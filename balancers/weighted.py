@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from balancers.base import B
+from balancers.request import RoutingRequest, StrategySettings
 
 WEIGHT_SCALE = 1000
 
@@ -20,11 +21,21 @@ WEIGHT_SCALE = 1000
 class SmoothWeighted:
     __slots__ = ("_weights", "_current")
 
-    def __init__(self, backends: Sequence[Any], rng: random.Random) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Any],
+        rng: random.Random,
+        settings: StrategySettings | None = None,
+    ) -> None:
         self._weights = [max(1, round(b.weight * WEIGHT_SCALE)) for b in backends]
         self._current = [0] * len(backends)
 
-    def select(self, backends: Sequence[B], exclude: Collection[B] = ()) -> B | None:
+    def select(
+        self,
+        backends: Sequence[B],
+        exclude: Collection[B] = (),
+        request: RoutingRequest | None = None,
+    ) -> B | None:
         current = self._current
         weights = self._weights
         total = 0

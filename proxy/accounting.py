@@ -83,6 +83,8 @@ class Store(Protocol):
 
     async def count(self) -> int: ...
 
+    async def total_cost(self) -> float: ...
+
     async def close(self) -> None: ...
 
 
@@ -133,6 +135,11 @@ class SqliteStore:
             row = await cursor.fetchone()
         return int(row[0])
 
+    async def total_cost(self) -> float:
+        async with self._db.execute("SELECT COALESCE(SUM(cost), 0) FROM requests") as cursor:
+            row = await cursor.fetchone()
+        return float(row[0])
+
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
@@ -169,6 +176,9 @@ class PostgresStore:
 
     async def count(self) -> int:
         return int(await self._pool.fetchval("SELECT COUNT(*) FROM requests"))
+
+    async def total_cost(self) -> float:
+        return float(await self._pool.fetchval("SELECT COALESCE(SUM(cost), 0) FROM requests"))
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -17,6 +17,7 @@ from proxy.metrics import PrometheusMetrics
 from proxy.observability import Observability
 from proxy.reload import HealthService, Reloader
 from proxy.router import Router
+from proxy.routing_api import RoutingApi
 
 # Cancel a handler when its client disconnects, so the upstream request it waits on is
 # cancelled too instead of running on for nobody.
@@ -65,6 +66,7 @@ def build_app(
             *admin.routes(),
             *Observability(gateway).routes(),
             *CostAnalysis(gateway).routes(),
+            *RoutingApi(gateway).routes(),
         ]
     )
     store = store_for(config.accounting)
@@ -75,6 +77,8 @@ def build_app(
 
         async def accounting(app: web.Application) -> AsyncIterator[None]:
             async for _ in accountant.running():
+                # The budget counts what was spent before this process started, too.
+                gateway.spend_offset = await accountant.store.total_cost()
                 yield
 
         app.cleanup_ctx.append(accounting)

@@ -43,6 +43,17 @@ class RoutingConfig:
     idle_timeout: float = 30.0  # upstream silence: before headers and between stream chunks
     first_byte_timeout: float | None = None  # until response headers; None: idle_timeout
     max_concurrent_requests: int = 100
+    adaptive_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)  # load, latency, error
+    balanced_weights: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
+    ensemble: tuple[tuple[str, float], ...] = (
+        ("latency", 0.4),
+        ("cost_optimized", 0.3),
+        ("specialization", 0.3),
+    )
+    affinity_prefix_chars: int = 256
+    affinity_load_factor: float = 1.25
+    cache_ttl: float = 60.0  # decision cache, for choices that depend only on the request
+    cache_size: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +139,7 @@ class LoggingConfig:
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
     limit: float = 1000.0  # total spend, in the unit of the models' costs
+    on_exhausted: str = "cheapest"  # cost-aware strategies: "cheapest" model only, or "refuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +173,9 @@ class ModelConfig:
     cost_per_1k_prompt_tokens: float
     cost_per_1k_completion_tokens: float
     rpm: int  # requests per minute for this model; 0: no limit
+    quality: float  # 0-1, for quality_optimized and balanced
+    priority: int  # lower first, for the priority strategy
+    context_length: int  # tokens; 0: unknown
     capabilities: tuple[str, ...]
     specializations: tuple[str, ...]
     health_path: str
@@ -371,6 +386,11 @@ def _model(name: Any, data: Any) -> ModelConfig:
     prompt_price = section.number("cost_per_1k_prompt_tokens", 0.0)
     completion_price = section.number("cost_per_1k_completion_tokens", 0.0)
     rpm = section.integer("rpm", 0)
+    quality = section.number("quality", 0.5)
+    if quality > 1:
+        raise ConfigError(f"{path}.quality: must be between 0 and 1, got {quality!r}")
+    priority = section.integer("priority", 100)
+    context_length = section.integer("context_length", 0)
     capabilities = section.strings("capabilities")
     specializations = section.strings("specializations")
     health_path = section.string("health_path", "/health") or "/health"
@@ -394,6 +414,9 @@ def _model(name: Any, data: Any) -> ModelConfig:
         cost_per_1k_prompt_tokens=prompt_price,
         cost_per_1k_completion_tokens=completion_price,
         rpm=rpm,
+        quality=quality,
+        priority=priority,
+        context_length=context_length,
         capabilities=capabilities,
         specializations=specializations,
         health_path=health_path,
@@ -410,6 +433,31 @@ def _service(name: str, data: Any, health_path: str) -> ServiceConfig:
     )
     section.done()
     return ServiceConfig(name=name, health_path=path, endpoints=endpoints)
+
+
+def _weights(data: Any, path: str, names: tuple[str, ...], default: tuple[float, ...]) -> Any:
+    section = _Section(data, path)
+    weights = tuple(section.number(name, value) for name, value in zip(names, default, strict=True))
+    section.done()
+    return weights
+
+
+def _ensemble(data: Any) -> tuple[tuple[str, float], ...]:
+    if data is None:
+        return RoutingConfig().ensemble
+    section = _Section(data, "routing.ensemble")
+    voters = []
+    for name in list(section._data):
+        if name not in strategy_names() or name == "ensemble":
+            raise ConfigError(
+                f"routing.ensemble.{name}: not a strategy that can vote"
+                f" (valid: {', '.join(n for n in strategy_names() if n != 'ensemble')})"
+            )
+        voters.append((str(name), section.number(str(name), 0.0)))
+    section.done()
+    if not voters:
+        raise ConfigError("routing.ensemble: needs at least one voting strategy")
+    return tuple(voters)
 
 
 def _fallbacks(data: Any, models: list[str]) -> dict[str, tuple[str, ...]]:
@@ -479,6 +527,23 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         idle_timeout=s.number("idle_timeout", 30.0, minimum=0.001),
         first_byte_timeout=s.optional_number("first_byte_timeout", minimum=0.001),
         max_concurrent_requests=s.integer("max_concurrent_requests", 100, minimum=1),
+        adaptive_weights=_weights(
+            s.raw("adaptive_weights"),
+            "routing.adaptive_weights",
+            ("load", "latency", "error"),
+            (0.4, 0.4, 0.2),
+        ),
+        balanced_weights=_weights(
+            s.raw("balanced_weights"),
+            "routing.balanced_weights",
+            ("cost", "latency", "quality", "load"),
+            (0.3, 0.3, 0.3, 0.1),
+        ),
+        ensemble=_ensemble(s.raw("ensemble")),
+        affinity_prefix_chars=s.integer("affinity_prefix_chars", 256, minimum=1),
+        affinity_load_factor=s.number("affinity_load_factor", 1.25, minimum=1.0),
+        cache_ttl=s.number("cache_ttl", 60.0),
+        cache_size=s.integer("cache_size", 1024, minimum=1),
     )
     s.done()
 
@@ -563,7 +628,12 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
     s.done()
 
     s = _Section(root.raw("budget"), "budget")
-    budget = BudgetConfig(limit=s.number("limit", 1000.0))
+    on_exhausted = s.string("on_exhausted", "cheapest") or "cheapest"
+    if on_exhausted not in ("cheapest", "refuse"):
+        raise ConfigError(
+            f"budget.on_exhausted: expected 'cheapest' or 'refuse', got {on_exhausted!r}"
+        )
+    budget = BudgetConfig(limit=s.number("limit", 1000.0), on_exhausted=on_exhausted)
     s.done()
 
     s = _Section(root.raw("logging"), "logging")

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import quote
 
@@ -20,9 +20,17 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from balancers.registry import COST_AWARE
+from balancers.request import RoutingRequest
 from health.passive import is_failure_status
 from proxy.accounting import Accountant
 from proxy.config import Config
+from proxy.constraints import (
+    BudgetExhausted,
+    excluded_by_constraints,
+    has_constraint_headers,
+    routing_request,
+)
 from proxy.errors import (
     REQUEST_ID,
     BadGateway,
@@ -166,6 +174,7 @@ class Gateway:
         self.stats = GatewayStats()
         self.telemetry = Telemetry()
         self.accountant: Accountant | None = None  # set when accounting is on
+        self.spend_offset = 0.0  # spend accounted before this process started
         # pool name -> observe(seconds) for gaps between streamed chunks (Prometheus), if on
         self.gap_observer: Callable[[str], Callable[[float], None]] | None = None
         self.draining = False
@@ -273,32 +282,35 @@ class Gateway:
         if stream is not None and not isinstance(stream, bool):
             raise InvalidRequest(f"'stream' must be a boolean, got {stream!r}", code="invalid_type")
         model = document.get("model")
-        if model is None or model == "auto":
-            return await self._forward(
-                request,
-                self.router.auto,
-                path,
-                body,
-                request_id,
-                choose_model=document,
-                stream=bool(stream),
-            )
-        if not isinstance(model, str):
+        auto = model is None or model == "auto"
+        if auto:
+            pool = self.router.auto
+        elif not isinstance(model, str):
             raise InvalidRequest(f"'model' must be a string, got {model!r}", code="invalid_type")
-        pool = self.router.models.get(model)
-        if pool is None:
-            raise ModelNotFound(
-                f"The model '{model}' does not exist. Available models: {self._model_names}"
-                " (or 'auto')."
-            )
+        else:
+            found = self.router.models.get(model)
+            if found is None:
+                raise ModelNotFound(
+                    f"The model '{model}' does not exist. Available models: {self._model_names}"
+                    " (or 'auto')."
+                )
+            pool = found
+        routing = None
+        if pool.uses_request or "routing" in document or has_constraint_headers(request):
+            routing = routing_request(request, document, bool(stream))
+            if "routing" in document:  # ours, not the backend's: strip it
+                del document["routing"]
+                body = orjson.dumps(document)
         return await self._forward(
             request,
             pool,
             path,
             body,
             request_id,
+            choose_model=document if auto else None,
             stream=bool(stream),
-            fallbacks=self.router.fallbacks.get(model, ()),
+            fallbacks=() if auto else self.router.fallbacks.get(pool.name, ()),
+            routing=routing,
         )
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
@@ -376,6 +388,7 @@ class Gateway:
         stream: bool = False,
         fallbacks: tuple[Pool, ...] = (),
         route: str | None = None,
+        routing: RoutingRequest | None = None,
     ) -> web.StreamResponse:
         """Admit -> attempt -> (retry elsewhere) until a backend answers or retries run out.
 
@@ -399,9 +412,10 @@ class Gateway:
                 self.rate_limiter.check(
                     request, pool.name if pool.name in self.router.models else None
                 )
+            blocked = self.blocked_for(pool, routing)
             while True:
                 queued_at = time.perf_counter()
-                upstream = await self._admit(pools, tried, priority)
+                upstream = await self._admit(pools, tried, priority, routing, blocked)
                 outcome.queue_wait += time.perf_counter() - queued_at
                 context.attempt += 1
                 if context.attempt > 1:
@@ -493,19 +507,47 @@ class Gateway:
         """Somewhere to go, and room in the retry budget (spent only when both hold)."""
         return context.retry_possible() and self.retry.budget.try_withdraw()
 
+    def blocked_for(self, pool: Pool, routing: RoutingRequest | None) -> tuple[Upstream, ...]:
+        """Backends this request may not use: those its constraints rule out (422 when that
+        is all of them) and, with the budget spent, all but the cheapest model."""
+        blocked: tuple[Upstream, ...] = ()
+        if routing is not None:
+            blocked = excluded_by_constraints(pool.upstreams, routing)
+        budget = self.config.budget
+        if (
+            pool is self.router.auto
+            and pool.strategy in COST_AWARE
+            and self.telemetry.cost_total + self.spend_offset >= budget.limit
+        ):
+            if budget.on_exhausted == "refuse":
+                raise BudgetExhausted(
+                    f"the budget of {budget.limit:g} is spent; cost-aware routing is refusing"
+                )
+            cheapest = min(u.cost for u in pool.upstreams)
+            blocked = (*blocked, *(u for u in pool.upstreams if u.cost > cheapest))
+        return blocked
+
     async def _admit(
-        self, pools: tuple[Pool, ...], tried: list[Upstream], priority: int
+        self,
+        pools: tuple[Pool, ...],
+        tried: list[Upstream],
+        priority: int,
+        routing: RoutingRequest | None = None,
+        blocked: tuple[Upstream, ...] = (),
     ) -> Upstream:
         """A backend slot: free now (preferring untried backends, then the chain's order), or
         the first to free up in the queue; 503 at once when no backend could serve at all."""
         admission = self.admission
-        for candidates in (tried, ()) if tried else ((),):
+        first: Collection[Upstream] = (*tried, *blocked) if blocked else tried
+        for candidates in (first, blocked) if tried else (blocked,):
             for pool in pools:
-                upstream = admission.try_acquire(pool, candidates)
+                upstream = admission.try_acquire(pool, candidates, routing)
                 if upstream is not None:
                     return upstream
-        if admission.in_flight >= admission.max_in_flight or any(p.has_live() for p in pools):
-            return await admission.wait(pools, (), priority)
+        if admission.in_flight >= admission.max_in_flight or any(
+            p.has_live(blocked) for p in pools
+        ):
+            return await admission.wait(pools, blocked, priority, routing)
         names = ", ".join(p.name for p in pools)
         raise NoBackendAvailable(
             f"no backend of {names} can take the request"
@@ -553,6 +595,8 @@ class Gateway:
             waited = time.perf_counter() - started
             context.backend_time += waited
             upstream.breaker.record_latency(waited)
+            upstream.latency.observe(waited)
+            upstream.latencies.add(waited)
             return await self._respond(request, upstream, response, context, final)
         finally:
             self.admission.release(upstream)
@@ -621,6 +665,7 @@ class Gateway:
                 self._failed(upstream)
             else:
                 upstream.breaker.record_success()
+                upstream.outcomes.add(True)
             headers = client_response_headers(response.headers, upstream.name, context.request_id)
             headers["x-router-attempts"] = str(context.attempt)
             if context.fallback is not None:
@@ -668,4 +713,5 @@ class Gateway:
     @staticmethod
     def _failed(upstream: Upstream) -> None:
         upstream.failures += 1
+        upstream.outcomes.add(False)
         upstream.breaker.record_failure()

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Collection
 
+from balancers.request import RoutingRequest
 from proxy.errors import NoBackendAvailable
 from proxy.upstream import Pool, Upstream
 
@@ -37,18 +38,20 @@ class QueueTimeout(NoBackendAvailable):
 
 
 class Waiter:
-    __slots__ = ("pools", "exclude", "priority", "seq", "future", "gone")
+    __slots__ = ("pools", "exclude", "request", "priority", "seq", "future", "gone")
 
     def __init__(
         self,
         pools: tuple[Pool, ...],
         exclude: Collection[Upstream],
+        request: RoutingRequest | None,
         priority: int,
         seq: int,
         future: asyncio.Future[Upstream],
     ) -> None:
         self.pools = pools
         self.exclude = exclude
+        self.request = request
         self.priority = priority
         self.seq = seq
         self.future = future
@@ -84,11 +87,16 @@ class Admission:
 
     # --- taking and giving back slots -------------------------------------------------------
 
-    def try_acquire(self, pool: Pool, exclude: Collection[Upstream] = ()) -> Upstream | None:
+    def try_acquire(
+        self,
+        pool: Pool,
+        exclude: Collection[Upstream] = (),
+        request: RoutingRequest | None = None,
+    ) -> Upstream | None:
         """A backend slot now, or None; never jumps ahead of requests already queued."""
         if self.in_flight >= self.max_in_flight or self.queued:
             return None
-        upstream = pool.select(exclude)
+        upstream = pool.select(exclude, request)
         if upstream is not None:
             self._take(upstream)
         return upstream
@@ -111,6 +119,7 @@ class Admission:
         pools: tuple[Pool, ...],
         exclude: Collection[Upstream],
         priority: int = NORMAL_PRIORITY,
+        request: RoutingRequest | None = None,
     ) -> Upstream:
         """Queue for the first free slot on any of `pools` (in order of preference)."""
         if self.queued >= self.queue_size:
@@ -120,7 +129,7 @@ class Admission:
                 headers={"Retry-After": str(self.retry_after())},
             )
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(pools, exclude, priority, next(self._seq), future)
+        waiter = Waiter(pools, exclude, request, priority, next(self._seq), future)
         heapq.heappush(self._heap, waiter)
         self.queued += 1
         self._dispatch()  # a slot may be free already (e.g. only fairness made us queue)
@@ -155,7 +164,7 @@ class Admission:
                 continue
             upstream = None
             for pool in waiter.pools:
-                upstream = pool.select(waiter.exclude)
+                upstream = pool.select(waiter.exclude, waiter.request)
                 if upstream is not None:
                     break
             if upstream is None:

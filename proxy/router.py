@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import random
 
+from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
-from circuit.breaker import CircuitBreaker
+from balancers.request import StrategySettings
+from circuit.breaker import BreakerState, CircuitBreaker
 from proxy.config import CircuitBreakerConfig, Config, EndpointConfig
 from proxy.upstream import Pool, Upstream
 
@@ -38,6 +40,19 @@ class Router:
         health carry over, and requests in flight on it release into the same counters."""
         self._rng = rng if rng is not None else random.Random()
         self.strategy = config.routing.strategy
+        routing = config.routing
+        self.settings = StrategySettings(
+            adaptive_weights=routing.adaptive_weights,
+            balanced_weights=routing.balanced_weights,
+            ensemble=routing.ensemble,
+            affinity_prefix_chars=routing.affinity_prefix_chars,
+            affinity_load_factor=routing.affinity_load_factor,
+            slow_latency=config.circuit_breaker.latency_threshold,
+        )
+        # One set of decision statistics for the whole gateway; a reload keeps it.
+        self.decisions = previous.decisions if previous is not None else DecisionStats()
+        self._cache_ttl = routing.cache_ttl
+        self._cache_size = routing.cache_size
         kept = {(u.name, u.url): u for u in previous.upstreams} if previous is not None else {}
 
         def upstream(endpoint: EndpointConfig, pool: str, model: str | None) -> Upstream:
@@ -64,6 +79,12 @@ class Router:
         self.models: dict[str, Pool] = {}
         for model in config.models:
             members = [upstream(e, model.name, model.name) for e in model.endpoints]
+            for member in members:
+                member.cost = model.cost_per_request
+                member.quality = model.quality
+                member.priority = model.priority
+                member.specializations = frozenset(model.specializations)
+                member.capabilities = frozenset(model.capabilities)
             self.models[model.name] = self._pool(model.name, members, model.health_path)
         self.auto = self._pool(
             AUTO_POOL, [u for pool in self.models.values() for u in pool.upstreams], "/health"
@@ -92,9 +113,12 @@ class Router:
         self.upstreams: tuple[Upstream, ...] = tuple(
             u for name, pool in self.pools.items() if name != AUTO_POOL for u in pool.upstreams
         )
+        for member in self.upstreams:
+            member.breaker.on_change = self._on_breaker_change
 
     def refresh_health(self) -> None:
         """Recompute every pool's routing view after a health verdict changed."""
+        self.decisions.invalidate()
         for pool in self.pools.values():
             was_failing_open = pool.failing_open
             pool.refresh_health()
@@ -106,7 +130,19 @@ class Router:
         return [pool for name, pool in self.pools.items() if name != AUTO_POOL]
 
     def _pool(self, name: str, members: list[Upstream], health_path: str) -> Pool:
-        return Pool(name, members, self.strategy, health_path=health_path, rng=self._rng)
+        return Pool(
+            name,
+            members,
+            self.strategy,
+            health_path=health_path,
+            rng=self._rng,
+            settings=self.settings,
+            stats=self.decisions,
+            cache=DecisionCache(self._cache_ttl, self._cache_size) if self._cache_ttl else None,
+        )
+
+    def _on_breaker_change(self, breaker: CircuitBreaker, state: BreakerState) -> None:
+        self.decisions.invalidate()
 
     def set_strategy(self, strategy: str, pool: str | None = None) -> str:
         """Swap the balancer of one pool, or of all; returns the strategy it replaces.
@@ -114,7 +150,7 @@ class Router:
         Raises UnknownStrategyError (old strategy kept) or KeyError for an unknown pool.
         """
         targets = [self.pools[pool]] if pool is not None else list(self.pools.values())
-        create_balancer(strategy, (), self._rng)  # validate before touching any pool
+        create_balancer(strategy, (), self._rng, self.settings)  # validate first
         previous = targets[0].strategy if pool is not None else self.strategy
         for target in targets:
             target.use_strategy(strategy)

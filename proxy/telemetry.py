@@ -12,7 +12,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-LATENCY_SAMPLES = 1024  # per ring: enough for stable p99 over the recent past
+from health.passive import LatencyRing, OutcomeRing
+
 RATE_BUCKETS = 60  # one per second
 RATE_WINDOW = 10  # seconds behind requests_per_second
 
@@ -69,59 +70,6 @@ class Outcome:
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
-
-
-class LatencyRing:
-    """The last LATENCY_SAMPLES values, for mean and percentiles."""
-
-    __slots__ = ("values", "next", "count")
-
-    def __init__(self) -> None:
-        self.values = [0.0] * LATENCY_SAMPLES
-        self.next = 0
-        self.count = 0
-
-    def add(self, value: float) -> None:
-        self.values[self.next] = value
-        self.next = (self.next + 1) % LATENCY_SAMPLES
-        if self.count < LATENCY_SAMPLES:
-            self.count += 1
-
-    def _recent(self) -> list[float]:
-        return self.values[: self.count]
-
-    def mean(self) -> float:
-        return sum(self._recent()) / self.count if self.count else 0.0
-
-    def percentile(self, fraction: float) -> float:
-        if not self.count:
-            return 0.0
-        ordered = sorted(self._recent())
-        return ordered[min(self.count - 1, int(fraction * self.count))]
-
-
-class OutcomeRing:
-    """Successes and failures of the last LATENCY_SAMPLES requests."""
-
-    __slots__ = ("ok", "next", "count", "successes")
-
-    def __init__(self) -> None:
-        self.ok = [True] * LATENCY_SAMPLES
-        self.next = 0
-        self.count = 0
-        self.successes = 0
-
-    def add(self, ok: bool) -> None:
-        if self.count == LATENCY_SAMPLES:
-            self.successes -= self.ok[self.next]
-        else:
-            self.count += 1
-        self.ok[self.next] = ok
-        self.successes += ok
-        self.next = (self.next + 1) % LATENCY_SAMPLES
-
-    def success_rate(self) -> float:
-        return self.successes / self.count if self.count else 1.0
 
 
 class RateCounter:
@@ -198,6 +146,7 @@ class Telemetry:
         self.rate = RateCounter()
         self.backends: dict[str, SeriesStats] = {}
         self.models: dict[str, SeriesStats] = {}
+        self.cost_total = 0.0
         self.failovers = 0
         self.successful_failovers = 0
         self.failover_time_total = 0.0
@@ -212,6 +161,7 @@ class Telemetry:
         else:
             self.failed += 1
         self.rate.add()
+        self.cost_total += outcome.cost
         self.latency.add(outcome.duration)
         self.overhead.add(outcome.overhead)
         if outcome.ttft is not None:

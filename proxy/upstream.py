@@ -10,9 +10,12 @@ import random
 import time
 from collections.abc import Collection, Sequence
 
-from balancers.base import Balancer
+from balancers.base import Balancer, least_loaded, uses_request
+from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
+from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
+from health.passive import LatencyRing, OutcomeRing, PeakEwma
 
 
 class Upstream:
@@ -31,6 +34,14 @@ class Upstream:
         "breaker",
         "last_check",
         "last_response_ms",
+        "cost",
+        "quality",
+        "priority",
+        "specializations",
+        "capabilities",
+        "latency",
+        "latencies",
+        "outcomes",
     )
 
     def __init__(
@@ -58,6 +69,16 @@ class Upstream:
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.last_check: float | None = None
         self.last_response_ms: float | None = None
+        # What request-aware strategies route on: the model's configured traits...
+        self.cost = 0.0
+        self.quality = 0.5
+        self.priority = 100
+        self.specializations: frozenset[str] = frozenset()
+        self.capabilities: frozenset[str] = frozenset()
+        # ...and what real traffic says (time to response headers, success or failure).
+        self.latency = PeakEwma()
+        self.latencies = LatencyRing()
+        self.outcomes = OutcomeRing()
 
     def available(self) -> bool:
         return (
@@ -102,6 +123,11 @@ class Pool:
         "health_path",
         "failing_open",
         "shunned",
+        "uses_request",
+        "settings",
+        "stats",
+        "cache",
+        "_cacheable",
         "_rng",
     )
 
@@ -113,24 +139,69 @@ class Pool:
         *,
         health_path: str = "/health",
         rng: random.Random | None = None,
+        settings: StrategySettings | None = None,
+        stats: DecisionStats | None = None,
+        cache: DecisionCache | None = None,
     ) -> None:
         self.name = name
         self.upstreams = tuple(upstreams)
         self.health_path = health_path
         self.failing_open = False
         self.shunned: tuple[Upstream, ...] = ()  # unhealthy members, while others are healthy
+        self.settings = settings
+        self.stats = stats if stats is not None else DecisionStats()
+        self.cache = cache
         self._rng = rng if rng is not None else random.Random()
-        self.strategy = strategy
-        self.balancer: Balancer = create_balancer(strategy, self.upstreams, self._rng)
+        self.use_strategy(strategy)
 
     def use_strategy(self, strategy: str) -> None:
-        self.balancer = create_balancer(strategy, self.upstreams, self._rng)
+        self.balancer: Balancer = create_balancer(
+            strategy, self.upstreams, self._rng, self.settings
+        )
         self.strategy = strategy
+        self.uses_request = uses_request(self.balancer)
+        self._cacheable = bool(getattr(self.balancer, "cacheable", False)) and (
+            self.cache is not None
+        )
 
-    def select(self, exclude: Collection[Upstream] = ()) -> Upstream | None:
+    def select(
+        self, exclude: Collection[Upstream] = (), request: RoutingRequest | None = None
+    ) -> Upstream | None:
         if self.shunned:
             exclude = (*exclude, *self.shunned)
-        return self.balancer.select(self.upstreams, exclude)
+        started = time.perf_counter()
+        if self._cacheable:
+            chosen = self._select_cached(exclude, request)
+        else:
+            chosen = self.balancer.select(self.upstreams, exclude, request)
+        self.stats.record(self.strategy, time.perf_counter() - started)
+        return chosen
+
+    def _select_cached(
+        self, exclude: Collection[Upstream], request: RoutingRequest | None
+    ) -> Upstream | None:
+        """Reuse the model chosen for the same request fingerprint; the least loaded of its
+        available backends serves. Falls back to a fresh decision when none is available."""
+        assert self.cache is not None
+        key = (
+            self.stats.generation,
+            self.strategy,
+            request.fingerprint() if request is not None else None,
+        )
+        model = self.cache.get(key)
+        if model is not None:
+            replicas = [
+                u for u in self.upstreams if u.model == model and u.available() and u not in exclude
+            ]
+            chosen = least_loaded(replicas, self._rng)
+            if chosen is not None:
+                self.stats.cache_hits += 1
+                return chosen
+        self.stats.cache_misses += 1
+        chosen = self.balancer.select(self.upstreams, exclude, request)
+        if chosen is not None and chosen.model is not None:
+            self.cache.put(key, chosen.model)
+        return chosen
 
     def has_live(self, exclude: Collection[Upstream] = ()) -> bool:
         return any(u.live() and u not in exclude and u not in self.shunned for u in self.upstreams)

@@ -20,11 +20,23 @@ from proxy.router import Router
 from simulator.cluster import Cluster, serve, start_backend
 
 MODELS = {
-    # name: (weight, max_concurrent, cost_per_request)
+    # name: (weight, max_concurrent, cost_per_request), as in config/router_config.yaml
     "mixtral-8x7b": (1.0, 10, 0.0027),
     "hermes-2": (0.8, 20, 0.0018),
     "openchat-3.5": (0.6, 50, 0.0012),
     "phi-3-mini": (0.4, 100, 0.0004),
+}
+TRAITS = {
+    # name: (quality, priority, specializations, capabilities)
+    "mixtral-8x7b": (
+        0.9,
+        1,
+        ["general", "coding", "analysis"],
+        ["chat", "completion", "function_calling"],
+    ),
+    "hermes-2": (0.8, 2, ["conversation", "chat", "dialogue"], ["chat", "completion"]),
+    "openchat-3.5": (0.75, 3, ["interactive", "real-time", "streaming"], ["chat", "completion"]),
+    "phi-3-mini": (0.6, 4, ["efficient", "fast", "lightweight"], ["chat", "completion"]),
 }
 
 
@@ -103,6 +115,10 @@ def config_document(cluster: Cluster, **changes: Any) -> dict[str, Any]:
                 "weight": weight,
                 "max_concurrent": max_concurrent,
                 "cost_per_request": cost,
+                "quality": TRAITS[name][0],
+                "priority": TRAITS[name][1],
+                "specializations": TRAITS[name][2],
+                "capabilities": TRAITS[name][3],
                 "endpoints": [{"url": cluster[name].url}],
             }
             for name, (weight, max_concurrent, cost) in MODELS.items()

@@ -5,22 +5,36 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 from balancers.registry import STRATEGIES, UnknownStrategyError, create_balancer
+from circuit.breaker import CircuitBreaker
+from health.passive import LatencyRing, OutcomeRing, PeakEwma
 
 
 @dataclass(eq=False)
 class Backend:
+    """A backend as balancers see it: plain data plus the real latency and breaker types."""
+
     name: str
     weight: float = 1.0
     active: int = 0
     up: bool = True
+    model: str | None = None
+    max_concurrent: int = 100
+    cost: float = 0.0
+    quality: float = 0.5
+    priority: int = 100
+    specializations: frozenset[str] = frozenset()
+    latency: PeakEwma = field(default_factory=PeakEwma)
+    latencies: LatencyRing = field(default_factory=LatencyRing)
+    outcomes: OutcomeRing = field(default_factory=OutcomeRing)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     def available(self) -> bool:
-        return self.up
+        return self.up and self.breaker.allows()
 
 
 def pool(*weights: float) -> list[Backend]:

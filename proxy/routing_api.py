@@ -1,0 +1,218 @@
+"""The routing decision API: ask where a request would go, through the same code that routes
+real requests (constraints, budget, the active strategy, the decision cache), without
+forwarding anything or taking a backend slot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from balancers.classify import DEFAULT_SPECIALIZATIONS
+from balancers.registry import strategy_names
+from balancers.request import RoutingRequest
+from proxy.admin import json_response, now_iso
+from proxy.constraints import constraint_number
+from proxy.errors import InvalidRequest, NoBackendAvailable
+from proxy.handler import Gateway, parse_object
+from proxy.observability import backend_status
+from proxy.upstream import Pool, Upstream
+
+MAX_SCENARIOS = 100
+
+
+def _reasoning(pool: Pool, chosen: Upstream, eligible: list[Upstream]) -> tuple[float, str]:
+    """How sure the strategy is, and why it chose `chosen`, in words."""
+    strategy = pool.strategy
+    model = chosen.model or chosen.name
+    ties = [u for u in eligible if u.model != chosen.model]
+    if strategy == "specialization":
+        category = getattr(pool.balancer, "last_category", None)
+        names = DEFAULT_SPECIALIZATIONS.get(category or "", ())
+        matched = bool(chosen.specializations & set(names))
+        specialities = ", ".join(sorted(chosen.specializations)) or "nothing in particular"
+        if matched:
+            return 0.9, f"classified as {category}; {model} specializes in {specialities}"
+        return 0.5, f"classified as {category}; no model specializes in it, least loaded serves"
+    if strategy == "cost_optimized":
+        return 1.0, f"cheapest eligible model: {model} at {chosen.cost:g} per request"
+    if strategy == "quality_optimized":
+        return 1.0, f"highest-quality eligible model: {model} (quality {chosen.quality:g})"
+    if strategy == "priority":
+        return 1.0, f"highest available priority tier: {model} (priority {chosen.priority})"
+    if strategy == "latency":
+        latency = chosen.latency.value
+        measured = f"{latency * 1000:.1f} ms peak-EWMA" if latency is not None else "unmeasured"
+        return 0.7, f"lower latency x load of two sampled backends: {model} ({measured})"
+    share = 1.0 / max(1, len(eligible))
+    return round(share if ties else 1.0, 3), f"{strategy}: {model} is next for this pool"
+
+
+class RoutingApi:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def _routing_request(self, scenario: dict[str, Any]) -> RoutingRequest:
+        content = scenario.get("content", "")
+        if not isinstance(content, str):
+            raise InvalidRequest("'content' must be a string", code="invalid_type")
+        request_type = scenario.get("request_type", scenario.get("type"))
+        if request_type is not None and not isinstance(request_type, str):
+            raise InvalidRequest("'request_type' must be a string", code="invalid_type")
+        budget = scenario.get("budget")
+        session = scenario.get("session_id")
+        return RoutingRequest(
+            request_type=request_type,
+            content=content,
+            affinity_key=session if isinstance(session, str) else None,
+            stream=bool(scenario.get("stream", False)),
+            max_cost=constraint_number(budget, "budget") if budget is not None else None,
+            max_latency_ms=(
+                constraint_number(scenario["max_latency_ms"], "max_latency_ms")
+                if scenario.get("max_latency_ms") is not None
+                else None
+            ),
+            min_quality=(
+                constraint_number(scenario["min_quality"], "min_quality")
+                if scenario.get("min_quality") is not None
+                else None
+            ),
+        )
+
+    def decide_one(self, scenario: dict[str, Any], request_id: str) -> dict[str, Any]:
+        gateway = self.gateway
+        pool = gateway.router.auto
+        routing = self._routing_request(scenario)
+        blocked = gateway.blocked_for(pool, routing)
+        chosen = pool.select(blocked, routing)
+        if chosen is None:
+            raise NoBackendAvailable("no model backend can take a request now")
+        eligible = [u for u in pool.upstreams if u.available() and u not in blocked]
+        confidence, reasoning = _reasoning(pool, chosen, eligible)
+        breaker = chosen.breaker
+        return {
+            "request_id": request_id,
+            "model_selection": {
+                "selected_model": chosen.model,
+                "confidence_score": confidence,
+                "reasoning": reasoning,
+                "cost_estimate": chosen.cost,
+                "strategy": pool.strategy,
+            },
+            "load_balancing": {
+                "target_instance": chosen.name,
+                "target_url": chosen.url,
+                "load_factor": round(chosen.active / chosen.max_concurrent, 4),
+                "health_status": backend_status(chosen),
+            },
+            "circuit_breaker": {
+                "status": breaker.state.value,
+                "failure_count": breaker.failure_count,
+                "last_failure_time": breaker.last_failure_time,
+            },
+        }
+
+    async def decide(self, request: web.Request) -> web.Response:
+        scenario = parse_object(await request.read())
+        return json_response(self.decide_one(scenario, self.gateway.request_id(request)))
+
+    async def test(self, request: web.Request) -> web.Response:
+        document = parse_object(await request.read())
+        scenarios = document.get("test_scenarios")
+        if not isinstance(scenarios, list) or not scenarios:
+            raise InvalidRequest("'test_scenarios' must be a non-empty list", code="invalid_type")
+        if len(scenarios) > MAX_SCENARIOS:
+            raise InvalidRequest(f"at most {MAX_SCENARIOS} scenarios", code="too_many")
+        base = self.gateway.request_id(request)
+        results = []
+        for index, scenario in enumerate(scenarios):
+            if not isinstance(scenario, dict):
+                raise InvalidRequest(
+                    f"test_scenarios[{index}] must be an object", code="invalid_type"
+                )
+            results.append({"scenario": scenario, **self.decide_one(scenario, f"{base}.{index}")})
+        return json_response({"results": results, "strategy": self.gateway.router.strategy})
+
+    async def status(self, request: web.Request) -> web.Response:
+        gateway = self.gateway
+        router = gateway.router
+        budget = gateway.config.budget
+        spent = gateway.telemetry.cost_total + gateway.spend_offset
+        return json_response(
+            {
+                "strategy": router.strategy,
+                "available_strategies": strategy_names(),
+                "pools": {name: pool.strategy for name, pool in router.pools.items()},
+                "models": {
+                    u.model: {
+                        "cost_per_request": u.cost,
+                        "quality": u.quality,
+                        "priority": u.priority,
+                        "specializations": sorted(u.specializations),
+                    }
+                    for u in router.auto.upstreams
+                },
+                "budget": {
+                    "limit": budget.limit,
+                    "spent": round(spent, 6),
+                    "remaining": round(max(0.0, budget.limit - spent), 6),
+                    "exhausted": spent >= budget.limit,
+                    "on_exhausted": budget.on_exhausted,
+                },
+                "timestamp": now_iso(),
+            }
+        )
+
+    async def load(self, request: web.Request) -> web.Response:
+        router = self.gateway.router
+        models = {}
+        total = sum(u.requests for u in router.auto.upstreams)
+        for name, pool in router.models.items():
+            active = sum(u.active for u in pool.upstreams)
+            capacity = sum(u.max_concurrent for u in pool.upstreams)
+            requests = sum(u.requests for u in pool.upstreams)
+            models[name] = {
+                "active_requests": active,
+                "capacity": capacity,
+                "load_factor": round(active / capacity, 4) if capacity else 0.0,
+                "requests": requests,
+                "share": round(requests / total * 100, 2) if total else 0.0,
+                "instances": {u.name: u.active for u in pool.upstreams},
+            }
+        return json_response({"models": models, "timestamp": now_iso()})
+
+    async def breakers(self, request: web.Request) -> web.Response:
+        return json_response(
+            {
+                "circuit_breakers": {
+                    u.name: {
+                        "status": u.breaker.state.value,
+                        "failure_count": u.breaker.failure_count,
+                        "last_failure_time": u.breaker.last_failure_time,
+                        "slow_requests": u.breaker.slow_requests,
+                        "trips": u.breaker.trips,
+                    }
+                    for u in self.gateway.router.upstreams
+                },
+                "timestamp": now_iso(),
+            }
+        )
+
+    async def performance(self, request: web.Request) -> web.Response:
+        return json_response(
+            {
+                **self.gateway.router.decisions.report(),
+                "strategy": self.gateway.router.strategy,
+                "timestamp": now_iso(),
+            }
+        )
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/routing/decide", self.decide),
+            web.post("/routing/test", self.test),
+            web.get("/routing/status", self.status),
+            web.get("/routing/load", self.load),
+            web.get("/routing/circuit-breaker/status", self.breakers),
+            web.get("/routing/performance", self.performance),
+        ]

@@ -1,0 +1,275 @@
+"""Request-aware strategies: exact picks where deterministic, bounded behaviour where adaptive,
+through real gateways where the request content matters."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import orjson
+
+from balancers.classify import classify
+from balancers.prefix_affinity import PrefixAffinity
+from balancers.registry import create_balancer
+from balancers.request import RoutingRequest, StrategySettings
+from simulator.cluster import Cluster
+from tests.conftest import StartGateway, chat, config_document
+from tests.test_balancers import Backend
+
+
+def models_pool() -> list[Backend]:
+    """The four models' traits, as shipped."""
+    return [
+        Backend(
+            "mixtral-8x7b",
+            model="mixtral-8x7b",
+            cost=0.0027,
+            quality=0.9,
+            priority=1,
+            max_concurrent=10,
+            specializations=frozenset({"general", "coding", "analysis"}),
+        ),
+        Backend(
+            "hermes-2",
+            model="hermes-2",
+            cost=0.0018,
+            quality=0.8,
+            priority=2,
+            max_concurrent=20,
+            specializations=frozenset({"conversation", "chat", "dialogue"}),
+        ),
+        Backend(
+            "openchat-3.5",
+            model="openchat-3.5",
+            cost=0.0012,
+            quality=0.75,
+            priority=3,
+            max_concurrent=50,
+            specializations=frozenset({"interactive", "real-time", "streaming"}),
+        ),
+        Backend(
+            "phi-3-mini",
+            model="phi-3-mini",
+            cost=0.0004,
+            quality=0.6,
+            priority=4,
+            max_concurrent=100,
+            specializations=frozenset({"efficient", "fast", "lightweight"}),
+        ),
+    ]
+
+
+def pick(strategy: str, backends: list[Backend], request: RoutingRequest | None = None) -> str:
+    chosen = create_balancer(strategy, backends, random.Random(1)).select(backends, (), request)
+    assert chosen is not None
+    return chosen.name
+
+
+def test_cost_quality_and_priority_pick_exactly() -> None:
+    backends = models_pool()
+    assert pick("cost_optimized", backends) == "phi-3-mini"
+    assert pick("quality_optimized", backends) == "mixtral-8x7b"
+    assert pick("priority", backends) == "mixtral-8x7b"
+    backends[0].up = False  # the top tier cannot serve: the next one does
+    assert pick("priority", backends) == "hermes-2"
+    backends[3].up = False
+    assert pick("cost_optimized", backends) == "openchat-3.5"
+
+
+def test_balanced_weighs_cost_latency_quality_and_load() -> None:
+    backends = models_pool()
+    for backend, seconds in zip(backends, (0.5, 0.2, 0.1, 0.05), strict=True):
+        backend.latency.observe(seconds)
+    # phi: cheapest and fastest, lowest quality: 0.3·1 + 0.3·1 + 0.3·0.6 + 0.1·1
+    assert pick("balanced", backends) == "phi-3-mini"
+    backends[3].latency.observe(5.0)  # phi becomes the slowest by far
+    assert pick("balanced", backends) == "openchat-3.5"
+
+
+def test_classification_rules() -> None:
+    assert classify(RoutingRequest(content="```python\nprint(1)\n```")) == "coding"
+    assert classify(RoutingRequest(content="Write a Python function to sort a list")) == "coding"
+    assert classify(RoutingRequest(content="Hello there!")) == "chat"
+    assert classify(RoutingRequest(content="Compare the pros and cons of two cities")) == "analysis"
+    assert classify(RoutingRequest(content="Quick: capital of France?", stream=True)) == "streaming"
+    assert classify(RoutingRequest(content="2+2?")) == "fast"
+    assert classify(RoutingRequest(request_type="dialogue", content="```code```")) == "chat"
+    assert classify(RoutingRequest(content="Tell me a long story " * 10)) == "general"
+
+
+def test_specialization_routes_by_kind() -> None:
+    backends = models_pool()
+    coding = RoutingRequest(content="def fib(n): fix this bug please")
+    greeting = RoutingRequest(content="Hi! How are you?")
+    quick = RoutingRequest(content="2+2?")
+    assert pick("specialization", backends, coding) == "mixtral-8x7b"
+    assert pick("specialization", backends, greeting) == "hermes-2"
+    assert pick("specialization", backends, quick) == "phi-3-mini"
+
+
+def test_prefix_affinity_keeps_a_session_and_respects_its_bound() -> None:
+    backends = models_pool()
+    for backend in backends:
+        backend.max_concurrent = 1000
+    balancer = PrefixAffinity(backends, random.Random(0))
+    session = RoutingRequest(affinity_key="session-42")
+    home = balancer.home(backends, session)
+    assert home is not None
+    assert {balancer.select(backends, (), session).name for _ in range(20)} == {home.name}
+    # Different sessions spread over the ring.
+    homes = Counter(
+        balancer.select(backends, (), RoutingRequest(affinity_key=f"s{i}")).name for i in range(400)
+    )
+    assert len(homes) == 4 and min(homes.values()) > 40
+    # Pile load on the home backend: beyond 1.25 x the mean it spills to the next one.
+    home.active = 10
+    for backend in backends:
+        if backend is not home:
+            backend.active = 2
+    bound = -(-1.25 * (home.active + 6 + 1) // 4)
+    assert home.active + 1 > bound
+    assert balancer.select(backends, (), session).name != home.name
+
+
+def test_prefix_affinity_shares_a_prompt_prefix() -> None:
+    backends = models_pool()
+    balancer = PrefixAffinity(backends, random.Random(0))
+    system = "You are a helpful assistant for ACME. " * 10
+    first = balancer.select(backends, (), RoutingRequest(content=system + "question one"))
+    second = balancer.select(backends, (), RoutingRequest(content=system + "another one"))
+    assert first is second
+
+
+def test_adaptive_avoids_failing_and_skips_open_circuits() -> None:
+    backends = models_pool()
+    for _ in range(50):
+        backends[0].outcomes.add(False)
+        for backend in backends[1:]:
+            backend.outcomes.add(True)
+    assert Counter(pick("adaptive", backends) for _ in range(20))["mixtral-8x7b"] == 0
+    for backend in backends[1:]:
+        backend.breaker.force_open()
+    assert pick("adaptive", backends) == "mixtral-8x7b"  # the only one whose circuit is closed
+
+
+def test_ensemble_follows_the_weighted_vote() -> None:
+    backends = models_pool()
+    settings = StrategySettings(
+        ensemble=(("cost_optimized", 0.5), ("quality_optimized", 0.3), ("specialization", 0.3))
+    )
+    ensemble = create_balancer("ensemble", backends, random.Random(0), settings)
+    coding = RoutingRequest(content="Refactor this Python class")
+    greeting = RoutingRequest(content="Hello!")
+    # coding: phi 0.5 (cost) against mixtral 0.3 (quality) + 0.3 (specialization)
+    assert ensemble.select(backends, (), coding).name == "mixtral-8x7b"
+    # greeting: phi 0.5 against mixtral 0.3 and hermes 0.3
+    assert ensemble.select(backends, (), greeting).name == "phi-3-mini"
+
+
+async def test_latency_strategy_moves_traffic_off_a_slowed_backend(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster, routing={"strategy": "latency"}))
+    cluster["hermes-2"].behaviour.latency = 0.15
+    seen: Counter[str] = Counter()
+    for _ in range(40):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as response:
+            seen[response.headers["x-router-backend"]] += 1
+    assert seen["hermes-2"] <= 3  # sampled once or twice while unmeasured, then avoided
+    assert sum(seen.values()) == 40
+
+
+async def test_specialization_through_the_gateway(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster, routing={"strategy": "specialization"}))
+    url = f"{gateway.url}/v1/chat/completions"
+    cases = {
+        "Write a Python function that parses JSON": "mixtral-8x7b",
+        "Hello!": "hermes-2",
+        "Analyze the trade-offs of microservices": "mixtral-8x7b",
+    }
+    for content, expected in cases.items():
+        async with http.post(url, json=chat("auto", content=content)) as response:
+            assert response.headers["x-router-backend"] == expected, content
+    body = chat("auto", content="hi") | {"routing": {"request_type": "efficient"}}
+    async with http.post(url, json=body) as response:
+        assert response.headers["x-router-backend"] == "phi-3-mini"
+    forwarded = orjson.loads(cluster["phi-3-mini"].behaviour.last_body)
+    assert "routing" not in forwarded and forwarded["model"] == "phi-3-mini"
+
+
+async def test_cost_optimized_with_a_budget_picks_phi(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster, routing={"strategy": "round_robin"}))
+    url = f"{gateway.url}/v1/chat/completions"
+    headers = {"X-Router-Max-Cost": "0.001"}  # only phi-3-mini costs that little
+    for _ in range(4):
+        async with http.post(url, json=chat(), headers=headers) as response:
+            assert response.headers["x-router-backend"] == "phi-3-mini"
+    async with http.put(
+        f"{gateway.url}/api/v1/router/strategy", json={"strategy": "cost_optimized"}
+    ) as response:
+        assert response.status == 200
+    async with http.post(url, json=chat()) as response:
+        assert response.headers["x-router-backend"] == "phi-3-mini"
+
+
+async def test_unsatisfiable_constraints_are_422_naming_the_constraint(gateway, http) -> None:
+    url = f"{gateway.url}/v1/chat/completions"
+    cases = [
+        ({"X-Router-Max-Cost": "0.0001"}, None, "max_cost"),
+        ({"X-Router-Min-Quality": "0.95"}, None, "min_quality"),
+        ({}, {"max_cost": 0.00001}, "max_cost"),
+        ({"X-Router-Min-Quality": "0.85"}, {"max_cost": 0.002}, "together"),
+    ]
+    for headers, routing, named in cases:
+        body = chat() | ({"routing": routing} if routing else {})
+        async with http.post(url, json=body, headers=headers) as response:
+            assert response.status == 422, (headers, routing)
+            error = (await response.json())["error"]
+        assert error["code"] == "constraint_unsatisfiable" and named in error["message"]
+    async with http.post(url, json=chat(), headers={"X-Router-Max-Cost": "cheap"}) as response:
+        assert response.status == 400
+
+
+async def test_budget_exhausted_serves_only_the_cheapest_or_refuses(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    document = config_document(cluster, routing={"strategy": "balanced"}, budget={"limit": 0.004})
+    gateway = await start_gateway(document)
+    url = f"{gateway.url}/v1/chat/completions"
+    async with http.post(url, json=chat("mixtral-8x7b")) as response:  # spends 0.0027
+        assert response.status == 200
+    async with http.post(url, json=chat("hermes-2")) as response:  # 0.0045: budget spent
+        assert response.status == 200
+    for _ in range(3):
+        async with http.post(url, json=chat()) as response:
+            assert response.headers["x-router-backend"] == "phi-3-mini"
+    refusing = await start_gateway(
+        config_document(
+            cluster,
+            routing={"strategy": "cost_optimized"},
+            budget={"limit": 0.0, "on_exhausted": "refuse"},
+        )
+    )
+    async with http.post(f"{refusing.url}/v1/chat/completions", json=chat()) as response:
+        assert response.status == 402
+        assert (await response.json())["error"]["code"] == "budget_exhausted"
+
+
+async def test_decision_cache_hits_and_is_invalidated_by_breaker_changes(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(config_document(cluster, routing={"strategy": "specialization"}))
+    url = f"{gateway.url}/v1/chat/completions"
+    for _ in range(5):
+        async with http.post(url, json=chat("auto", content="Hello!")) as response:
+            assert response.headers["x-router-backend"] == "hermes-2"
+    decisions = gateway.router.decisions
+    assert decisions.cache_hits == 4 and decisions.cache_misses == 1
+    gateway.router.models["hermes-2"].upstreams[0].breaker.force_open()
+    async with http.post(url, json=chat("auto", content="Hello!")) as response:
+        assert response.headers["x-router-backend"] != "hermes-2"
+    assert decisions.cache_misses == 2
