@@ -5,7 +5,6 @@ threshold) and success, and the best backend wins. Open circuits are never eligi
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from circuit.breaker import BreakerState
 
 
 class Adaptive:
-    __slots__ = ("_rng", "_weights", "_slow")
+    __slots__ = ("_rng", "_weights", "_slow", "_clock")
 
     def __init__(
         self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
@@ -24,6 +23,7 @@ class Adaptive:
         self._rng = rng
         self._weights = settings.adaptive_weights
         self._slow = settings.slow_latency
+        self._clock = settings.clock
 
     def score(self, backend: Any, now: float) -> float:
         success = backend.outcomes.success_rate()
@@ -45,7 +45,7 @@ class Adaptive:
         exclude: Collection[B] = (),
         request: RoutingRequest | None = None,
     ) -> B | None:
-        now = time.monotonic()
+        now = self._clock()
         best: list[B] = []
         top = -1.0
         for backend in eligible(backends, exclude):

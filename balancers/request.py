@@ -3,6 +3,8 @@ settings that come from config. Built only when the strategy or constraints need
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -63,3 +65,4 @@ class StrategySettings:
     latency_decay_seconds: float = 10.0
     slow_latency: float = 2.0  # seconds: a p95 at or above this scores 0 on latency
     specializations: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic  # the simulator passes its virtual clock

@@ -115,7 +115,12 @@ async def serve(config: Config, demo: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["simulate"]:
+        from proxy.simulate import main as simulate
+
+        return simulate(arguments[1:])
+    args = parse_args(arguments)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
