@@ -1,6 +1,7 @@
 """Latency: peak-EWMA of time to response headers x (requests in flight + 1), picking by power
 of two choices among eligible backends (Envoy's peak-EWMA, nginx's least_time). A backend with
-no samples yet is scored at the average of the others: neutral, neither favoured nor shunned.
+no samples yet (new, or just recovered from an open circuit) is scored at the average of the
+others: neutral, neither favoured nor shunned.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 from balancers.base import B, eligible
 from balancers.request import RoutingRequest, StrategySettings
+
+TIE = 0.05  # costs closer than this fraction are equal: latency samples are noisy
 
 
 def neutral_latency(backends: Sequence[Any]) -> float | None:
@@ -36,12 +39,19 @@ class LatencyAware:
         if len(candidates) < 2:
             return candidates[0] if candidates else None
         first, second = self._rng.sample(candidates, 2)
-        neutral = neutral_latency(candidates)
-        if neutral is None:  # nothing measured yet: plain least-loaded of the two
+        known = [b.latency.value for b in candidates if b.latency.value is not None]
+        if not known:  # nothing measured yet: plain least-loaded of the two
             return second if second.active < first.active else first
-        return second if self.cost(second, neutral) < self.cost(first, neutral) else first
+        neutral = sum(known) / len(known)
+        best = min(known)
+        return (
+            second if self.cost(second, neutral, best) < self.cost(first, neutral, best) else first
+        )
 
     @staticmethod
-    def cost(backend: Any, neutral: float) -> float:
-        latency = backend.latency.value
-        return (neutral if latency is None else latency) * (backend.active + 1)
+    def cost(backend: Any, neutral: float, best: float) -> float:
+        """Unmeasured: the average. Measured: its peak-EWMA, drifting toward the best value
+        while it gets no traffic, so a backend that was slow once is probed again later."""
+        latency = backend.latency
+        estimate = neutral if latency.value is None else latency.estimate(best)
+        return estimate * (backend.active + 1)

@@ -42,6 +42,15 @@ class PeakEwma:
             self.value = value * weight + seconds * (1.0 - weight)
         self._stamp = now
 
+    def estimate(self, target: float) -> float:
+        """The value, drifting toward `target` while no sample comes in: a backend that was
+        slow once is probed again after a while instead of being starved forever."""
+        value = self.value
+        if value is None:
+            return target
+        weight = math.exp(-(self._clock() - self._stamp) / self.tau)
+        return value * weight + target * (1.0 - weight)
+
     def reset(self) -> None:
         self.value = None
 

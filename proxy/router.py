@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from functools import partial
 
 from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
@@ -114,7 +115,7 @@ class Router:
             u for name, pool in self.pools.items() if name != AUTO_POOL for u in pool.upstreams
         )
         for member in self.upstreams:
-            member.breaker.on_change = self._on_breaker_change
+            member.breaker.on_change = partial(self._on_breaker_change, member)
 
     def refresh_health(self) -> None:
         """Recompute every pool's routing view after a health verdict changed."""
@@ -141,8 +142,12 @@ class Router:
             cache=DecisionCache(self._cache_ttl, self._cache_size) if self._cache_ttl else None,
         )
 
-    def _on_breaker_change(self, breaker: CircuitBreaker, state: BreakerState) -> None:
+    def _on_breaker_change(
+        self, upstream: Upstream, breaker: CircuitBreaker, state: BreakerState
+    ) -> None:
         self.decisions.invalidate()
+        if state is BreakerState.CLOSED:
+            upstream.latency.reset()  # recovered: scored neutrally again, not by its past
 
     def set_strategy(self, strategy: str, pool: str | None = None) -> str:
         """Swap the balancer of one pool, or of all; returns the strategy it replaces.

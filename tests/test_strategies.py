@@ -12,6 +12,7 @@ from balancers.classify import classify
 from balancers.prefix_affinity import PrefixAffinity
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
+from health.passive import PeakEwma
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document
 from tests.test_balancers import Backend
@@ -273,3 +274,18 @@ async def test_decision_cache_hits_and_is_invalidated_by_breaker_changes(
     async with http.post(url, json=chat("auto", content="Hello!")) as response:
         assert response.headers["x-router-backend"] != "hermes-2"
     assert decisions.cache_misses == 2
+
+
+def test_latency_probes_a_once_slow_backend_again_after_a_while() -> None:
+    now = [0.0]
+    backends = models_pool()
+    for backend in backends:
+        backend.latency = PeakEwma(tau=10.0, clock=lambda: now[0])
+        backend.latency.observe(0.1)
+    backends[1].latency.observe(5.0)  # hermes was slow once
+    latency = create_balancer("latency", backends, random.Random(4))
+    picks = Counter(latency.select(backends).name for _ in range(200))
+    assert picks["hermes-2"] == 0
+    now[0] = 100.0  # ten decay times without a sample: as good as the best again
+    picks = Counter(latency.select(backends).name for _ in range(400))
+    assert picks["hermes-2"] > 30
