@@ -44,9 +44,12 @@ class LatencyAware:
             return second if second.active < first.active else first
         neutral = sum(known) / len(known)
         best = min(known)
-        return (
-            second if self.cost(second, neutral, best) < self.cost(first, neutral, best) else first
-        )
+        first_cost = self.cost(first, neutral, best)
+        second_cost = self.cost(second, neutral, best)
+        if abs(first_cost - second_cost) <= TIE * max(first_cost, second_cost):
+            # Within measurement noise: the less loaded, else the first of the random pair.
+            return second if second.active < first.active else first
+        return second if second_cost < first_cost else first
 
     @staticmethod
     def cost(backend: Any, neutral: float, best: float) -> float:
