@@ -17,7 +17,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import GATEWAY_KEY, RELOADER_KEY, RUNNER_OPTIONS, build_app
+from proxy.app import GATEWAY_KEY, PEERS_KEY, RELOADER_KEY, RUNNER_OPTIONS, build_app
 from proxy.config import Config, ConfigError, load
 
 log = logging.getLogger("request_router")
@@ -40,6 +40,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--demo", action="store_true", help="also start simulated backends on the configured ports"
     )
     parser.add_argument("--debug", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port (overrides ROUTER_WORKER_THREADS)",
+    )
     parser.add_argument("--version", action="version", version=f"request-router {__version__}")
     return parser.parse_args(argv)
 
@@ -50,6 +55,8 @@ def with_cli_overrides(config: Config, args: argparse.Namespace) -> Config:
         server = replace(server, host=args.host)
     if args.port is not None:
         server = replace(server, port=args.port)
+    if args.workers is not None:
+        server = replace(server, workers=max(1, args.workers))
     return replace(config, server=server)
 
 
@@ -75,8 +82,17 @@ async def serve(config: Config, demo: bool) -> None:
     runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_grace, **RUNNER_OPTIONS)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048)
+        peers = app.get(PEERS_KEY)
+        site = web.TCPSite(
+            runner,
+            config.server.host,
+            config.server.port,
+            backlog=2048,
+            reuse_port=peers is not None,
+        )
         await site.start()
+        if peers is not None:  # the siblings' private channel
+            await web.UnixSite(runner, peers.socket_path(peers.index)).start()
         log.info(
             "request-router %s listening on http://%s:%d (strategy %s, event loop %s)",
             __version__,
@@ -136,11 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config.summary())
         print("configuration OK")
         return 0
-    if config.server.workers > 1:
-        log.warning(
-            "workers=%d requested; multi-worker mode is not built yet, running one process",
-            config.server.workers,
-        )
+    if args.demo and config.server.workers > 1:
+        log.warning("--demo runs one worker (the simulators live in its process)")
+        config = replace(config, server=replace(config.server, workers=1))
+    if config.server.workers > 1 and "ROUTER_WORKER_INDEX" not in os.environ:
+        from proxy.workers import supervise
+
+        return supervise(arguments, config.server.workers)
     install_uvloop()
     try:
         asyncio.run(serve(config, args.demo))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -44,7 +45,7 @@ def authorize(request: web.Request, token: str | None) -> None:
             )
         return
     peer = request.remote
-    if peer is None:  # a Unix socket: local by construction
+    if not peer:  # a Unix socket (None or ""): local by construction
         return
     try:
         loopback = ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback
@@ -190,7 +191,7 @@ class AdminApi:
         )
 
     async def live(self, request: web.Request) -> web.Response:
-        return json_response({"status": "alive"})
+        return json_response({"status": "alive", "pid": os.getpid()})
 
     async def ready(self, request: web.Request) -> web.Response:
         """Ready while serving; 503 once draining, so load balancers stop sending traffic."""

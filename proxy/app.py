@@ -15,6 +15,7 @@ from proxy.errors import error_middleware
 from proxy.handler import QDRANT_PREFIX, Gateway
 from proxy.metrics import PrometheusMetrics
 from proxy.observability import Observability
+from proxy.peers import Peers
 from proxy.reload import HealthService, Reloader
 from proxy.router import Router
 from proxy.routing_api import RoutingApi
@@ -25,6 +26,7 @@ RUNNER_OPTIONS = {"access_log": None, "handler_cancellation": True}
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
+PEERS_KEY = web.AppKey("peers", Peers)
 
 
 def build_app(
@@ -36,12 +38,21 @@ def build_app(
     health = HealthService()
     reloader = Reloader(gateway, health, config_path or config.source)
     admin = AdminApi(gateway, reloader)
-    app = web.Application(
-        middlewares=[error_middleware(config.server.max_body_bytes)],
-        client_max_size=config.server.max_body_bytes,
-    )
+    limit = config.server.max_body_bytes
+    middlewares = [error_middleware(limit)]
+    peers = Peers.from_environment() if config.server.workers > 1 else None
+    if peers is not None:
+        middlewares.insert(0, peers.middleware())
+    app = web.Application(middlewares=middlewares, client_max_size=limit)
     app[GATEWAY_KEY] = gateway
     app[RELOADER_KEY] = reloader
+    if peers is not None:
+        app[PEERS_KEY] = peers
+
+        async def close_peers(app: web.Application) -> None:
+            await peers.close()
+
+        app.on_cleanup.append(close_peers)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         await gateway.start()

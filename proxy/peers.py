@@ -1,0 +1,311 @@
+"""Multi-worker coordination: N worker processes share the listening port (SO_REUSEPORT); each
+also listens on a Unix socket in a shared run directory, for its siblings only.
+
+- Admin changes (strategy swap, reload) are applied by the worker that got them and then sent
+  to every sibling before the answer goes out, so all workers agree within a second.
+- Admin reads (metrics, health, state, model status, Prometheus) are answered for the whole
+  gateway: the worker asks its siblings for their local view and merges it with its own.
+Requests between siblings carry a secret header so they are applied or answered locally, never
+passed on again. Health and breaker state stay per worker; the merged reads show the worst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.handler_types import Handler, Middleware
+
+log = logging.getLogger("request_router.peers")
+
+PEER_HEADER = "X-Router-Peer"
+PEER_TIMEOUT = 1.0  # the spec: a change reaches every worker within one second
+BROADCAST = {
+    ("PUT", "/api/v1/router/strategy"),
+    ("POST", "/api/v1/router/reload"),
+}
+MERGED_JSON = {
+    "/api/v1/router/metrics",
+    "/api/v1/router/health",
+    "/api/v1/router/state",
+    "/api/v1/router/backends",
+    "/models/status",
+    "/v1/admin/models/stats",
+    "/routing/load",
+    "/routing/performance",
+    "/health",
+}
+# Numbers under these keys are averaged across workers; every other number is summed.
+AVERAGED = (
+    "rate",
+    "percentage",
+    "avg",
+    "mean",
+    "p50",
+    "p95",
+    "p99",
+    "score",
+    "load_factor",
+    "variance",
+    "_ms",
+    "latency",
+    "ratio",
+    "hit_rate",
+)
+SUMMED_DESPITE_NAME = ("requests_per_second",)
+# Configuration and inventory, the same in every worker: reported once, not summed.
+SHARED = (
+    "total_backends",
+    "max_concurrent",
+    "weight",
+    "capacity",
+    "limit",
+    "queue_size",
+    "max_in_flight",
+    "failure_threshold",
+    "cost_per_request",
+    "quality",
+    "priority",
+    "cost_estimate",
+    "buffer_size",
+    "min_per_second",
+    "budget_ratio",
+    "reporting",
+    "total",
+)
+# Health counts: the least healthy worker's view.
+LOWEST = ("healthy_backends",)
+HIGHEST = ("unhealthy_backends", "last_check", "last_failure_time", "trips")
+# For text states, the most severe one across workers is reported.
+SEVERITY = {
+    "healthy": 0,
+    "closed": 0,
+    "ready": 0,
+    "alive": 0,
+    "degraded": 1,
+    "half_open": 1,
+    "draining": 1,
+    "unhealthy": 2,
+    "open": 2,
+    "circuit_open": 2,
+}
+
+
+class Peers:
+    def __init__(self, run_dir: str, index: int, total: int, secret: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.index = index
+        self.total = total
+        self.secret = secret
+        self._sessions: dict[int, aiohttp.ClientSession] = {}
+
+    @classmethod
+    def from_environment(cls) -> Peers | None:
+        run_dir = os.environ.get("ROUTER_RUN_DIR")
+        if not run_dir:
+            return None
+        return cls(
+            run_dir,
+            int(os.environ["ROUTER_WORKER_INDEX"]),
+            int(os.environ["ROUTER_WORKERS_TOTAL"]),
+            os.environ["ROUTER_PEER_SECRET"],
+        )
+
+    def socket_path(self, index: int) -> str:
+        return str(self.run_dir / f"worker-{index}.sock")
+
+    def siblings(self) -> list[int]:
+        return [i for i in range(self.total) if i != self.index]
+
+    def _session(self, index: int) -> aiohttp.ClientSession:
+        session = self._sessions.get(index)
+        if session is None or session.closed:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self.socket_path(index)),
+                timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT),
+            )
+            self._sessions[index] = session
+        return session
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+    async def ask(
+        self, index: int, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes] | None:
+        try:
+            async with self._session(index).request(
+                method,
+                f"http://worker{path}",
+                data=body or None,
+                headers={**headers, PEER_HEADER: self.secret},
+            ) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("worker %d did not answer %s %s: %r", index, method, path, exc)
+            return None
+
+    async def ask_all(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> list[tuple[int, bytes] | None]:
+        return await asyncio.gather(
+            *(self.ask(i, method, path, body, headers) for i in self.siblings())
+        )
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def coordinate(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.headers.get(PEER_HEADER) == self.secret:
+                return await handler(request)  # a sibling's question: answer locally
+            key = (request.method, request.path)
+            if key in BROADCAST:
+                return await self._broadcast(request, handler)
+            if request.method == "GET" and (
+                request.path in MERGED_JSON or request.path == "/metrics"
+            ):
+                return await self._merged(request, handler)
+            return await handler(request)
+
+        return coordinate
+
+    async def _broadcast(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        body = await request.read()
+        response = await handler(request)
+        if response.status == 200:
+            forwarded = {
+                k: v
+                for k, v in request.headers.items()
+                if k.lower() in ("authorization", "content-type")
+            }
+            answers = await self.ask_all(request.method, request.path_qs, body, forwarded)
+            applied = 1 + sum(1 for a in answers if a is not None and a[0] == 200)
+            response.headers["x-router-workers-applied"] = f"{applied}/{self.total}"
+        return response
+
+    async def _merged(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        local = await handler(request)
+        if not isinstance(local, web.Response) or local.body is None:
+            return local
+        answers = await self.ask_all("GET", request.path_qs, b"", {})
+        bodies = [bytes(local.body)] + [a[1] for a in answers if a is not None]  # type: ignore[arg-type]
+        if request.path == "/metrics":
+            merged_text = merge_prometheus([b.decode() for b in bodies])
+            response = web.Response(body=merged_text.encode(), status=local.status)
+            response.headers["Content-Type"] = local.headers["Content-Type"]
+        else:
+            documents = [orjson.loads(b) for b in bodies]
+            merged = merge_documents(documents)
+            if isinstance(merged, dict):
+                merged["workers"] = {"reporting": len(documents), "total": self.total}
+            response = web.Response(
+                body=orjson.dumps(merged), status=local.status, content_type="application/json"
+            )
+        return response
+
+
+def merge_documents(documents: list[Any], key: str = "") -> Any:
+    """One view of several workers' JSON answers (see the module docstring for the rules)."""
+    first = documents[0]
+    if isinstance(first, dict):
+        keys: list[str] = []
+        for document in documents:
+            if isinstance(document, dict):
+                keys += [k for k in document if k not in keys]
+        merged = {
+            k: merge_documents([d[k] for d in documents if isinstance(d, dict) and k in d], k)
+            for k in keys
+        }
+        _recompute_shares(merged)
+        return merged
+    if isinstance(first, bool):
+        return any(bool(d) for d in documents)
+    if isinstance(first, int | float):
+        numbers = [d for d in documents if isinstance(d, int | float)]
+        if key in SHARED:
+            return first
+        if key in LOWEST:
+            return min(numbers)
+        if key in HIGHEST:
+            return max(numbers)
+        averaged = any(part in key for part in AVERAGED) and key not in SUMMED_DESPITE_NAME
+        total = sum(numbers)
+        value = total / len(numbers) if averaged else total
+        return round(value, 6) if isinstance(value, float) else value
+    if isinstance(first, str):
+        if any(d != first for d in documents):
+            known = [d for d in documents if isinstance(d, str) and d in SEVERITY]
+            if known:
+                return max(known, key=SEVERITY.__getitem__)
+        return first
+    if first is None:
+        return next((d for d in documents if d is not None), None)
+    if isinstance(first, list):
+        union: list[Any] = []
+        for document in documents:
+            for item in document or ():
+                if item not in union:
+                    union.append(item)
+        return union
+    return first
+
+
+def _recompute_shares(merged: dict[str, Any]) -> None:
+    """Percentages of summed counts are recomputed, not averaged."""
+    entries = [
+        v for v in merged.values() if isinstance(v, dict) and {"requests", "percentage"} <= set(v)
+    ]
+    if entries and len(entries) == len(merged):
+        total = sum(entry["requests"] for entry in entries)
+        for entry in entries:
+            entry["percentage"] = round(entry["requests"] / total * 100, 2) if total else 0.0
+
+
+def merge_prometheus(texts: Iterable[str]) -> str:
+    """Sum counters and histograms across workers; gauges are summed too except state gauges
+    (breaker state, health), which take the worst (max) and the least healthy (min)."""
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    order: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+    families: dict[str, tuple[str, str]] = {}
+    sample_family: dict[str, str] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, (family.type, family.documentation))
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                sample_family[sample.name] = family.name
+                if key not in values:
+                    values[key] = sample.value
+                    order.append(key)
+                elif family.name == "router_breaker_state":
+                    values[key] = max(values[key], sample.value)
+                elif family.name == "router_backend_healthy":
+                    values[key] = min(values[key], sample.value)
+                else:
+                    values[key] += sample.value
+    lines: list[str] = []
+    described: set[str] = set()
+    for name, labels in order:
+        family = sample_family[name]
+        if family not in described:
+            kind, documentation = families[family]
+            lines.append(f"# HELP {family} {documentation}")
+            lines.append(f"# TYPE {family} {kind}")
+            described.add(family)
+        rendered = ",".join(f'{k}="{v}"' for k, v in labels)
+        lines.append(
+            f"{name}{{{rendered}}} {values[(name, labels)]}"
+            if rendered
+            else f"{name} {values[(name, labels)]}"
+        )
+    return "\n".join(lines) + "\n"
