@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 
@@ -68,8 +69,11 @@ def build_app(
 
     app.add_routes(
         [
-            web.post("/v1/chat/completions", gateway.chat_completions),
-            web.post("/v1/completions", gateway.completions),
+            # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
+            web.post(
+                "/v1/chat/completions", partial(gateway.completion, path="/v1/chat/completions")
+            ),
+            web.post("/v1/completions", partial(gateway.completion, path="/v1/completions")),
             web.post("/v1/embeddings", gateway.embeddings),
             web.get("/v1/models", gateway.list_models),
             web.post("/api/v1/vectors/search", gateway.vector_search),
