@@ -10,8 +10,9 @@ What it does, all on 127.0.0.1:
    metrics, accounting) pinned to core 0, simulators and load generators on the other core;
 3. drives non-streamed chat completions with wrk (installed from Debian if missing, else a
    Python keep-alive load generator) at 50 connections;
-4. drives SSE streams with a Python load generator and counts the chunks relayed;
-5. measures time to first byte, direct and through the gateway, and memory: RSS idle and
+4. measures the bare aiohttp pass-through (scripts/passthrough.py) the same way: the reference;
+5. drives SSE streams with a Python load generator and counts the chunks relayed;
+6. measures time to first byte, direct and through the gateway, and memory: RSS idle and
    per 1,000 idle keep-alive connections.
 Gateway CPU comes from /proc (utime + stime of the gateway process and its children).
 """
@@ -239,6 +240,20 @@ async def set_behaviour(url: str, **knobs: object) -> None:
             response.raise_for_status()
 
 
+async def wait_up_post(url: str, process: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            if process.poll() is not None:
+                raise SystemExit(f"{process.args} exited early")
+            try:
+                async with session.post(url, data=BODY) as response:
+                    if response.status < 500:
+                        return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
 async def wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(200):
@@ -360,6 +375,26 @@ async def main() -> None:
             ttfb_direct = await ttfb_ms(chat_direct, samples)
             ttfb_gateway = await ttfb_ms(chat_gateway, samples)
 
+            bare_port = free_port()
+            bare = subprocess.Popen(
+                pinned(
+                    gateway_core,
+                    [python, str(ROOT / "scripts" / "passthrough.py"), str(bare_port), direct],
+                ),
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                bare_url = f"http://127.0.0.1:{bare_port}/v1/chat/completions"
+                await wait_up_post(bare_url, bare)
+                cpu_before = cpu_seconds(bare.pid)
+                reference = await load(bare_url)
+                bare_us = (cpu_seconds(bare.pid) - cpu_before) / max(1, reference.requests)
+            finally:
+                bare.send_signal(signal.SIGTERM)
+                bare.wait(timeout=15)
+
             before_hold = rss_mb(gateway.pid)
             held = await hold_connections(base, 1000)
             await asyncio.sleep(0.5)
@@ -387,6 +422,10 @@ async def main() -> None:
             f"{through.p50_ms or 0:.2f} ms / {through.p99_ms or 0:.2f} ms",
         ),
         ("gateway CPU per request", f"{cpu_request_us * 1e6:,.1f} µs"),
+        (
+            "bare aiohttp pass-through (same run)",
+            f"{reference.rps:,.0f} req/s, {bare_us * 1e6:,.1f} µs CPU per request",
+        ),
         ("gateway CPU per SSE chunk", f"{cpu_chunk_us * 1e6:,.1f} µs ({events:,} chunks)"),
         ("TTFB p50 direct / gateway", f"{ttfb_direct:.3f} ms / {ttfb_gateway:.3f} ms"),
         ("added TTFB p50", f"{ttfb_gateway - ttfb_direct:.3f} ms"),
