@@ -56,6 +56,17 @@ class BalancerFactory(Protocol):
     ) -> Balancer: ...
 
 
+class RandomizedBalancer:
+    """Base of the strategies whose only state is the shared random source (ties, samples)."""
+
+    __slots__ = ("_rng",)
+
+    def __init__(
+        self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
+    ) -> None:
+        self._rng = rng
+
+
 def uses_request(balancer: Balancer) -> bool:
     return bool(getattr(balancer, "uses_request", False))
 

@@ -8,21 +8,16 @@ import random
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from balancers.base import B, eligible, least_loaded
+from balancers.base import B, RandomizedBalancer, eligible, least_loaded
 from balancers.latency import neutral_latency
 from balancers.request import RoutingRequest, StrategySettings
 
 
-class _ByKey:
+class _ByKey(RandomizedBalancer):
     """Least loaded among the eligible backends with the lowest key."""
 
-    __slots__ = ("_rng",)
+    __slots__ = ()
     cacheable = True  # the model choice depends only on the request and backend states
-
-    def __init__(
-        self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
-    ) -> None:
-        self._rng = rng
 
     @staticmethod
     def key(backend: Any) -> float:

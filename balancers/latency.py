@@ -6,12 +6,11 @@ others: neutral, neither favoured nor shunned.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from balancers.base import B, eligible
-from balancers.request import RoutingRequest, StrategySettings
+from balancers.base import B, RandomizedBalancer, eligible
+from balancers.request import RoutingRequest
 
 TIE = 0.05  # costs closer than this fraction are equal: latency samples are noisy
 
@@ -21,13 +20,8 @@ def neutral_latency(backends: Sequence[Any]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-class LatencyAware:
-    __slots__ = ("_rng",)
-
-    def __init__(
-        self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
-    ) -> None:
-        self._rng = rng
+class LatencyAware(RandomizedBalancer):
+    __slots__ = ()
 
     def select(
         self,

@@ -3,24 +3,14 @@ their last byte); ties are broken at random so equal backends share the load."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Collection, Sequence
-from typing import Any
 
-from balancers.base import B
-from balancers.request import RoutingRequest, StrategySettings
+from balancers.base import B, RandomizedBalancer
+from balancers.request import RoutingRequest
 
 
-class LeastConnections:
-    __slots__ = ("_rng",)
-
-    def __init__(
-        self,
-        backends: Sequence[Any],
-        rng: random.Random,
-        settings: StrategySettings | None = None,
-    ) -> None:
-        self._rng = rng
+class LeastConnections(RandomizedBalancer):
+    __slots__ = ()
 
     def select(
         self,

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Collection, Sequence
-from typing import Any
 
-from balancers.base import B, eligible
-from balancers.request import RoutingRequest, StrategySettings
+from balancers.base import B, RandomizedBalancer, eligible
+from balancers.request import RoutingRequest
 
 
-class RandomChoice:
-    __slots__ = ("_rng",)
-
-    def __init__(
-        self,
-        backends: Sequence[Any],
-        rng: random.Random,
-        settings: StrategySettings | None = None,
-    ) -> None:
-        self._rng = rng
+class RandomChoice(RandomizedBalancer):
+    __slots__ = ()
 
     def select(
         self,
