@@ -450,8 +450,7 @@ class Gateway:
                 return response
         except GatewayError as exc:
             outcome.status = exc.status
-            if isinstance(exc, Shed):
-                outcome.status = -exc.status  # marked so the failure rate ignores it
+            outcome.shed = isinstance(exc, Shed)
             exc.headers = {
                 **(exc.headers or {}),
                 "x-router-backend": outcome.backend or "none",
@@ -468,9 +467,7 @@ class Gateway:
 
     def _finish(self, context: RequestContext) -> None:
         outcome = context.outcome
-        if outcome.status < 0:  # shed: not a failure of the backends
-            outcome.status = -outcome.status
-        else:
+        if not outcome.shed:  # shedding's own refusals must not feed its failure rate
             self.shedder.record(outcome.status)
         outcome.duration = time.perf_counter() - context.started
         outcome.attempts = context.attempt

@@ -35,6 +35,7 @@ class Outcome:
         "model",
         "backend",
         "status",
+        "shed",
         "stream",
         "duration",
         "ttft",
@@ -56,6 +57,7 @@ class Outcome:
         self.model: str | None = None
         self.backend: str | None = None
         self.status = 0
+        self.shed = False  # refused by load shedding
         self.stream = stream
         self.duration = 0.0
         self.ttft: float | None = None
