@@ -23,7 +23,12 @@ async def fresh_get(url: str) -> dict:
 async def test_two_workers_share_the_port_and_act_as_one(cluster: Cluster, tmp_path) -> None:
     document = config_document(cluster)
     async with gateway_process(document, tmp_path, {"ROUTER_WORKER_THREADS": "2"}) as gateway:
-        pids = {(await fresh_get(f"{gateway.url}/health/live"))["pid"] for _ in range(40)}
+        pids: set[int] = set()
+        for _ in range(200):  # the second worker may still be starting: give it a moment
+            pids.add((await fresh_get(f"{gateway.url}/health/live"))["pid"])
+            if len(pids) == 2:
+                break
+            await asyncio.sleep(0.02)
         assert len(pids) == 2  # both workers accept connections on the one port
 
         connector = aiohttp.TCPConnector(force_close=True)
