@@ -40,8 +40,9 @@ class RoutingConfig:
     strategy: str = "round_robin"
     request_timeout: float = 30.0  # total, for non-streamed requests
     connect_timeout: float = 5.0
-    idle_timeout: float = 30.0  # upstream silence: before headers and between stream chunks
-    first_byte_timeout: float | None = None  # until response headers; None: idle_timeout
+    idle_timeout: float = 30.0  # streams: upstream silence before headers and between chunks
+    # until response headers; None: the idle timeout (streams) or request_timeout (others)
+    first_byte_timeout: float | None = None
     max_concurrent_requests: int = 100
     adaptive_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)  # load, latency, error
     balanced_weights: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)

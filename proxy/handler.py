@@ -203,10 +203,10 @@ class Gateway:
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=routing.connect_timeout, sock_read=routing.idle_timeout
         )
+        # Non-streamed: the total bounds silence too, so no per-read idle timer is armed
+        # (aiohttp re-arms it on every chunk received). Streams get the idle timer instead.
         self._request_timeout_obj = aiohttp.ClientTimeout(
-            total=routing.request_timeout,
-            sock_connect=routing.connect_timeout,
-            sock_read=routing.idle_timeout,
+            total=routing.request_timeout, sock_connect=routing.connect_timeout
         )
         self._first_byte_timeout = routing.first_byte_timeout
         created = int(time.time())
@@ -560,7 +560,7 @@ class Gateway:
     ) -> web.StreamResponse:
         """One upstream exchange on a slot already taken; the slot is given back when the
         response's last byte is out, or on any failure or cancellation."""
-        url = URL(upstream.url + path, encoded=True)
+        url = upstream.url_for(path)
         timeout = self._stream_timeout if stream else self._request_timeout_obj
         started = time.perf_counter()
         try:

@@ -10,12 +10,16 @@ import random
 import time
 from collections.abc import Collection, Sequence
 
+from yarl import URL
+
 from balancers.base import Balancer, least_loaded, uses_request
 from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
 from health.passive import LatencyRing, OutcomeRing, PeakEwma
+
+MAX_CACHED_URLS = 32  # per backend: the fixed routes, plus a few pass-through paths
 
 
 class Upstream:
@@ -42,6 +46,7 @@ class Upstream:
         "latency",
         "latencies",
         "outcomes",
+        "_urls",
     )
 
     def __init__(
@@ -79,6 +84,17 @@ class Upstream:
         self.latency = PeakEwma()
         self.latencies = LatencyRing()
         self.outcomes = OutcomeRing()
+        self._urls: dict[str, URL] = {}
+
+    def url_for(self, path: str) -> URL:
+        """The upstream URL of `path` (already percent-encoded), built once per path for the
+        fixed routes; arbitrary pass-through paths are built each time, not remembered."""
+        url = self._urls.get(path)
+        if url is None:
+            url = URL(self.url + path, encoded=True)
+            if len(self._urls) < MAX_CACHED_URLS:
+                self._urls[path] = url
+        return url
 
     def available(self) -> bool:
         return (

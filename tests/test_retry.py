@@ -184,7 +184,7 @@ async def test_fallback_when_the_model_is_full(
 async def test_timeout_before_headers_fails_over(
     cluster: Cluster, start_gateway: StartGateway, http
 ) -> None:
-    gateway = await start_gateway(config_document(cluster, routing={"idle_timeout": 0.2}))
+    gateway = await start_gateway(config_document(cluster, routing={"first_byte_timeout": 0.2}))
     cluster["mixtral-8x7b"].behaviour.latency = 1.0
     async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as response:
         assert response.status == 200
