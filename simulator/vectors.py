@@ -68,12 +68,30 @@ def build_qdrant_app(name: str, behaviour: Behaviour | None = None) -> web.Appli
     def ok(result: object) -> web.Response:
         return json_response({"result": result, "status": "ok", "time": 0.0001})
 
+    def hits(collection: str, vector: list[float], limit: int) -> list[dict]:
+        norm = sum(abs(v) for v in vector) or 1.0
+        return [
+            {
+                "id": i,
+                "version": 0,
+                "score": round(1.0 - i * 0.1 - 0.01 / norm, 6),
+                "payload": {"server": name, "collection": collection, "rank": i},
+            }
+            for i in range(limit)
+        ]
+
+    def missing(collection: str) -> web.Response | None:
+        if collection in collections:
+            return None
+        return json_response(
+            {"status": {"error": f"Collection `{collection}` doesn't exist!"}}, 404
+        )
+
     async def search(request: web.Request) -> web.Response:
+        """The classic search API: {"vector", "limit"} -> a list of scored points."""
         collection = request.match_info["collection"]
-        if collection not in collections:
-            return json_response(
-                {"status": {"error": f"Collection `{collection}` doesn't exist!"}}, 404
-            )
+        if (refusal := missing(collection)) is not None:
+            return refusal
         try:
             body = orjson.loads(behaviour.last_body)
             vector = body["vector"]
@@ -82,18 +100,24 @@ def build_qdrant_app(name: str, behaviour: Behaviour | None = None) -> web.Appli
             return json_response({"status": {"error": "expected {vector, limit}"}}, 400)
         if isinstance(vector, dict):
             vector = vector.get("vector", [])
-        norm = sum(abs(v) for v in vector) or 1.0
-        return ok(
-            [
-                {
-                    "id": i,
-                    "version": 0,
-                    "score": round(1.0 - i * 0.1 - 0.01 / norm, 6),
-                    "payload": {"server": name, "collection": collection, "rank": i},
-                }
-                for i in range(limit)
-            ]
-        )
+        return ok(hits(collection, vector, limit))
+
+    async def query(request: web.Request) -> web.Response:
+        """The universal query API (qdrant-client's query_points): {"query", "limit"}."""
+        collection = request.match_info["collection"]
+        if (refusal := missing(collection)) is not None:
+            return refusal
+        try:
+            body = orjson.loads(behaviour.last_body)
+            vector = body["query"]
+            limit = int(body.get("limit", 10))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return json_response({"status": {"error": "expected {query, limit}"}}, 400)
+        if isinstance(vector, dict):  # {"nearest": [...]}, as qdrant-client sends it
+            vector = vector.get("nearest")
+        if not isinstance(vector, list):
+            return json_response({"status": {"error": "only dense vector queries"}}, 400)
+        return ok({"points": hits(collection, vector, limit)})
 
     async def list_collections(request: web.Request) -> web.Response:
         return ok({"collections": [{"name": n} for n in collections]})
@@ -124,6 +148,7 @@ def build_qdrant_app(name: str, behaviour: Behaviour | None = None) -> web.Appli
             web.get("/collections/{collection}", get_collection),
             web.put("/collections/{collection}", create_collection),
             web.post("/collections/{collection}/points/search", search),
+            web.post("/collections/{collection}/points/query", query),
             *control_routes(behaviour),
         ]
     )

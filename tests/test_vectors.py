@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import orjson
@@ -73,3 +74,28 @@ async def test_embeddings_route(gateway, http) -> None:
     async with http.post(f"{gateway.url}/v1/embeddings", json={"model": "x"}) as response:
         assert response.status == 400
         assert "input" in (await response.json())["error"]["message"]
+
+
+async def test_qdrant_client_works_through_the_prefix(gateway, cluster: Cluster) -> None:
+    """The official qdrant-client, pointed at the gateway with prefix="qdrant"."""
+    from qdrant_client import QdrantClient
+
+    def use() -> tuple[list[str], list[float], str]:
+        client = QdrantClient(
+            url=gateway.url, prefix="qdrant", check_compatibility=False, timeout=5
+        )
+        try:
+            names = [c.name for c in client.get_collections().collections]
+            points = client.query_points("documents", query=[0.1, 0.2, 0.3], limit=3).points
+            return names, [p.score for p in points], str(points[0].payload["server"])
+        finally:
+            client.close()
+
+    names, scores, server = await asyncio.to_thread(use)
+    assert names == ["documents"]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert server in {"qdrant-primary", "qdrant-secondary"}
+    sent = orjson.loads(cluster[server].behaviour.last_body)
+    query = sent["query"]
+    assert (query.get("nearest") if isinstance(query, dict) else query) == [0.1, 0.2, 0.3]
+    assert sent["limit"] == 3
