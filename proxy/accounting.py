@@ -84,8 +84,6 @@ class Store(Protocol):
         """(model, day, requests, cost, prompt tokens, completion tokens)"""
         ...
 
-    async def count(self) -> int: ...
-
     async def total_cost(self) -> float: ...
 
     async def close(self) -> None: ...
@@ -136,11 +134,6 @@ class SqliteStore:
         async with self._db.execute(SPEND_QUERY.format(day="date(ts, 'unixepoch')")) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]  # type: ignore[misc]
 
-    async def count(self) -> int:
-        async with self._db.execute("SELECT COUNT(*) FROM requests") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0])
-
     async def total_cost(self) -> float:
         async with self._db.execute("SELECT COALESCE(SUM(cost), 0) FROM requests") as cursor:
             row = await cursor.fetchone()
@@ -180,9 +173,6 @@ class PostgresStore:
     async def spend_by_model_day(self) -> list[tuple[str, str, int, float, int, int]]:
         query = SPEND_QUERY.format(day="to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
         return [tuple(row) for row in await self._pool.fetch(query)]  # type: ignore[misc]
-
-    async def count(self) -> int:
-        return int(await self._pool.fetchval("SELECT COUNT(*) FROM requests"))
 
     async def total_cost(self) -> float:
         return float(await self._pool.fetchval("SELECT COALESCE(SUM(cost), 0) FROM requests"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from health.passive import LatencyRing, OutcomeRing
 
@@ -69,9 +68,6 @@ class Outcome:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cost = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class RateCounter:

@@ -38,10 +38,6 @@ class Cluster:
     def __getitem__(self, name: str) -> SimulatedBackend:
         return self.backends[name]
 
-    def reset(self) -> None:
-        for backend in self.backends.values():
-            backend.behaviour.reset()
-
     async def stop(self) -> None:
         for backend in self.backends.values():
             await backend.runner.cleanup()
