@@ -313,7 +313,8 @@ async def main() -> None:
     if args.smoke:
         args.duration, args.tokens = 2.0, 50
     cores = os.cpu_count() or 1
-    gateway_core, load_core = (None, None) if args.no_pin or cores < 2 else (0, 1)
+    can_pin = not args.no_pin and cores >= 2 and shutil.which("taskset") is not None
+    gateway_core, load_core = (0, 1) if can_pin else (None, None)
     wrk = ensure_wrk()
 
     names = [
