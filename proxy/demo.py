@@ -40,6 +40,8 @@ request-router demo: simulated backends are up and the gateway is listening on {
 
   bash scripts/test_routing.sh {base}
 
+  dashboard:  {base}/dashboard        metrics:  {base}/metrics
+
 Press Ctrl+C to stop.
 """,
         flush=True,
