@@ -6,11 +6,11 @@ others: neutral, neither favoured nor shunned.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from balancers.base import B, RandomizedBalancer, eligible
-from balancers.request import RoutingRequest
+from balancers.base import B
+from balancers.power_of_two import PowerOfTwo, less_loaded
 
 TIE = 0.05  # costs closer than this fraction are equal: latency samples are noisy
 
@@ -20,29 +20,21 @@ def neutral_latency(backends: Sequence[Any]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-class LatencyAware(RandomizedBalancer):
+class LatencyAware(PowerOfTwo):
+    """Power of two choices, comparing latency x load instead of load alone."""
+
     __slots__ = ()
 
-    def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
-    ) -> B | None:
-        candidates = eligible(backends, exclude)
-        if len(candidates) < 2:
-            return candidates[0] if candidates else None
-        first, second = self._rng.sample(candidates, 2)
+    def better(self, first: B, second: B, candidates: Sequence[B]) -> B:
         known = [b.latency.value for b in candidates if b.latency.value is not None]
         if not known:  # nothing measured yet: plain least-loaded of the two
-            return second if second.active < first.active else first
+            return less_loaded(first, second)
         neutral = sum(known) / len(known)
         best = min(known)
         first_cost = self.cost(first, neutral, best)
         second_cost = self.cost(second, neutral, best)
         if abs(first_cost - second_cost) <= TIE * max(first_cost, second_cost):
-            # Within measurement noise: the less loaded, else the first of the random pair.
-            return second if second.active < first.active else first
+            return less_loaded(first, second)  # within measurement noise
         return second if second_cost < first_cost else first
 
     @staticmethod

@@ -10,7 +10,14 @@ from balancers.base import B, RandomizedBalancer, eligible
 from balancers.request import RoutingRequest
 
 
+def less_loaded(first: B, second: B) -> B:
+    """The one with fewer requests in flight; the first of the random pair on a tie."""
+    return second if second.active < first.active else first
+
+
 class PowerOfTwo(RandomizedBalancer):
+    """Subclasses change only how the sampled pair is compared (`better`)."""
+
     __slots__ = ()
 
     def select(
@@ -23,4 +30,7 @@ class PowerOfTwo(RandomizedBalancer):
         if len(candidates) < 2:
             return candidates[0] if candidates else None
         first, second = self._rng.sample(candidates, 2)
-        return second if second.active < first.active else first
+        return self.better(first, second, candidates)
+
+    def better(self, first: B, second: B, candidates: Sequence[B]) -> B:
+        return less_loaded(first, second)
