@@ -1,75 +1,100 @@
 """Header rules for one hop: what goes to the backend and what comes back to the client.
 
 Hop-by-hop headers (RFC 9110 section 7.6.1), and any header a `Connection` header names, belong
-to one connection and are never forwarded, either way.
+to one connection and are never forwarded, either way. Headers travel as the raw bytes the
+parsers saw: forwarded values are never decoded and re-encoded on the way to the backend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
-# Set by the gateway itself (or by aiohttp from the body) on the way out.
+# Set by the gateway itself (or computed from the body) on the way out. `Expect` is answered
+# by the gateway's own server when it reads the body; the backend gets the body at once.
 _REQUEST_DROP = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-request-id",
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
 }
 # Content-Length is recomputed for the body we send; the rest are the gateway's own.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-router-backend", "x-request-id"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-router-backend", b"x-request-id"}
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
-    value = headers.get("Connection")
-    if not value:
-        return frozenset()
-    return frozenset(token.strip().lower() for token in value.split(","))
+def _connection_tokens(value: bytes) -> frozenset[bytes]:
+    return frozenset(token.strip().lower() for token in value.split(b","))
 
 
-def upstream_request_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
-    incoming = request.headers
-    named = _connection_tokens(incoming)
-    headers: CIMultiDict[str] = CIMultiDict()
-    for key, value in incoming.items():
-        lowered = key.lower()
+def upstream_request_headers(request: web.Request, request_id: str) -> bytes:
+    """The header lines sent to the backend (each ending in CRLF; no Host, no length)."""
+    raw = request.raw_headers
+    named: frozenset[bytes] = frozenset()
+    previous_for: bytes | None = None
+    host: bytes | None = None
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _REQUEST_DROP:
+            if lowered == b"connection":
+                named = named | _connection_tokens(value)
+            elif lowered == b"x-forwarded-for":
+                previous_for = value if previous_for is None else previous_for + b", " + value
+            elif lowered == b"host" and host is None:
+                host = value
+    lines: list[bytes] = []
+    for name, value in raw:
+        lowered = name.lower()
         if lowered not in _REQUEST_DROP and lowered not in named:
-            headers.add(key, value)
-    peer = request.remote or "unknown"
-    previous = incoming.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    headers["X-Request-ID"] = request_id
-    return headers
+            lines += (name, b": ", value, b"\r\n")
+    peer = (request.remote or "unknown").encode()
+    forwarded_for = previous_for + b", " + peer if previous_for else peer
+    if host is None:
+        host = request.host.encode("idna")
+    lines += (
+        b"X-Forwarded-For: ",
+        forwarded_for,
+        b"\r\nX-Forwarded-Proto: ",
+        request.scheme.encode(),
+        b"\r\nX-Forwarded-Host: ",
+        host,
+        b"\r\nX-Request-ID: ",
+        request_id.encode("utf-8", "surrogateescape"),
+        b"\r\n",
+    )
+    return b"".join(lines)
 
 
 def client_response_headers(
-    upstream_headers: CIMultiDictProxy[str], backend: str, request_id: str
+    raw: list[tuple[bytes, bytes]], backend: str, request_id: str
 ) -> CIMultiDict[str]:
-    named = _connection_tokens(upstream_headers)
+    """The backend's response headers as the client gets them."""
     headers: CIMultiDict[str] = CIMultiDict()
-    for key, value in upstream_headers.items():
-        lowered = key.lower()
-        if lowered not in _RESPONSE_DROP and lowered not in named:
-            headers.add(key, value)
+    named: frozenset[bytes] = frozenset()
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _RESPONSE_DROP:
+            if lowered == b"connection":
+                named = named | _connection_tokens(value)
+            continue
+        headers.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
+    for token in named:
+        headers.popall(token.decode("latin-1"), None)
     headers["x-router-backend"] = backend
     headers["x-request-id"] = request_id
     return headers

@@ -10,15 +10,12 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from balancers.registry import COST_AWARE
 from balancers.request import RoutingRequest
@@ -48,13 +45,20 @@ from proxy.router import Router
 from proxy.shedding import LoadShedder, Shed
 from proxy.streaming import CLIENT_GONE, UPSTREAM_FAILED, relay
 from proxy.telemetry import Outcome, Telemetry
+from proxy.transport import (
+    NO_BODY_METHODS,
+    ConnectFailed,
+    StaleConnection,
+    Timeouts,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+)
 from proxy.upstream import Pool, Upstream
 
 # Bodies up to this size that arrive with a Content-Length are read whole and sent with one
 # write; anything else (SSE, chunked, large) is relayed chunk by chunk.
 BUFFER_LIMIT = 1 << 20
-# aiohttp adds these when absent; a proxy must send only what the client sent.
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
 QDRANT_PREFIX = "/qdrant"
 MAX_REQUEST_ID_LENGTH = 200
 
@@ -163,11 +167,10 @@ def _is_number(value: object) -> bool:
 
 
 class Gateway:
-    """Route handlers over one Router and one long-lived upstream ClientSession."""
+    """Route handlers over one Router and one long-lived upstream client."""
 
     def __init__(self, config: Config, router: Router) -> None:
-        self.session: aiohttp.ClientSession | None = None
-        self._fresh_session: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
         self.admission = Admission(
             config.routing.max_concurrent_requests, config.queue.size, config.queue.timeout
         )
@@ -200,15 +203,18 @@ class Gateway:
         self.shedder = LoadShedder(config.load_shedding, self.admission, router)
         self._priority_header = config.queue.priority_header
         routing = config.routing
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=routing.connect_timeout, sock_read=routing.idle_timeout
+        # Non-streamed: the total bounds silence too. Streams have no total: silence (before
+        # the headers and between chunks) is what ends them.
+        self._stream_timeouts = Timeouts(
+            connect=routing.connect_timeout,
+            first_byte=routing.first_byte_timeout,
+            idle=routing.idle_timeout,
         )
-        # Non-streamed: the total bounds silence too, so no per-read idle timer is armed
-        # (aiohttp re-arms it on every chunk received). Streams get the idle timer instead.
-        self._request_timeout_obj = aiohttp.ClientTimeout(
-            total=routing.request_timeout, sock_connect=routing.connect_timeout
+        self._request_timeouts = Timeouts(
+            connect=routing.connect_timeout,
+            first_byte=routing.first_byte_timeout,
+            total=routing.request_timeout,
         )
-        self._first_byte_timeout = routing.first_byte_timeout
         created = int(time.time())
         self.models_body = orjson.dumps(
             {
@@ -231,31 +237,16 @@ class Gateway:
 
     async def start(self) -> None:
         pool = self.config.connection_pool
-        connector = aiohttp.TCPConnector(
+        self.client = UpstreamClient(
             limit=pool.limit,
             limit_per_host=pool.limit_per_host,
             keepalive_timeout=pool.keepalive_timeout,
-            ttl_dns_cache=300,
-        )
-        self.session = self._client_session(connector)
-        # Only for resending after a stale keep-alive connection: always a new connection.
-        self._fresh_session = self._client_session(aiohttp.TCPConnector(force_close=True))
-
-    def _client_session(self, connector: aiohttp.BaseConnector) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._request_timeout_obj,
-            auto_decompress=False,  # relay the bytes as the backend encoded them
-            cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-            trust_env=False,
         )
 
     async def close(self) -> None:
-        for session in (self.session, self._fresh_session):
-            if session is not None:
-                await session.close()
-        self.session = self._fresh_session = None
+        if self.client is not None:
+            await self.client.close()
+        self.client = None
 
     def request_id(self, request: web.Request) -> str:
         given = request.headers.get("X-Request-ID")
@@ -553,20 +544,22 @@ class Gateway:
         upstream: Upstream,
         path: str,
         data: bytes,
-        headers: CIMultiDict[str],
+        headers: bytes,
         context: RequestContext,
         final: bool,
         stream: bool,
     ) -> web.StreamResponse:
         """One upstream exchange on a slot already taken; the slot is given back when the
         response's last byte is out, or on any failure or cancellation."""
-        url = upstream.url_for(path)
-        timeout = self._stream_timeout if stream else self._request_timeout_obj
+        method = request.method
+        start = upstream.request_start(method, path)
+        body = None if not data and method in NO_BODY_METHODS else data
+        timeouts = self._stream_timeouts if stream else self._request_timeouts
         started = time.perf_counter()
         try:
             try:
-                response = await self._send(request.method, url, data, headers, timeout)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                response = await self._send(upstream, start, headers, body, timeouts)
+            except ConnectFailed as exc:
                 context.backend_time += time.perf_counter() - started
                 self._failed(upstream)
                 raise AttemptFailed(
@@ -578,11 +571,11 @@ class Gateway:
                 raise AttemptFailed(
                     GatewayTimeout(f"backend '{upstream.name}' sent no response in time")
                 ) from None
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 context.backend_time += time.perf_counter() - started
                 self._failed(upstream)
                 raise AttemptFailed(
-                    BadGateway(f"backend '{upstream.name}' failed: {exc!r}")
+                    BadGateway(f"backend '{upstream.name}' failed: {exc}")
                 ) from None
             waited = time.perf_counter() - started
             context.backend_time += waited
@@ -595,57 +588,31 @@ class Gateway:
 
     async def _send(
         self,
-        method: str,
-        url: URL,
-        data: bytes,
-        headers: CIMultiDict[str],
-        timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
-        assert self.session is not None and self._fresh_session is not None
+        upstream: Upstream,
+        start: bytes,
+        headers: bytes,
+        body: bytes | None,
+        timeouts: Timeouts,
+    ) -> UpstreamResponse:
+        client = self.client
+        assert client is not None
+        origin = upstream.origin
+        if origin is None or origin.client is not client:
+            origin = upstream.origin = client.origin(upstream.url)
         try:
-            return await self._request(self.session, method, url, data, headers, timeout)
-        except aiohttp.ServerDisconnectedError:
-            # Usually a pooled keep-alive connection the backend had already closed: resend
-            # once, at once, on a new connection (even a POST: the backend closed before
-            # answering). A second disconnect is a real failure.
+            return await client.request(origin, start, headers, body, timeouts)
+        except StaleConnection:
+            # A pooled keep-alive connection the backend had already closed: resend once, at
+            # once, on a new connection (even a POST: the backend closed before answering).
+            # A second disconnect is a real failure.
             self.stats.stale_retries += 1
-            return await self._request(self._fresh_session, method, url, data, headers, timeout)
-
-    def _request(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: URL,
-        data: bytes,
-        headers: CIMultiDict[str],
-        timeout: aiohttp.ClientTimeout,
-    ) -> Awaitable[aiohttp.ClientResponse]:
-        """The request as an awaitable; a plain function rather than a coroutine, so the
-        common case adds no frame to every resumption of the request path."""
-        request = session.request(
-            method,
-            url,
-            data=data or None,
-            headers=headers,
-            timeout=timeout,
-            allow_redirects=False,
-        )
-        if self._first_byte_timeout is None:
-            return request
-        return self._within_first_byte_timeout(request)
-
-    async def _within_first_byte_timeout(
-        self, request: Awaitable[aiohttp.ClientResponse]
-    ) -> aiohttp.ClientResponse:
-        assert self._first_byte_timeout is not None
-        async with asyncio.timeout(self._first_byte_timeout):
-            return await request
+            return await client.request(origin, start, headers, body, timeouts, fresh=True)
 
     async def _respond(
         self,
         request: web.Request,
         upstream: Upstream,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         context: RequestContext,
         final: bool,
     ) -> web.StreamResponse:
@@ -655,7 +622,7 @@ class Gateway:
             if status in RETRY_STATUSES:
                 if status == 429:
                     upstream.cool_down(
-                        retry_after_seconds(response.headers.get("Retry-After")) or DEFAULT_COOLDOWN
+                        retry_after_seconds(response.header(b"retry-after")) or DEFAULT_COOLDOWN
                     )
                 else:
                     self._failed(upstream)
@@ -680,10 +647,10 @@ class Gateway:
                     raise GatewayTimeout(
                         f"backend '{upstream.name}' stalled while sending its response"
                     ) from None
-                except aiohttp.ClientError as exc:
+                except UpstreamError as exc:
                     clean = False
                     raise BadGateway(
-                        f"backend '{upstream.name}' broke off its response: {exc!r}"
+                        f"backend '{upstream.name}' broke off its response: {exc}"
                     ) from None
                 context.backend_time += time.perf_counter() - reading
                 if b'"usage"' in payload:

@@ -1,8 +1,8 @@
 """Relay an upstream body to the client as it arrives.
 
 Each chunk is written as soon as it is read: no buffering that would delay an SSE event. The
-write awaits the client's drain, so a slow client pauses our upstream reads, and aiohttp's
-StreamReader then pauses the upstream socket: memory stays flat however slow the reader.
+write awaits the client's drain, so a slow client pauses our upstream reads, and the upstream
+transport then pauses its socket: memory stays flat however slow the reader.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.telemetry import Outcome
+from proxy.transport import UpstreamError, UpstreamResponse
 
 log = logging.getLogger("request_router")
 
@@ -41,7 +41,7 @@ CLIENT_GONE = "client_gone"
 
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: CIMultiDict[str],
     backend: str,
     context: StreamContext,
@@ -50,14 +50,13 @@ async def relay(
     backend failure) or CLIENT_GONE (the client left; the upstream request is closed)."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
-    content = upstream.content
     first = True
     observe_gap = context.observe_gap
     last = 0.0
     while True:
         try:
-            chunk = await content.readany()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            chunk = await upstream.readany()
+        except (TimeoutError, UpstreamError) as exc:
             stalled = isinstance(exc, TimeoutError)
             log.warning(
                 "backend %s %s mid-response: %r", backend, "stalled" if stalled else "failed", exc
@@ -90,7 +89,7 @@ async def relay(
 async def _end_broken(
     request: web.Request,
     response: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     backend: str,
     stalled: bool,
 ) -> None:

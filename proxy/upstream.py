@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Collection, Sequence
-
-from yarl import URL
+from typing import Any
+from urllib.parse import urlsplit
 
 from balancers.base import Balancer, least_loaded, uses_request
 from balancers.decisions import DecisionCache, DecisionStats
@@ -19,7 +19,7 @@ from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
 from health.passive import LatencyRing, OutcomeRing, PeakEwma
 
-MAX_CACHED_URLS = 32  # per backend: the fixed routes, plus a few pass-through paths
+MAX_CACHED_STARTS = 32  # per backend: the fixed routes, plus a few pass-through paths
 
 
 class Upstream:
@@ -46,7 +46,10 @@ class Upstream:
         "latency",
         "latencies",
         "outcomes",
-        "_urls",
+        "origin",
+        "_base_path",
+        "_host",
+        "_starts",
     )
 
     def __init__(
@@ -84,17 +87,26 @@ class Upstream:
         self.latency = PeakEwma()
         self.latencies = LatencyRing()
         self.outcomes = OutcomeRing()
-        self._urls: dict[str, URL] = {}
+        # The transport's connection pool for this backend, bound on first use.
+        self.origin: Any = None
+        parts = urlsplit(self.url)
+        self._base_path = parts.path
+        self._host = parts.netloc.rpartition("@")[2]
+        self._starts: dict[tuple[str, str], bytes] = {}
 
-    def url_for(self, path: str) -> URL:
-        """The upstream URL of `path` (already percent-encoded), built once per path for the
-        fixed routes; arbitrary pass-through paths are built each time, not remembered."""
-        url = self._urls.get(path)
-        if url is None:
-            url = URL(self.url + path, encoded=True)
-            if len(self._urls) < MAX_CACHED_URLS:
-                self._urls[path] = url
-        return url
+    def request_start(self, method: str, path: str) -> bytes:
+        """The request line and Host header of `method` on `path` (already percent-encoded),
+        built once for the fixed routes; arbitrary pass-through paths are not remembered."""
+        key = (method, path)
+        start = self._starts.get(key)
+        if start is None:
+            target = self._base_path + path
+            start = f"{method} {target} HTTP/1.1\r\nHost: {self._host}\r\n".encode(
+                "utf-8", "surrogateescape"
+            )
+            if len(self._starts) < MAX_CACHED_STARTS:
+                self._starts[key] = start
+        return start
 
     def available(self) -> bool:
         return (
