@@ -1,21 +1,28 @@
 """Prometheus exposition: every metric declared once, in a registry of the app's own.
 
-Per-request cost is kept to dictionary lookups and increments: label children are bound once
-per label set and cached, and everything that is state rather than an event (in-flight and
-queued counts, breaker and health state, the gateway's counters) is read at scrape time by a
-collector instead of being updated on the request path.
+Per-request cost is kept to dictionary lookups and additions on plain numbers, turned into
+metric families when Prometheus scrapes; everything that is state rather than an event
+(in-flight and queued counts, breaker and health state, the gateway's counters) is read at
+scrape time too instead of being updated on the request path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from itertools import accumulate
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from circuit.breaker import BreakerState
 from proxy.handler import Gateway
@@ -94,87 +101,158 @@ class GatewayCollector(Collector):
             yield CounterMetricFamily(name, documentation, value=value)
 
 
-class PrometheusMetrics:
-    def __init__(self, gateway: Gateway) -> None:
-        self.registry = CollectorRegistry()
-        registry = self.registry
-        self.requests = Counter(
-            "router_requests",
-            "Finished requests",
-            ["pool", "backend", "route", "status_class"],
-            registry=registry,
+class HistogramSeries:
+    """One histogram's cumulative counts, kept as plain numbers: an observation is a bisect and
+    two additions, with no lock (the event loop serialises the request path)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        cumulative = list(accumulate(self.counts))
+        edges = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+        return list(zip(edges, cumulative, strict=True))
+
+
+class Histograms:
+    """A labelled histogram: one series per label set, made on first use."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], bounds: tuple[float, ...]
+    ):
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.bounds = bounds
+        self.series: dict[tuple[str, ...], HistogramSeries] = {}
+
+    def __call__(self, *labels: str) -> HistogramSeries:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = HistogramSeries(self.bounds)
+        return series
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, series in self.series.items():
+            family.add_metric(list(labels), series.buckets(), series.sum)
+        return family
+
+
+class Counters:
+    """A labelled counter: label tuple -> running total."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in self.values.items():
+            family.add_metric(list(labels), value)
+        return family
+
+
+class RequestMetrics(Collector):
+    """What finished requests did, accumulated in plain counters on the request path and turned
+    into Prometheus families when scraped. (prometheus_client's own Counter and Histogram take
+    a lock per increment: py-spy showed them among the request path's costliest calls.)"""
+
+    def __init__(self) -> None:
+        self.requests = Counters(
+            "router_requests", "Finished requests", ("pool", "backend", "route", "status_class")
         )
-        self.duration = Histogram(
+        self.tokens = Counters(
+            "router_tokens", "Tokens reported by backends in `usage`", ("model", "kind")
+        )
+        self.cost = Counters("router_cost", "Cost of served requests", ("model",))
+        self.duration = Histograms(
             "router_request_duration_seconds",
             "Request duration, last byte included",
-            ["pool"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            ("pool",),
+            LATENCY_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = Histograms(
             "router_time_to_first_token_seconds",
             "Time to the first streamed chunk",
-            ["pool"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            ("pool",),
+            LATENCY_BUCKETS,
         )
-        self.gap = Histogram(
-            "router_inter_token_gap_seconds",
-            "Time between streamed chunks",
-            ["pool"],
-            buckets=GAP_BUCKETS,
-            registry=registry,
+        self.gap = Histograms(
+            "router_inter_token_gap_seconds", "Time between streamed chunks", ("pool",), GAP_BUCKETS
         )
-        self.overhead = Histogram(
+        self.overhead = Histograms(
             "router_gateway_overhead_seconds",
             "Time spent in the gateway, backend excluded",
-            buckets=OVERHEAD_BUCKETS,
-            registry=registry,
+            (),
+            OVERHEAD_BUCKETS,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = Histograms(
             "router_queue_wait_seconds",
             "Time spent waiting for a backend slot",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            (),
+            LATENCY_BUCKETS,
         )
-        self.tokens = Counter(
-            "router_tokens",
-            "Tokens reported by backends in `usage`",
-            ["model", "kind"],
-            registry=registry,
-        )
-        self.cost = Counter("router_cost", "Cost of served requests", ["model"], registry=registry)
-        registry.register(GatewayCollector(gateway))
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self._overhead = self.overhead()
+        self._queue_wait = self.queue_wait()
+        self._status_classes = STATUS_CLASSES
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels) if labels else metric
-        return child
-
-    def gap_observer(self, pool: str) -> Any:
-        return self._child(self.gap, pool).observe
+    def gap_observer(self, pool: str) -> Callable[[float], None]:
+        return self.gap(pool).observe
 
     def observe(self, outcome: Outcome) -> None:
-        status_class = STATUS_CLASSES.get(outcome.status // 100, "other")
-        backend = outcome.backend or "none"
-        self._child(self.requests, outcome.pool, backend, outcome.route, status_class).inc()
-        self._child(self.duration, outcome.pool).observe(outcome.duration)
-        self._child(self.overhead).observe(outcome.overhead)
+        status_class = self._status_classes.get(outcome.status // 100, "other")
+        key = (outcome.pool, outcome.backend or "none", outcome.route, status_class)
+        requests = self.requests.values
+        requests[key] = requests.get(key, 0) + 1
+        self.duration(outcome.pool).observe(outcome.duration)
+        self._overhead.observe(outcome.overhead)
         if outcome.queue_wait > 0.0001:
-            self._child(self.queue_wait).observe(outcome.queue_wait)
+            self._queue_wait.observe(outcome.queue_wait)
         if outcome.ttft is not None:
-            self._child(self.ttft, outcome.pool).observe(outcome.ttft)
+            self.ttft(outcome.pool).observe(outcome.ttft)
         model = outcome.model
         if model is not None:
             if outcome.prompt_tokens:
-                self._child(self.tokens, model, "prompt").inc(outcome.prompt_tokens)
+                self._add(self.tokens, (model, "prompt"), outcome.prompt_tokens)
             if outcome.completion_tokens:
-                self._child(self.tokens, model, "completion").inc(outcome.completion_tokens)
+                self._add(self.tokens, (model, "completion"), outcome.completion_tokens)
             if outcome.cost:
-                self._child(self.cost, model).inc(outcome.cost)
+                self._add(self.cost, (model,), outcome.cost)
+
+    @staticmethod
+    def _add(counters: Counters, key: tuple[str, ...], amount: float) -> None:
+        counters.values[key] = counters.values.get(key, 0) + amount
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.requests.family()
+        yield self.duration.family()
+        yield self.ttft.family()
+        yield self.gap.family()
+        yield self.overhead.family()
+        yield self.queue_wait.family()
+        yield self.tokens.family()
+        yield self.cost.family()
+
+
+class PrometheusMetrics:
+    def __init__(self, gateway: Gateway) -> None:
+        self.registry = CollectorRegistry()
+        self.events = RequestMetrics()
+        self.registry.register(self.events)
+        self.registry.register(GatewayCollector(gateway))
+        self.observe = self.events.observe
+        self.gap_observer = self.events.gap_observer
 
     async def handler(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
