@@ -27,9 +27,8 @@ from urllib.parse import urlsplit
 import httptools
 
 # A streamed body waiting for its reader above this many bytes pauses the upstream socket;
-# reading it down below the low mark resumes it.
+# the next read takes all of it and resumes the socket.
 HIGH_WATER = 1 << 16
-LOW_WATER = 1 << 14
 # Bodies at least this large are written after the head instead of joined to it (no copy).
 JOIN_LIMIT = 1 << 16
 # Requests of these methods without a body are sent without Content-Length (as clients do).
@@ -130,17 +129,23 @@ class UpstreamResponse:
         return b"".join(body)
 
     async def readany(self) -> bytes:
-        """The next part of the body as it arrived; b"" at its end."""
+        """All of the body that has arrived and not been read yet (waiting for some if none
+        has); b"" at its end. Parts that arrived together leave together: one write for the
+        relay instead of one per part."""
         self._streaming = True
         body = self._body
         while not body:
             if self.complete:
                 return b""
             await self._wait()
-        chunk = body.popleft()
-        self._buffered -= len(chunk)
+        if len(body) == 1:
+            chunk = body.popleft()
+        else:
+            chunk = b"".join(body)
+            body.clear()
+        self._buffered = 0
         connection = self._connection
-        if connection is not None and connection.paused and self._buffered <= LOW_WATER:
+        if connection is not None and connection.paused:
             connection.resume()
         return chunk
 
