@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Collection, Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
 from balancers.base import Balancer, least_loaded, uses_request
@@ -18,6 +17,7 @@ from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
 from health.passive import LatencyRing, OutcomeRing, PeakEwma
+from proxy.transport import Origin
 
 MAX_CACHED_STARTS = 32  # per backend: the fixed routes, plus a few pass-through paths
 
@@ -88,7 +88,7 @@ class Upstream:
         self.latencies = LatencyRing()
         self.outcomes = OutcomeRing()
         # The transport's connection pool for this backend, bound on first use.
-        self.origin: Any = None
+        self.origin: Origin | None = None
         parts = urlsplit(self.url)
         self._base_path = parts.path
         self._host = parts.netloc.rpartition("@")[2]
