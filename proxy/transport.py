@@ -399,8 +399,11 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks ------------------------------------------------------------------
 
     def on_status(self, status: bytes) -> None:
-        assert self.response is not None
-        self.response.reason = status.decode("latin-1")
+        response = self.response
+        assert response is not None
+        if response.complete:  # a second answer to one request: never reuse this connection
+            raise UpstreamBroken("the backend sent more than one response")
+        response.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None

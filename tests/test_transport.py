@@ -195,6 +195,14 @@ async def test_head_responses_have_no_body_whatever_their_length(backend_with, c
     assert await exchange(client, backend, None, method="HEAD") == (200, b"")
 
 
+async def test_a_second_answer_to_one_request_retires_the_connection(backend_with, client):
+    backend = await backend_with(lambda n, request: OK + OK)
+    assert await exchange(client, backend) == (200, b"{}")
+    await asyncio.wait_for(backend.closed.wait(), 2)  # not kept for the next request
+    assert await exchange(client, backend) == (200, b"{}")
+    assert backend.connections == 2
+
+
 async def test_garbage_is_not_http(backend_with, client) -> None:
     backend = await backend_with(lambda n, request: b"SSH-2.0-OpenSSH_9.6\r\n")
     with pytest.raises(UpstreamBroken, match="invalid HTTP response"):
