@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterable
 
@@ -59,8 +60,10 @@ class ActiveHealthChecker:
         config: HealthCheckConfig,
         rng: random.Random | None = None,
         on_change: Callable[[], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
+        self._tls = tls  # how https backends are verified (the gateway's own rule)
         self._on_change = on_change
         self._rng = rng if rng is not None else random.Random()
         self.probes: dict[str, ProbeState] = {}
@@ -72,6 +75,7 @@ class ActiveHealthChecker:
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self._tls if self._tls is not None else True),
             timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             cookie_jar=aiohttp.DummyCookieJar(),
         )

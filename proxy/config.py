@@ -150,11 +150,14 @@ class ChaosConfig:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionPoolConfig:
-    """Upstream keep-alive pool of the one long-lived client session."""
+    """Upstream keep-alive pools of the gateway's one upstream client."""
 
     limit: int = 1000
     limit_per_host: int = 0
     keepalive_timeout: float = 30.0
+    # CA certificates (PEM) that https backends' certificates must chain to, instead of the
+    # system's trust store: for backends with certificates from a private CA.
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +326,13 @@ class _Section:
         if self._data:
             key = next(iter(self._data))
             raise ConfigError(f"{self._key(str(key))}: unknown key (value {self._data[key]!r})")
+
+
+def _existing_file(section: _Section, key: str) -> str | None:
+    value = section.string(key, None) or None
+    if value is not None and not os.path.isfile(value):
+        raise ConfigError(f"{section._key(key)}: no such file {value!r}")
+    return value
 
 
 def _check_url(url: Any, path: str) -> str:
@@ -649,6 +659,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         limit=s.integer("limit", 1000),
         limit_per_host=s.integer("limit_per_host", 0),
         keepalive_timeout=s.number("keepalive_timeout", 30.0),
+        ca_file=_existing_file(s, "ca_file"),
     )
     s.done()
 

@@ -253,6 +253,7 @@ class Gateway:
             limit=pool.limit,
             limit_per_host=pool.limit_per_host,
             keepalive_timeout=pool.keepalive_timeout,
+            ca_file=pool.ca_file,
         )
 
     async def close(self) -> None:

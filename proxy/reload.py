@@ -18,6 +18,7 @@ from health.active import ActiveHealthChecker
 from proxy.config import Config, ConfigError, load
 from proxy.handler import Gateway
 from proxy.router import Router
+from proxy.transport import tls_context
 
 log = logging.getLogger("request_router")
 
@@ -31,8 +32,12 @@ class HealthService:
     async def restart(self, router: Router, config: Config) -> None:
         await self.stop()
         if config.health_check.enabled:
+            ca_file = config.connection_pool.ca_file
             self.checker = ActiveHealthChecker(
-                router.home_pools(), config.health_check, on_change=router.refresh_health
+                router.home_pools(),
+                config.health_check,
+                on_change=router.refresh_health,
+                tls=tls_context(ca_file) if ca_file else None,
             )
             self.checker.start()
 
