@@ -44,23 +44,23 @@ def _connection_tokens(value: bytes) -> frozenset[bytes]:
 
 def upstream_request_headers(request: web.Request, request_id: str) -> bytes:
     """The header lines sent to the backend (each ending in CRLF; no Host, no length)."""
-    raw = request.raw_headers
-    named: frozenset[bytes] = frozenset()
+    connection = request.headers.getall("Connection", ())
+    named = (
+        _connection_tokens(",".join(connection).encode("utf-8", "surrogateescape"))
+        if connection
+        else frozenset()
+    )
     previous_for: bytes | None = None
     host: bytes | None = None
-    for name, value in raw:
+    lines: list[bytes] = []
+    for name, value in request.raw_headers:
         lowered = name.lower()
         if lowered in _REQUEST_DROP:
-            if lowered == b"connection":
-                named = named | _connection_tokens(value)
-            elif lowered == b"x-forwarded-for":
+            if lowered == b"x-forwarded-for":
                 previous_for = value if previous_for is None else previous_for + b", " + value
             elif lowered == b"host" and host is None:
                 host = value
-    lines: list[bytes] = []
-    for name, value in raw:
-        lowered = name.lower()
-        if lowered not in _REQUEST_DROP and lowered not in named:
+        elif lowered not in named:
             lines += (name, b": ", value, b"\r\n")
     peer = (request.remote or "unknown").encode()
     forwarded_for = previous_for + b", " + peer if previous_for else peer

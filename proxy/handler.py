@@ -568,10 +568,24 @@ class Gateway:
         start = upstream.request_start(method, path)
         body = None if not data and method in NO_BODY_METHODS else data
         timeouts = self._stream_timeouts if stream else self._request_timeouts
+        client = self.client
+        assert client is not None
+        origin = upstream.origin
+        if origin is None or origin.client is not client:
+            origin = upstream.origin = client.origin(upstream.url)
         started = time.perf_counter()
         try:
             try:
-                response = await self._send(upstream, start, headers, body, timeouts)
+                try:
+                    response = await client.request(origin, start, headers, body, timeouts)
+                except StaleConnection:
+                    # A pooled keep-alive connection the backend had already closed: resend
+                    # once, at once, on a new connection (even a POST: the backend closed
+                    # before answering). A second disconnect is a real failure.
+                    self.stats.stale_retries += 1
+                    response = await client.request(
+                        origin, start, headers, body, timeouts, fresh=True
+                    )
             except ConnectFailed as exc:
                 context.backend_time += time.perf_counter() - started
                 self._failed(upstream)
@@ -598,28 +612,6 @@ class Gateway:
             return await self._respond(request, upstream, response, context, final)
         finally:
             self.admission.release(upstream)
-
-    async def _send(
-        self,
-        upstream: Upstream,
-        start: bytes,
-        headers: bytes,
-        body: bytes | None,
-        timeouts: Timeouts,
-    ) -> UpstreamResponse:
-        client = self.client
-        assert client is not None
-        origin = upstream.origin
-        if origin is None or origin.client is not client:
-            origin = upstream.origin = client.origin(upstream.url)
-        try:
-            return await client.request(origin, start, headers, body, timeouts)
-        except StaleConnection:
-            # A pooled keep-alive connection the backend had already closed: resend once, at
-            # once, on a new connection (even a POST: the backend closed before answering).
-            # A second disconnect is a real failure.
-            self.stats.stale_retries += 1
-            return await client.request(origin, start, headers, body, timeouts, fresh=True)
 
     async def _respond(
         self,
