@@ -185,7 +185,7 @@ class UpstreamResponse:
     def _end(self, error: BaseException | None) -> None:
         if error is None:
             self.complete = True
-        elif not self.complete:
+        elif not self.complete and self._error is None:  # the first cause is the one to tell
             self._error = error
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -311,13 +311,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _fail(self, error: BaseException) -> None:
         """End the exchange with `error` and close the connection (it is not reusable)."""
+        self._end_exchange(error)
+        self.abort()
+
+    def _end_exchange(self, error: BaseException) -> None:
+        """Whoever waits on this connection (for headers or body) gets `error`."""
         waiter = self._waiter
         self._waiter = None
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
         elif self.response is not None:
             self.response._end(error)
-        self.abort()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -325,12 +329,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
 
     def abort(self) -> None:
+        """Close now; an exchange still waiting on the connection ends with an error rather
+        than waiting for a connection_lost that, for a closed connection, tells nothing."""
         if not self.closed:
             self.closed = True
             self._cancel_timer()
             if self.transport is not None:
                 self.transport.abort()
             self.origin.forget(self)
+            self._end_exchange(UpstreamBroken("the gateway closed the connection"))
 
     def pause(self) -> None:
         if self.transport is not None and not self.paused:

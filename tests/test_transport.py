@@ -286,3 +286,14 @@ async def test_a_cancelled_request_closes_its_connection(backend_with, client) -
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.wait_for(backend.closed.wait(), 2)
+
+
+async def test_closing_the_client_ends_requests_in_flight(backend_with) -> None:
+    backend = await backend_with(lambda n, request: ...)
+    upstream = UpstreamClient()
+    task = asyncio.create_task(exchange(upstream, backend))
+    while not backend.requests:
+        await asyncio.sleep(0.01)
+    await upstream.close()
+    with pytest.raises(UpstreamBroken, match="gateway closed"):
+        await asyncio.wait_for(task, 2)
