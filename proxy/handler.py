@@ -127,15 +127,36 @@ class GatewayStats:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request body. When all of it came with the headers (the usual small JSON request)
-    it is taken as it is: aiohttp's `read()` would copy it twice on the way."""
+    """The request body, up to the body size limit. Not `request.read()`: that copies the body
+    twice and keeps it on the request, which aiohttp keeps alive with its connection until
+    the next request arrives (an idle client would hold its last upload)."""
     content = request.content
-    if not content.is_eof():
-        return await request.read()
-    body = content.read_nowait()
-    if len(body) > request.client_max_size:
-        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=len(body))
+    limit = request.client_max_size
+    if content.is_eof():  # all of it came with the headers: the usual small JSON request
+        body = content.read_nowait()
+        size = len(body)
+    else:
+        chunks = []
+        size = 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    if size > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
     return body
+
+
+class ForwardedResponse(web.Response):
+    """A buffered backend answer. aiohttp keeps a connection's last response alive until the
+    next request on it: this one lets go of its body once sent, so an idle client does not
+    hold up to BUFFER_LIMIT bytes."""
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        self.body = None
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -663,7 +684,7 @@ class Gateway:
                 overhead = context.overhead()
                 context.outcome.overhead = overhead
                 headers["x-router-overhead-ms"] = f"{overhead * 1000:.3f}"
-                return web.Response(
+                return ForwardedResponse(
                     status=status, reason=response.reason, body=payload, headers=headers
                 )
             overhead = context.overhead()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from simulator.cluster import Cluster
 from tests.conftest import MODELS, RunningGateway, StartGateway, chat, config_document
@@ -232,3 +234,23 @@ async def test_text_completions_route(gateway, http) -> None:
         data = await response.json()
     assert data["object"] == "text_completion"
     assert data["choices"][0]["text"].startswith("[phi-3-mini]")
+
+
+async def test_an_idle_client_connection_does_not_hold_its_last_response_body(
+    gateway, cluster: Cluster, http
+) -> None:
+    """aiohttp keeps a connection's last response object until the next request on it."""
+    cluster["hermes-2"].behaviour.update({"tokens": 100, "token_bytes": 8000})
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.status == 200
+        assert len(await r.read()) > 700_000
+    gc.collect()  # the client connection stays open and idle in `http`'s pool
+    held = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, web.Response)
+        and "x-router-backend" in o.headers
+        and o.body is not None
+        and len(o.body) > 700_000
+    ]
+    assert held == []
