@@ -28,6 +28,13 @@ def authority() -> trustme.CA:
 
 
 @pytest.fixture
+def ca_file(authority: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
 async def https_backend(authority: trustme.CA) -> AsyncIterator[str]:
     """A simulated model server behind a certificate for localhost from the private CA."""
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -53,11 +60,9 @@ def config_for(url: str, ca_file: str | None) -> dict:
 
 
 async def test_requests_reach_a_backend_with_a_private_ca(
-    authority: trustme.CA, https_backend: str, start_gateway: StartGateway, tmp_path: Path
+    ca_file: str, https_backend: str, start_gateway: StartGateway
 ) -> None:
-    ca_file = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_file))
-    gateway = await start_gateway(config_for(https_backend, str(ca_file)))
+    gateway = await start_gateway(config_for(https_backend, ca_file))
     async with aiohttp.ClientSession() as http:
         for _ in range(3):
             async with http.post(f"{gateway.url}/v1/chat/completions", json=chat(MODEL)) as r:
@@ -78,14 +83,12 @@ async def test_an_untrusted_certificate_is_refused(
 
 
 async def test_health_probes_verify_with_the_same_ca(
-    authority: trustme.CA, https_backend: str, start_gateway: StartGateway, tmp_path: Path
+    ca_file: str, https_backend: str, start_gateway: StartGateway
 ) -> None:
-    ca_file = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_file))
-    gateway = await start_gateway(config_for(https_backend, str(ca_file)))
+    gateway = await start_gateway(config_for(https_backend, ca_file))
     pools = [gateway.router.models[MODEL]]
     config = HealthCheckConfig(enabled=True, interval=60)
-    for tls, expected in ((tls_context(str(ca_file)), True), (None, False)):
+    for tls, expected in ((tls_context(ca_file), True), (None, False)):
         checker = ActiveHealthChecker(pools, config, tls=tls)
         checker.start()
         try:
