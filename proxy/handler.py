@@ -434,9 +434,11 @@ class Gateway:
                 )
             blocked = self.blocked_for(pool, routing)
             while True:
-                queued_at = time.perf_counter()
-                upstream = await self._admit(pools, tried, priority, routing, blocked)
-                outcome.queue_wait += time.perf_counter() - queued_at
+                upstream = self._admit_now(pools, tried, routing, blocked)
+                if upstream is None:
+                    queued_at = time.perf_counter()
+                    upstream = await self._admit_later(pools, priority, routing, blocked)
+                    outcome.queue_wait += time.perf_counter() - queued_at
                 context.attempt += 1
                 if context.attempt > 1:
                     self.stats.retries += 1
@@ -544,16 +546,15 @@ class Gateway:
             blocked = (*blocked, *(u for u in pool.upstreams if u.cost > cheapest))
         return blocked
 
-    async def _admit(
+    def _admit_now(
         self,
         pools: tuple[Pool, ...],
         tried: list[Upstream],
-        priority: int,
-        routing: RoutingRequest | None = None,
-        blocked: tuple[Upstream, ...] = (),
-    ) -> Upstream:
-        """A backend slot: free now (preferring untried backends, then the chain's order), or
-        the first to free up in the queue; 503 at once when no backend could serve at all."""
+        routing: RoutingRequest | None,
+        blocked: tuple[Upstream, ...],
+    ) -> Upstream | None:
+        """A backend slot free now, preferring untried backends, then the chain's order. A
+        plain function: the common case costs no coroutine."""
         admission = self.admission
         first: Collection[Upstream] = (*tried, *blocked) if blocked else tried
         for candidates in (first, blocked) if tried else (blocked,):
@@ -561,6 +562,18 @@ class Gateway:
                 upstream = admission.try_acquire(pool, candidates, routing)
                 if upstream is not None:
                     return upstream
+        return None
+
+    async def _admit_later(
+        self,
+        pools: tuple[Pool, ...],
+        priority: int,
+        routing: RoutingRequest | None,
+        blocked: tuple[Upstream, ...],
+    ) -> Upstream:
+        """The first slot to free up in the queue; 503 at once when no backend could serve
+        at all."""
+        admission = self.admission
         if admission.in_flight >= admission.max_in_flight or any(
             p.has_live(blocked) for p in pools
         ):
