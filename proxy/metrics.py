@@ -127,7 +127,7 @@ class Histograms:
 
     def __init__(
         self, name: str, documentation: str, labels: tuple[str, ...], bounds: tuple[float, ...]
-    ):
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.labels = labels
