@@ -31,6 +31,9 @@ import httptools
 HIGH_WATER = 1 << 16
 # Bodies at least this large are written after the head instead of joined to it (no copy).
 JOIN_LIMIT = 1 << 16
+# A backend's status line and headers larger than this end the exchange (aiohttp's client
+# allowed 8 KiB per line); without a cap a broken backend could grow the parser's buffer.
+MAX_HEAD_BYTES = 1 << 16
 # Requests of these methods without a body are sent without Content-Length (as clients do).
 NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
@@ -219,6 +222,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_informational",
         "_head",
         "_keep_alive",
+        "_head_bytes",
     )
 
     def __init__(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> None:
@@ -242,6 +246,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._informational = False
         self._head = False  # answering HEAD: headers only, whatever Content-Length says
         self._keep_alive = False  # the response allows reuse (read at its headers)
+        self._head_bytes = 0  # received before the headers were complete
 
     # --- the exchange -------------------------------------------------------------------------
 
@@ -256,6 +261,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._received = False
         self._headers_done = False
         self._informational = False
+        self._head_bytes = 0
         self._head = request.startswith(b"HEAD ")
         waiter = self._waiter = loop.create_future()
         self._deadline = now + timeouts.total if timeouts.total is not None else math.inf
@@ -368,6 +374,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"backend sent an invalid HTTP response: {exc}"))
+            return
+        if not self._headers_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(
+                    UpstreamBroken(f"backend's response headers exceed {MAX_HEAD_BYTES} bytes")
+                )
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost says what it meant

@@ -203,6 +203,14 @@ async def test_a_second_answer_to_one_request_retires_the_connection(backend_wit
     assert backend.connections == 2
 
 
+async def test_endless_headers_are_cut_off(backend_with, client) -> None:
+    flood = b"HTTP/1.1 200 OK\r\n" + b"X-Padding: " + b"a" * 200_000
+    backend = await backend_with(lambda n, request: flood)
+    with pytest.raises(UpstreamBroken, match="headers exceed"):
+        await exchange(client, backend)
+    await asyncio.wait_for(backend.closed.wait(), 2)
+
+
 async def test_garbage_is_not_http(backend_with, client) -> None:
     backend = await backend_with(lambda n, request: b"SSH-2.0-OpenSSH_9.6\r\n")
     with pytest.raises(UpstreamBroken, match="invalid HTTP response"):
