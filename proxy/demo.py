@@ -29,6 +29,7 @@ request-router demo: simulated backends are up and the gateway is listening on {
 
   curl -s -X PUT {base}/api/v1/router/strategy -d '{{"strategy": "least_connections"}}'
 
+  pip install openai   # once, for the SDK example below
   python - <<'PY'
   from openai import OpenAI
   client = OpenAI(base_url="{base}/v1", api_key="unused")
