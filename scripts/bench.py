@@ -268,7 +268,7 @@ async def wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def config_for(ports: dict[str, int], data: Path) -> dict:
+def config_for(ports: dict[str, int], data: Path, accounting: bool = True) -> dict:
     models = {
         "mixtral-8x7b": (1.0, 10, 0.0027),
         "hermes-2": (0.8, 20, 0.0018),
@@ -277,7 +277,7 @@ def config_for(ports: dict[str, int], data: Path) -> dict:
     }
     return {
         "server": {"host": "127.0.0.1"},
-        "accounting": {"sqlite_path": str(data / "requests.db")},
+        "accounting": {"enabled": accounting, "sqlite_path": str(data / "requests.db")},
         "logging": {"audit_log": str(data / "audit.jsonl")},
         "models": {
             name: {
@@ -309,6 +309,11 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="SSE chunks per stream")
     parser.add_argument("--smoke", action="store_true", help="2 s phases, small samples")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument(
+        "--no-accounting",
+        action="store_true",
+        help="SQL accounting off (issue 6's conditions: queue, balancer, breakers, metrics)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.duration, args.tokens = 2.0, 50
@@ -330,7 +335,11 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         data = Path(tmp)
         config_path = data / "bench.yaml"
-        config_path.write_text(yaml.safe_dump(config_for(ports, data), sort_keys=False))
+        config_path.write_text(
+            yaml.safe_dump(
+                config_for(ports, data, accounting=not args.no_accounting), sort_keys=False
+            )
+        )
         python = sys.executable
         sims = subprocess.Popen(
             pinned(load_core, [python, "-m", "simulator", "--config", str(config_path)]),
@@ -415,6 +424,11 @@ async def main() -> None:
     pinning = "unpinned" if gateway_core is None else "gateway on core 0, load + backends on core 1"
     rows = [
         ("load generator", f"{generator}, {args.connections} connections, {pinning}"),
+        (
+            "request path",
+            "queue, balancer, breakers, metrics"
+            + ("" if args.no_accounting else ", SQLite accounting"),
+        ),
         ("direct ceiling (one simulator)", f"{ceiling.rps:,.0f} req/s"),
         ("gateway requests/s", f"{through.rps:,.0f} req/s ({through.errors} errors)"),
         ("ratio to direct ceiling", f"{through.rps / ceiling.rps:.2f}" if ceiling.rps else "-"),
