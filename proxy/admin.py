@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from balancers.registry import UnknownStrategyError, strategy_names
@@ -23,12 +22,13 @@ from proxy.chaos import Chaos
 from proxy.config import ConfigError
 from proxy.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized
 from proxy.handler import Gateway, parse_object
+from proxy.jsonbody import json_bytes
 from proxy.reload import Reloader
 from proxy.router import Router
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+    return web.Response(body=json_bytes(data), status=status, content_type="application/json")
 
 
 def now_iso() -> str:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import time
 
-import orjson
 from aiohttp import web
 
 from proxy.handler_types import Handler, Middleware
+from proxy.jsonbody import json_bytes
 
 log = logging.getLogger("request_router")
 
@@ -87,7 +87,7 @@ def error_response(
     code: str,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    body = orjson.dumps({"error": {"message": message, "type": error_type, "code": code}})
+    body = json_bytes({"error": {"message": message, "type": error_type, "code": code}})
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 

@@ -38,6 +38,7 @@ from proxy.errors import (
     NoBackendAvailable,
 )
 from proxy.forward import client_response_headers, upstream_request_headers
+from proxy.jsonbody import json_bytes
 from proxy.queue import NORMAL_PRIORITY, PRIORITIES, Admission
 from proxy.ratelimit import RateLimiter
 from proxy.retry import DEFAULT_COOLDOWN, RETRY_STATUSES, RetryPolicy, retry_after_seconds
@@ -249,7 +250,7 @@ class Gateway:
             total=routing.request_timeout,
         )
         created = int(time.time())
-        self.models_body = orjson.dumps(
+        self.models_body = json_bytes(
             {
                 "object": "list",
                 "data": [

@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.handler_types import Handler, Middleware
+from proxy.jsonbody import json_bytes
 
 log = logging.getLogger("request_router.peers")
 
@@ -209,7 +210,7 @@ class Peers:
             if isinstance(merged, dict):
                 merged["workers"] = {"reporting": len(documents), "total": self.total}
             response = web.Response(
-                body=orjson.dumps(merged), status=local.status, content_type="application/json"
+                body=json_bytes(merged), status=local.status, content_type="application/json"
             )
         return response
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tracemalloc
 from collections import Counter
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from proxy.jsonbody import json_bytes
 from simulator.cluster import Cluster
 from tests.conftest import MODELS, RunningGateway, StartGateway, chat, config_document
 
@@ -254,3 +256,17 @@ async def test_an_idle_client_connection_does_not_hold_its_last_response_body(
         and len(o.body) > 700_000
     ]
     assert held == []
+
+
+def test_json_bodies_take_only_their_own_size() -> None:
+    """orjson's output keeps 4 KiB of slack; bodies an idle connection keeps must not."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        bodies = [json_bytes({"status": "alive", "pid": pid}) for pid in range(100)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    allocated = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert allocated / len(bodies) < 256
+    assert orjson.loads(bodies[7]) == {"status": "alive", "pid": 7}
