@@ -104,7 +104,7 @@ class UpstreamResponse:
         self.chunked = False
         self.complete = False
         self._connection: UpstreamConnection | None = connection
-        self._body: collections.deque[bytes] = collections.deque()
+        self._body: list[bytes] = []  # parts not read yet (a read takes them all)
         self._buffered = 0
         self._streaming = False
         self._error: BaseException | None = None
@@ -141,11 +141,8 @@ class UpstreamResponse:
             if self.complete:
                 return b""
             await self._wait()
-        if len(body) == 1:
-            chunk = body.popleft()
-        else:
-            chunk = b"".join(body)
-            body.clear()
+        chunk = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
         self._buffered = 0
         connection = self._connection
         if connection is not None and connection.paused:
