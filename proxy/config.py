@@ -316,6 +316,13 @@ class _Section:
             return None
         return self.number(key, 0.0, minimum=minimum)
 
+    def existing_file(self, key: str) -> str | None:
+        """An optional path that must name a file (checked now, not at first use)."""
+        value = self.string(key, None) or None
+        if value is not None and not os.path.isfile(value):
+            raise ConfigError(f"{self._key(key)}: no such file {value!r}")
+        return value
+
     def strings(self, key: str) -> tuple[str, ...]:
         value = self._data.pop(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -326,13 +333,6 @@ class _Section:
         if self._data:
             key = next(iter(self._data))
             raise ConfigError(f"{self._key(str(key))}: unknown key (value {self._data[key]!r})")
-
-
-def _existing_file(section: _Section, key: str) -> str | None:
-    value = section.string(key, None) or None
-    if value is not None and not os.path.isfile(value):
-        raise ConfigError(f"{section._key(key)}: no such file {value!r}")
-    return value
 
 
 def _check_url(url: Any, path: str) -> str:
@@ -659,7 +659,7 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
         limit=s.integer("limit", 1000),
         limit_per_host=s.integer("limit_per_host", 0),
         keepalive_timeout=s.number("keepalive_timeout", 30.0),
-        ca_file=_existing_file(s, "ca_file"),
+        ca_file=s.existing_file("ca_file"),
     )
     s.done()
 

@@ -224,6 +224,7 @@ class Gateway:
         the request path only reads attributes. In-flight requests keep what they hold."""
         self.config = config
         self.router = router
+        self._bind_origins()
         self.admission.max_in_flight = config.routing.max_concurrent_requests
         self.admission.queue_size = config.queue.size
         self.admission.queue_timeout = config.queue.timeout
@@ -277,6 +278,14 @@ class Gateway:
             keepalive_timeout=pool.keepalive_timeout,
             ca_file=pool.ca_file,
         )
+        self._bind_origins()
+
+    def _bind_origins(self) -> None:
+        """Each backend's connection pool, looked up once (at start and on every reload, whose
+        router may bring new backends) rather than on every request."""
+        if self.client is not None:
+            for upstream in self.router.upstreams:
+                upstream.origin = self.client.origin(upstream.url)
 
     async def close(self) -> None:
         if self.client is not None:
@@ -604,10 +613,8 @@ class Gateway:
         body = None if not data and method in NO_BODY_METHODS else data
         timeouts = self._stream_timeouts if stream else self._request_timeouts
         client = self.client
-        assert client is not None
         origin = upstream.origin
-        if origin is None or origin.client is not client:
-            origin = upstream.origin = client.origin(upstream.url)
+        assert client is not None and origin is not None
         started = time.perf_counter()
         try:
             try:

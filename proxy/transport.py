@@ -478,7 +478,6 @@ class Origin:
         "port",
         "ssl",
         "server_hostname",
-        "host_header",
         "idle",
         "open",
     )
@@ -491,7 +490,6 @@ class Origin:
         self.port = parts.port or (443 if secure else 80)
         self.ssl: ssl.SSLContext | None = client.ssl_context() if secure else None
         self.server_hostname = self.host if secure else None
-        self.host_header = parts.netloc.rpartition("@")[2].encode("idna")
         self.idle: list[UpstreamConnection] = []
         self.open: set[UpstreamConnection] = set()
 
