@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 
 from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
-from health.passive import LatencyRing, OutcomeRing, PeakEwma
+from health.stats import LatencyRing, OutcomeRing, PeakEwma
 
 
 class Backend(Protocol):

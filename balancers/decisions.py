@@ -12,7 +12,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 
-from health.passive import LatencyRing
+from health.stats import LatencyRing
 
 
 class DecisionStats:

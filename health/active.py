@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 import aiohttp
 
-from proxy.config import HealthCheckConfig
+from config.schema import HealthCheckConfig
 from proxy.upstream import Pool, Upstream
 
 log = logging.getLogger("request_router.health")

@@ -17,9 +17,9 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from config.schema import Config, ConfigError, load
 from proxy import __version__
 from proxy.app import GATEWAY_KEY, PEERS_KEY, RELOADER_KEY, RUNNER_OPTIONS, build_app
-from proxy.config import Config, ConfigError, load
 
 log = logging.getLogger("request_router")
 
@@ -85,7 +85,7 @@ def install_uvloop() -> bool:
 async def serve(config: Config, demo: bool) -> None:
     cluster = None
     if demo:
-        from proxy.demo import print_instructions, start_demo_backends
+        from simulator.demo import print_instructions, start_demo_backends
 
         cluster = await start_demo_backends(config)
     app = build_app(config)
@@ -145,7 +145,7 @@ async def serve(config: Config, demo: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["simulate"]:
-        from proxy.simulate import main as simulate
+        from simulator.strategies import main as simulate
 
         return simulate(arguments[1:])
     args = parse_args(arguments)
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("--demo runs one worker (the simulators live in its process)")
         config = replace(config, server=replace(config.server, workers=1))
     if config.server.workers > 1 and "ROUTER_WORKER_INDEX" not in os.environ:
-        from proxy.workers import supervise
+        from cluster.supervisor import supervise
 
         return supervise(arguments, config.server.workers)
     install_uvloop()

@@ -7,19 +7,19 @@ from functools import partial
 
 from aiohttp import web
 
-from proxy.accesslog import AccessLog
-from proxy.accounting import Accountant, store_for
-from proxy.admin import AdminApi
-from proxy.config import Config
-from proxy.costs import CostAnalysis
+from cluster.peers import Peers
+from config.schema import Config
+from control.admin import AdminApi
+from control.reload import HealthService, Reloader
+from control.routing_api import RoutingApi
 from proxy.errors import error_middleware
 from proxy.handler import QDRANT_PREFIX, Gateway
-from proxy.metrics import PrometheusMetrics
-from proxy.observability import Observability
-from proxy.peers import Peers
-from proxy.reload import HealthService, Reloader
 from proxy.router import Router
-from proxy.routing_api import RoutingApi
+from telemetry.accesslog import AccessLog
+from telemetry.accounting import Accountant, store_for
+from telemetry.costs import CostAnalysis
+from telemetry.prometheus import PrometheusMetrics
+from telemetry.reports import Observability
 
 # Cancel a handler when its client disconnects, so the upstream request it waits on is
 # cancelled too instead of running on for nobody.

@@ -17,17 +17,19 @@ from urllib.parse import quote
 import orjson
 from aiohttp import web
 
-from balancers.registry import COST_AWARE
-from balancers.request import RoutingRequest
-from health.passive import is_failure_status
-from proxy.accounting import Accountant
-from proxy.config import Config
-from proxy.constraints import (
+from admission.constraints import (
     BudgetExhausted,
     excluded_by_constraints,
     has_constraint_headers,
     routing_request,
 )
+from admission.queue import NORMAL_PRIORITY, PRIORITIES, Admission
+from admission.ratelimit import RateLimiter
+from admission.shedding import LoadShedder, Shed
+from balancers.registry import COST_AWARE
+from balancers.request import RoutingRequest
+from config.schema import Config
+from health.stats import is_failure_status
 from proxy.errors import (
     REQUEST_ID,
     BadGateway,
@@ -37,15 +39,11 @@ from proxy.errors import (
     ModelNotFound,
     NoBackendAvailable,
 )
-from proxy.forward import client_response_headers, upstream_request_headers
+from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.jsonbody import json_bytes
-from proxy.queue import NORMAL_PRIORITY, PRIORITIES, Admission
-from proxy.ratelimit import RateLimiter
 from proxy.retry import DEFAULT_COOLDOWN, RETRY_STATUSES, RetryPolicy, retry_after_seconds
 from proxy.router import Router
-from proxy.shedding import LoadShedder, Shed
 from proxy.streaming import CLIENT_GONE, UPSTREAM_FAILED, relay
-from proxy.telemetry import Outcome, Telemetry
 from proxy.transport import (
     NO_BODY_METHODS,
     ConnectFailed,
@@ -56,6 +54,8 @@ from proxy.transport import (
     UpstreamResponse,
 )
 from proxy.upstream import Pool, Upstream
+from telemetry.accounting import Accountant
+from telemetry.outcome import Outcome, Telemetry
 
 # Bodies up to this size that arrive with a Content-Length are read whole and sent with one
 # write; anything else (SSE, chunked, large) is relayed chunk by chunk.

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from aiohttp_retry import JitterRetry
 
-from proxy.config import RetryConfig
+from config.schema import RetryConfig
 
 # Statuses that say "not now, not here" rather than "your request is wrong".
 RETRY_STATUSES = frozenset({429, 502, 503, 504})

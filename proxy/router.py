@@ -10,7 +10,7 @@ from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
 from balancers.request import StrategySettings
 from circuit.breaker import BreakerState, CircuitBreaker
-from proxy.config import CircuitBreakerConfig, Config, EndpointConfig
+from config.schema import CircuitBreakerConfig, Config, EndpointConfig
 from proxy.upstream import Pool, Upstream
 
 AUTO_POOL = "auto"

@@ -16,8 +16,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.telemetry import Outcome
 from proxy.transport import UpstreamError, UpstreamResponse
+from telemetry.outcome import Outcome
 
 log = logging.getLogger("request_router")
 

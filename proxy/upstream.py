@@ -16,7 +16,7 @@ from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
-from health.passive import LatencyRing, OutcomeRing, PeakEwma
+from health.stats import LatencyRing, OutcomeRing, PeakEwma
 from proxy.transport import Origin
 
 MAX_CACHED_STARTS = 32  # per backend: the fixed routes, plus a few pass-through paths

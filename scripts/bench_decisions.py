@@ -13,8 +13,8 @@ import time
 
 from balancers.registry import strategy_names
 from balancers.request import RoutingRequest
-from proxy.simulate import DEFAULT_MODELS, VirtualClock, _backends
 from proxy.upstream import Pool
+from simulator.strategies import DEFAULT_MODELS, VirtualClock, _backends
 
 
 def main() -> None:

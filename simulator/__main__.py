@@ -9,7 +9,7 @@ import signal
 
 import uvloop
 
-from proxy.config import load
+from config.schema import load
 from simulator.cluster import start_for_config
 
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from proxy.config import Config
+from config.schema import Config
 from simulator.behaviour import Behaviour
 from simulator.models import build_model_app
 from simulator.vectors import build_embedding_app, build_qdrant_app

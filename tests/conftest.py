@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from config.schema import Config, parse
 from proxy.app import GATEWAY_KEY, RUNNER_OPTIONS, build_app
-from proxy.config import Config, parse
 from proxy.handler import Gateway
 from proxy.router import Router
 from simulator.cluster import Cluster, serve, start_backend

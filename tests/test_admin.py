@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.admin import authorize
+from control.admin import authorize
 from proxy.errors import Forbidden, Unauthorized
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document

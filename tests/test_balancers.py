@@ -11,7 +11,7 @@ import pytest
 
 from balancers.registry import STRATEGIES, UnknownStrategyError, create_balancer
 from circuit.breaker import CircuitBreaker
-from health.passive import LatencyRing, OutcomeRing, PeakEwma
+from health.stats import LatencyRing, OutcomeRing, PeakEwma
 
 
 @dataclass(eq=False)

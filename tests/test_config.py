@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import ConfigError, load, parse
+from config.schema import ConfigError, load, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "router_config.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ServerConfig
+from config.schema import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "request-router.service"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
+from config.schema import Config, HealthCheckConfig, parse
 from health.active import ActiveHealthChecker
-from proxy.config import Config, HealthCheckConfig, parse
 from proxy.router import Router
 from simulator.cluster import Cluster
 from tests.conftest import chat, config_document

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from circuit.breaker import BreakerState
-from proxy.config import load
+from config.schema import load
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document
 from tests.process import gateway_process

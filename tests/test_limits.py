@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy.ratelimit import TokenBucket
+from admission.ratelimit import TokenBucket
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document
 

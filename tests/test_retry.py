@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from circuit.breaker import BreakerState
-from proxy.config import RetryConfig
+from config.schema import RetryConfig
 from proxy.retry import RetryBudget, RetryPolicy, retry_after_seconds
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from proxy.simulate import DEFAULT_MODELS, simulate, table
+from simulator.strategies import DEFAULT_MODELS, simulate, table
 
 ROOT = Path(__file__).resolve().parent.parent
 

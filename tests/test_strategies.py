@@ -12,7 +12,7 @@ from balancers.classify import classify
 from balancers.prefix_affinity import PrefixAffinity
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
-from health.passive import PeakEwma
+from health.stats import PeakEwma
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document
 from tests.test_balancers import Backend

@@ -12,8 +12,8 @@ import pytest
 import trustme
 from aiohttp import web
 
+from config.schema import HealthCheckConfig
 from health.active import ActiveHealthChecker
-from proxy.config import HealthCheckConfig
 from proxy.transport import tls_context
 from simulator.cluster import bind_socket
 from simulator.models import build_model_app
@@ -99,7 +99,7 @@ async def test_health_probes_verify_with_the_same_ca(
 
 
 def test_a_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
-    from proxy.config import ConfigError, parse
+    from config.schema import ConfigError, parse
 
     missing = str(tmp_path / "nope.pem")
     with pytest.raises(ConfigError, match=r"connection_pool\.ca_file: no such file"):

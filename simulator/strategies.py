@@ -3,7 +3,7 @@ clock, and compare strategies side by side.
 
     request-router simulate --strategies round_robin,latency,cost_optimized --requests 20000
 
-    from proxy.simulate import simulate
+    from simulator.strategies import simulate
     results = simulate(["latency", "round_robin"], requests=5000, seed=7)
 
 The backends are the real `Upstream` objects (breakers, peak-EWMA latency, outcome rings) with
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from balancers.registry import strategy_names
 from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
-from health.passive import LatencyRing, PeakEwma
+from health.stats import LatencyRing, PeakEwma
 from proxy.upstream import Pool, Upstream
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from health.passive import LatencyRing, OutcomeRing
+from health.stats import LatencyRing, OutcomeRing
 
 RATE_BUCKETS = 60  # one per second
 RATE_WINDOW = 10  # seconds behind requests_per_second

@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admin import json_response, now_iso
-from proxy.config import ModelConfig
+from config.schema import ModelConfig
+from control.admin import json_response, now_iso
 from proxy.errors import GatewayError
 from proxy.handler import Gateway
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+from config.schema import Config, ConfigError, load
 from health.active import ActiveHealthChecker
-from proxy.config import Config, ConfigError, load
 from proxy.handler import Gateway
 from proxy.router import Router
 from proxy.transport import tls_context

@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from proxy.config import LoadSheddingConfig
+from admission.queue import Admission
+from config.schema import LoadSheddingConfig
 from proxy.errors import NoBackendAvailable
-from proxy.queue import Admission
 from proxy.router import Router
 
 

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import aiosqlite
 import asyncpg
 
-from proxy.config import AccountingConfig
-from proxy.telemetry import Outcome
+from config.schema import AccountingConfig
+from telemetry.outcome import Outcome
 
 log = logging.getLogger("request_router.accounting")
 

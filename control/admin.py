@@ -17,13 +17,13 @@ from typing import Any
 from aiohttp import web
 
 from balancers.registry import UnknownStrategyError, strategy_names
-from proxy.audit import AuditLog
-from proxy.chaos import Chaos
-from proxy.config import ConfigError
+from config.schema import ConfigError
+from control.audit import AuditLog
+from control.chaos import Chaos
+from control.reload import Reloader
 from proxy.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized
 from proxy.handler import Gateway, parse_object
 from proxy.jsonbody import json_bytes
-from proxy.reload import Reloader
 from proxy.router import Router
 
 

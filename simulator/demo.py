@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.config import Config
+from config.schema import Config
 from simulator.cluster import Cluster, start_for_config
 
 

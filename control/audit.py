@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.telemetry import iso
+from telemetry.outcome import iso
 
 log = logging.getLogger("request_router.audit")
 

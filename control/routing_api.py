@@ -8,15 +8,15 @@ from typing import Any
 
 from aiohttp import web
 
+from admission.constraints import constraint_number
 from balancers.classify import DEFAULT_SPECIALIZATIONS
 from balancers.registry import strategy_names
 from balancers.request import RoutingRequest
-from proxy.admin import json_response, now_iso
-from proxy.constraints import constraint_number
+from control.admin import json_response, now_iso
 from proxy.errors import InvalidRequest, NoBackendAvailable
 from proxy.handler import Gateway, parse_object
-from proxy.observability import backend_status
 from proxy.upstream import Pool, Upstream
+from telemetry.reports import backend_status
 
 MAX_SCENARIOS = 100
 

@@ -13,10 +13,10 @@ from typing import Any
 from aiohttp import web
 
 from circuit.breaker import BreakerState
-from proxy.admin import json_response, now_iso
+from control.admin import json_response, now_iso
 from proxy.handler import Gateway
-from proxy.telemetry import SeriesStats, iso
 from proxy.upstream import Upstream
+from telemetry.outcome import SeriesStats, iso
 
 HEALTH_WEIGHTS = (0.5, 0.3, 0.2)  # success rate, latency, spare capacity
 DASHBOARD = Path(__file__).resolve().parent / "static" / "dashboard.html"

@@ -2,7 +2,7 @@
 
 The supervisor binds nothing itself: each worker opens the port with SO_REUSEPORT (the kernel
 spreads connections across them) and a Unix socket in a private run directory for its siblings
-(proxy.peers). Signals are passed on: SIGTERM/SIGINT drain every worker, SIGHUP makes every
+(cluster.peers). Signals are passed on: SIGTERM/SIGINT drain every worker, SIGHUP makes every
 worker reload. A worker that dies unexpectedly is started again (with a short pause, so a
 crash loop does not spin).
 """

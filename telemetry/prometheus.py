@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 from circuit.breaker import BreakerState
 from proxy.handler import Gateway
-from proxy.telemetry import Outcome
+from telemetry.outcome import Outcome
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)

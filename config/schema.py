@@ -18,7 +18,7 @@ import yaml
 from balancers.registry import strategy_names
 
 DEFAULT_CONFIG_PATH = Path("config/router_config.yaml")
-BUNDLED_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "router_config.yaml"
+BUNDLED_CONFIG_PATH = Path(__file__).resolve().parent / "router_config.yaml"
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.config import Config
+from config.schema import Config
 from proxy.errors import GatewayError
 
 MAX_CLIENT_BUCKETS = 10_000  # least recently seen client keys are forgotten beyond this

@@ -13,7 +13,7 @@ from typing import IO
 
 import orjson
 
-from proxy.telemetry import Outcome, iso
+from telemetry.outcome import Outcome, iso
 
 MAX_PENDING_LINES = 100_000  # beyond this, lines are dropped and counted
 FLUSH_INTERVAL = 0.5
