@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from balancers.request import RoutingRequest
-from proxy.errors import GatewayError, InvalidRequest
+from proxy.errors import ConstraintUnsatisfiable, InvalidRequest
 from proxy.upstream import Upstream
 
 CONSTRAINT_HEADERS = {
@@ -21,18 +21,6 @@ CONSTRAINT_HEADERS = {
     "X-Router-Request-Type": "request_type",
 }
 ROUTING_FIELDS = frozenset(CONSTRAINT_HEADERS.values())
-
-
-class ConstraintUnsatisfiable(GatewayError):
-    status = 422
-    error_type = "invalid_request_error"
-    code = "constraint_unsatisfiable"
-
-
-class BudgetExhausted(GatewayError):
-    status = 402
-    error_type = "insufficient_quota"
-    code = "budget_exhausted"
 
 
 def has_constraint_headers(request: web.Request) -> bool:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Collection
 
 from balancers.request import RoutingRequest
-from proxy.errors import NoBackendAvailable
+from proxy.errors import QueueFull, QueueTimeout
 from proxy.upstream import Pool, Upstream
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
@@ -27,14 +27,6 @@ NORMAL_PRIORITY = PRIORITIES["normal"]
 # slot (a breaker turning half-open, a Retry-After passing, a health check succeeding).
 RECHECK_INTERVAL = 0.1
 DRAIN_WINDOW = 10.0  # seconds of history behind the drain rate used for Retry-After
-
-
-class QueueFull(NoBackendAvailable):
-    code = "queue_full"
-
-
-class QueueTimeout(NoBackendAvailable):
-    code = "queue_timeout"
 
 
 class Waiter:
@@ -84,6 +76,20 @@ class Admission:
         self._recheck: asyncio.TimerHandle | None = None
         self._drain_mark = (clock(), 0)
         self._drain_rate = 0.0
+
+    def resize(self, max_in_flight: int, queue_size: int, queue_timeout: float) -> None:
+        """New limits from a reload; requests in flight and waiting keep their places."""
+        self.max_in_flight = max_in_flight
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        if self.queued:
+            self._dispatch()  # a higher limit may free slots for waiting requests now
+
+    def __repr__(self) -> str:
+        return (
+            f"<Admission {self.in_flight} in flight of {self.max_in_flight},"
+            f" {self.queued} queued of {self.queue_size}>"
+        )
 
     # --- taking and giving back slots -------------------------------------------------------
 

@@ -10,15 +10,9 @@ from collections.abc import Callable
 from aiohttp import web
 
 from config.schema import Config
-from proxy.errors import GatewayError
+from proxy.errors import RateLimited
 
 MAX_CLIENT_BUCKETS = 10_000  # least recently seen client keys are forgotten beyond this
-
-
-class RateLimited(GatewayError):
-    status = 429
-    error_type = "rate_limit_error"
-    code = "rate_limit_exceeded"
 
 
 class TokenBucket:
@@ -71,6 +65,16 @@ class RateLimiter:
             m.name: TokenBucket(m.rpm / 60.0, float(m.rpm), clock) for m in config.models if m.rpm
         }
         self.active = bool(self.global_bucket or self.per_client_rps or self.models)
+        self._limits = (limits, _model_limits(config))
+
+    def reconfigured(self, config: Config) -> RateLimiter:
+        """The limiter for a reloaded config: this one when no limit changed (its buckets keep
+        their tokens), else a new one with full buckets; the refusal count carries over."""
+        if self._limits == (config.rate_limit, _model_limits(config)):
+            return self
+        fresh = RateLimiter(config, self._clock)
+        fresh.limited = self.limited
+        return fresh
 
     def check(self, request: web.Request, model: str | None) -> None:
         """Raise RateLimited when any limit that applies is exhausted."""
@@ -102,3 +106,7 @@ class RateLimiter:
         else:
             self.clients.move_to_end(key)
         return bucket
+
+
+def _model_limits(config: Config) -> tuple[tuple[str, int], ...]:
+    return tuple((m.name, m.rpm) for m in config.models if m.rpm)

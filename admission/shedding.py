@@ -3,8 +3,9 @@ things worse. Three signals, each cheap to read on the request path:
 
 - requests in flight + queued above `max_pending`;
 - fewer than `min_healthy_backends` healthy backends in the whole gateway;
-- the share of client-visible failures (5xx after retries, not counting shed requests) over a
-  sliding window above `max_failure_rate`, once the window has `min_requests` outcomes.
+- the share of client-visible server faults (proxy.verdict.SERVER_FAULTS, not counting shed
+  requests) over a sliding window above `max_failure_rate`, once the window has
+  `min_requests` outcomes.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from collections.abc import Callable
 
 from admission.queue import Admission
 from config.schema import LoadSheddingConfig
-from proxy.errors import NoBackendAvailable
+from proxy.errors import Shed
 from proxy.router import Router
-
-
-class Shed(NoBackendAvailable):
-    code = "load_shed"
+from proxy.verdict import SERVER_FAULTS, Verdict
 
 
 class LoadShedder:
@@ -56,10 +54,17 @@ class LoadShedder:
         self._clock = clock
         self._started = clock()
 
-    def record(self, status: int) -> None:
-        """A finished request as the client saw it."""
+    def reconfigure(self, config: LoadSheddingConfig, router: Router) -> None:
+        """A reload's settings and router; the failure window and the counters carry over."""
+        self.config = config
+        self.router = router
+        admission = self.admission
+        self.max_pending = config.max_pending or (admission.max_in_flight + admission.queue_size)
+
+    def record(self, verdict: Verdict) -> None:
+        """A finished request's verdict as the client saw it (not one this shedder refused)."""
         self.requests += 1
-        if status >= 500:
+        if verdict in SERVER_FAULTS:
             self.failures += 1
 
     def failure_rate(self) -> float:

@@ -22,9 +22,10 @@ from control.audit import AuditLog
 from control.chaos import Chaos
 from control.reload import Reloader
 from proxy.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized
-from proxy.handler import Gateway, parse_object
 from proxy.jsonbody import json_bytes
 from proxy.router import Router
+from proxy.routes import parse_object
+from proxy.runtime import LiveRuntime
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -58,11 +59,11 @@ def authorize(request: web.Request, token: str | None) -> None:
 
 
 class AdminApi:
-    def __init__(self, gateway: Gateway, reloader: Reloader) -> None:
-        self.gateway = gateway
+    def __init__(self, live: LiveRuntime, reloader: Reloader) -> None:
+        self.live = live
         self.reloader = reloader
-        self.chaos = Chaos(gateway)
-        self.audit = AuditLog(gateway.config.logging.audit_log)
+        self.chaos = Chaos(live)
+        self.audit = AuditLog(live.runtime.config.logging.audit_log)
 
     @contextmanager
     def audited(self, request: web.Request, action: str, old: Any) -> Iterator[dict[str, Any]]:
@@ -84,10 +85,10 @@ class AdminApi:
 
     @property
     def router(self) -> Router:
-        return self.gateway.router  # the current one: a reload replaces it
+        return self.live.runtime.router  # the current one: a reload replaces it
 
     def authorize(self, request: web.Request) -> None:
-        authorize(request, self.gateway.config.server.admin_token)
+        authorize(request, self.live.runtime.config.server.admin_token)
 
     async def get_strategy(self, request: web.Request) -> web.Response:
         return json_response(
@@ -190,17 +191,17 @@ class AdminApi:
             status=200 if any(serving.values()) else 503,
         )
 
-    async def live(self, request: web.Request) -> web.Response:
+    async def liveness(self, request: web.Request) -> web.Response:
         return json_response({"status": "alive", "pid": os.getpid()})
 
     async def ready(self, request: web.Request) -> web.Response:
         """Ready while serving; 503 once draining, so load balancers stop sending traffic."""
-        if self.gateway.draining:
+        if self.live.runtime.draining:
             return json_response({"status": "draining"}, status=503)
-        return json_response({"status": "ready", "config": self.gateway.config.source})
+        return json_response({"status": "ready", "config": self.live.runtime.config.source})
 
     async def reload(self, request: web.Request) -> web.Response:
-        with self.audited(request, "reload", self.gateway.config.source) as audit:
+        with self.audited(request, "reload", self.live.runtime.config.source) as audit:
             self.authorize(request)
             try:
                 config, ignored = await self.reloader.reload()
@@ -244,25 +245,25 @@ class AdminApi:
 
     async def state(self, request: web.Request) -> web.Response:
         """The request path's own state: admission queue, retry budget and counters."""
-        gateway = self.gateway
-        budget = gateway.retry.budget
-        shed_reason = gateway.shedder.should_shed()
+        runtime = self.live.runtime
+        budget = runtime.retry.budget
+        shed_reason = runtime.shedder.should_shed()
         return json_response(
             {
-                "admission": gateway.admission.state(),
+                "admission": runtime.admission.state(),
                 "retry_budget": {
                     "ratio": budget.ratio,
                     "min_per_second": budget.min_per_second,
                     "denied": budget.denied,
                 },
                 "counters": {
-                    **gateway.stats.as_dict(),
-                    "shed": gateway.shedder.shed,
-                    "rate_limited": gateway.rate_limiter.limited,
+                    **runtime.stats.as_dict(),
+                    "shed": runtime.shedder.shed,
+                    "rate_limited": runtime.rate_limiter.limited,
                 },
                 "should_shed_load": shed_reason is not None,
                 "shed_reason": shed_reason,
-                "draining": gateway.draining,
+                "draining": runtime.draining,
                 "pools_failing_open": [
                     name for name, pool in self.router.pools.items() if pool.failing_open
                 ],
@@ -275,7 +276,7 @@ class AdminApi:
             web.put("/api/v1/router/strategy", self.put_strategy),
             web.get("/api/v1/router/backends", self.backends),
             web.get("/health", self.health),
-            web.get("/health/live", self.live),
+            web.get("/health/live", self.liveness),
             web.get("/health/ready", self.ready),
             web.post("/api/v1/router/reload", self.reload),
             web.get("/api/v1/router/state", self.state),

@@ -18,25 +18,15 @@ import orjson
 from aiohttp import web
 
 from circuit.breaker import BreakerState
-from proxy.errors import GatewayError, InvalidRequest
-from proxy.handler import Gateway, parse_object
+from proxy.errors import ChaosDisabled, InvalidRequest, UnknownBackend
+from proxy.routes import parse_object
+from proxy.runtime import LiveRuntime
 from proxy.upstream import Upstream
+from proxy.verdict import BACKEND_FAILED
 
 BURST_CONCURRENCY = 5
 DEFAULT_BURST = 20
 MAX_BURST = 500
-
-
-class ChaosDisabled(GatewayError):
-    status = 403
-    error_type = "permission_error"
-    code = "chaos_disabled"
-
-
-class UnknownBackend(GatewayError):
-    status = 404
-    error_type = "invalid_request_error"
-    code = "backend_not_found"
 
 
 def elapsed_ms(since: float) -> float:
@@ -44,26 +34,26 @@ def elapsed_ms(since: float) -> float:
 
 
 class Chaos:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, live: LiveRuntime) -> None:
+        self.live = live
 
     def _backend(self, document: dict[str, Any], key: str) -> Upstream:
-        if not self.gateway.config.chaos.enabled:
+        if not self.live.runtime.config.chaos.enabled:
             raise ChaosDisabled("chaos endpoints are disabled (set chaos.enabled: true)")
         name = document.get(key)
-        for upstream in self.gateway.router.upstreams:
+        for upstream in self.live.runtime.router.upstreams:
             if upstream.name == name:
                 return upstream
-        names = ", ".join(u.name for u in self.gateway.router.upstreams)
+        names = ", ".join(u.name for u in self.live.runtime.router.upstreams)
         raise UnknownBackend(f"unknown backend {name!r} in '{key}'; backends: {names}")
 
     def _backup(self, primary: Upstream) -> Upstream | None:
-        pool = self.gateway.router.pools[primary.pool]
+        pool = self.live.runtime.router.pools[primary.pool]
         for upstream in pool.upstreams:
             if upstream is not primary and upstream.available():
                 return upstream
         if primary.model is not None:  # a model backend: another model can take `auto`
-            for upstream in self.gateway.router.auto.upstreams:
+            for upstream in self.live.runtime.router.auto.upstreams:
                 if upstream is not primary and upstream.available():
                     return upstream
         return None
@@ -78,8 +68,7 @@ class Chaos:
         if document.get("simulate_failure", True):
             test_type = "simulate_failure"
             while breaker.state is not BreakerState.OPEN and simulated < breaker.threshold + 1:
-                upstream.failures += 1
-                breaker.record_failure()
+                upstream.record(BACKEND_FAILED)
                 simulated += 1
         else:
             test_type = "reset"
@@ -182,7 +171,7 @@ class Chaos:
             return "GET", "/qdrant/collections", b""
         if primary.pool == "embedding":
             return "POST", "/v1/embeddings", b'{"input": "failover test"}'
-        router = self.gateway.router
+        router = self.live.runtime.router
         pool = router.models[primary.pool]
         alone = len(pool.upstreams) == 1 and not router.fallbacks.get(primary.pool)
         model = "auto" if alone else primary.pool

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from config.schema import Config, ConfigError, load
 from health.active import ActiveHealthChecker
-from proxy.handler import Gateway
 from proxy.router import Router
+from proxy.runtime import LiveRuntime
 from proxy.transport import tls_context
+from proxy.verdict import fails_backend
 
 log = logging.getLogger("request_router")
 
@@ -37,6 +38,7 @@ class HealthService:
                 router.home_pools(),
                 config.health_check,
                 on_change=router.refresh_health,
+                probe_failed=fails_backend,
                 tls=tls_context(ca_file) if ca_file else None,
             )
             self.checker.start()
@@ -46,15 +48,15 @@ class HealthService:
             await self.checker.stop()
             self.checker = None
 
-    async def running(self, gateway: Gateway) -> AsyncIterator[None]:
-        await self.restart(gateway.router, gateway.config)
+    async def running(self, live: LiveRuntime) -> AsyncIterator[None]:
+        await self.restart(live.runtime.router, live.runtime.config)
         yield
         await self.stop()
 
 
 class Reloader:
-    def __init__(self, gateway: Gateway, health: HealthService, path: str | None) -> None:
-        self.gateway = gateway
+    def __init__(self, live: LiveRuntime, health: HealthService, path: str | None) -> None:
+        self.live = live
         self.health = health
         self.path = path
         self._lock = asyncio.Lock()  # two reloads at once would race on the health checker
@@ -66,7 +68,7 @@ class Reloader:
             raise ConfigError("no config file to reload (the gateway was not started from one)")
         async with self._lock:
             loaded = await asyncio.to_thread(load, self.path)
-            running = self.gateway.config
+            running = self.live.runtime.config
             ignored = [
                 f"server.{key} (restart to apply)"
                 for key in ("host", "port", "workers", "max_body_bytes")
@@ -85,8 +87,9 @@ class Reloader:
                 ),
                 connection_pool=running.connection_pool,
             )
-            router = Router(config, previous=self.gateway.router)
-            self.gateway.apply(config, router)
+            runtime = self.live.runtime
+            router = Router(config, previous=runtime.router)
+            self.live.swap(runtime.reloaded(config, router))
             await self.health.restart(router, config)
         log.info(
             "configuration reloaded from %s (strategy %s, %d backends)",

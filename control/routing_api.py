@@ -14,7 +14,9 @@ from balancers.registry import strategy_names
 from balancers.request import RoutingRequest
 from control.admin import json_response, now_iso
 from proxy.errors import InvalidRequest, NoBackendAvailable
-from proxy.handler import Gateway, parse_object
+from proxy.forward import backends_ruled_out
+from proxy.routes import parse_object, request_id
+from proxy.runtime import LiveRuntime
 from proxy.upstream import Pool, Upstream
 from telemetry.reports import backend_status
 
@@ -49,8 +51,8 @@ def _reasoning(pool: Pool, chosen: Upstream, eligible: list[Upstream]) -> tuple[
 
 
 class RoutingApi:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, live: LiveRuntime) -> None:
+        self.live = live
 
     def _routing_request(self, scenario: dict[str, Any]) -> RoutingRequest:
         content = scenario.get("content", "")
@@ -80,10 +82,10 @@ class RoutingApi:
         )
 
     def decide_one(self, scenario: dict[str, Any], request_id: str) -> dict[str, Any]:
-        gateway = self.gateway
-        pool = gateway.router.auto
+        runtime = self.live.runtime
+        pool = runtime.router.auto
         routing = self._routing_request(scenario)
-        blocked = gateway.blocked_for(pool, routing)
+        blocked = backends_ruled_out(runtime, pool, routing)
         chosen = pool.select(blocked, routing)
         if chosen is None:
             raise NoBackendAvailable("no model backend can take a request now")
@@ -114,7 +116,7 @@ class RoutingApi:
 
     async def decide(self, request: web.Request) -> web.Response:
         scenario = parse_object(await request.read())
-        return json_response(self.decide_one(scenario, self.gateway.request_id(request)))
+        return json_response(self.decide_one(scenario, request_id(self.live.runtime, request)))
 
     async def test(self, request: web.Request) -> web.Response:
         document = parse_object(await request.read())
@@ -123,7 +125,7 @@ class RoutingApi:
             raise InvalidRequest("'test_scenarios' must be a non-empty list", code="invalid_type")
         if len(scenarios) > MAX_SCENARIOS:
             raise InvalidRequest(f"at most {MAX_SCENARIOS} scenarios", code="too_many")
-        base = self.gateway.request_id(request)
+        base = request_id(self.live.runtime, request)
         results = []
         for index, scenario in enumerate(scenarios):
             if not isinstance(scenario, dict):
@@ -131,13 +133,13 @@ class RoutingApi:
                     f"test_scenarios[{index}] must be an object", code="invalid_type"
                 )
             results.append({"scenario": scenario, **self.decide_one(scenario, f"{base}.{index}")})
-        return json_response({"results": results, "strategy": self.gateway.router.strategy})
+        return json_response({"results": results, "strategy": self.live.runtime.router.strategy})
 
     async def status(self, request: web.Request) -> web.Response:
-        gateway = self.gateway
-        router = gateway.router
-        budget = gateway.config.budget
-        spent = gateway.telemetry.cost_total + gateway.spend_offset
+        runtime = self.live.runtime
+        router = runtime.router
+        budget = runtime.config.budget
+        spent = runtime.spent()
         return json_response(
             {
                 "strategy": router.strategy,
@@ -164,7 +166,7 @@ class RoutingApi:
         )
 
     async def load(self, request: web.Request) -> web.Response:
-        router = self.gateway.router
+        router = self.live.runtime.router
         models = {}
         total = sum(u.requests for u in router.auto.upstreams)
         for name, pool in router.models.items():
@@ -192,7 +194,7 @@ class RoutingApi:
                         "slow_requests": u.breaker.slow_requests,
                         "trips": u.breaker.trips,
                     }
-                    for u in self.gateway.router.upstreams
+                    for u in self.live.runtime.router.upstreams
                 },
                 "timestamp": now_iso(),
             }
@@ -201,8 +203,8 @@ class RoutingApi:
     async def performance(self, request: web.Request) -> web.Response:
         return json_response(
             {
-                **self.gateway.router.decisions.report(),
-                "strategy": self.gateway.router.strategy,
+                **self.live.runtime.router.decisions.report(),
+                "strategy": self.live.runtime.router.strategy,
                 "timestamp": now_iso(),
             }
         )

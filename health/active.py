@@ -12,12 +12,33 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import aiohttp
 
 from config.schema import HealthCheckConfig
-from proxy.upstream import Pool, Upstream
+
+
+class Probed(Protocol):
+    """What a probe reads and writes of a backend (proxy.upstream.Upstream)."""
+
+    name: str
+    url: str
+    healthy: bool
+    last_check: float | None
+    last_response_ms: float | None
+
+
+class ProbedPool(Protocol):
+    """A backend's home pool: where its health path is configured."""
+
+    @property
+    def upstreams(self) -> Sequence[Probed]: ...
+
+    @property
+    def health_path(self) -> str: ...
+
 
 log = logging.getLogger("request_router.health")
 
@@ -27,7 +48,7 @@ JITTER = 0.1  # +-10% of the interval, so probes of many backends do not fire in
 class ProbeState:
     __slots__ = ("upstream", "path", "passes", "fails")
 
-    def __init__(self, upstream: Upstream, path: str) -> None:
+    def __init__(self, upstream: Probed, path: str) -> None:
         self.upstream = upstream
         self.path = path
         self.passes = 0
@@ -56,15 +77,20 @@ class ProbeState:
 class ActiveHealthChecker:
     def __init__(
         self,
-        pools: Iterable[Pool],
+        pools: Iterable[ProbedPool],
         config: HealthCheckConfig,
         rng: random.Random | None = None,
         on_change: Callable[[], None] | None = None,
         tls: ssl.SSLContext | None = None,
+        *,
+        probe_failed: Callable[[int], bool],
     ) -> None:
+        """`probe_failed`: which answer statuses fail a probe; the gateway passes the one
+        classification the request path uses (proxy.verdict.fails_backend)."""
         self.config = config
         self._tls = tls  # how https backends are verified (the gateway's own rule)
         self._on_change = on_change
+        self._probe_failed = probe_failed
         self._rng = rng if rng is not None else random.Random()
         self.probes: dict[str, ProbeState] = {}
         for pool in pools:  # each backend's home pool: not `auto`, which only regroups them
@@ -97,7 +123,7 @@ class ActiveHealthChecker:
         try:
             async with self._session.get(upstream.url + probe.path) as response:
                 await response.read()
-                ok = response.status < 500
+                ok = not self._probe_failed(response.status)
         except (TimeoutError, aiohttp.ClientError):
             ok = False
         upstream.last_response_ms = round((time.perf_counter() - started) * 1000, 3)

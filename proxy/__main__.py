@@ -19,7 +19,7 @@ from aiohttp import web
 
 from config.schema import Config, ConfigError, load
 from proxy import __version__
-from proxy.app import GATEWAY_KEY, PEERS_KEY, RELOADER_KEY, RUNNER_OPTIONS, build_app
+from proxy.app import PEERS_KEY, RELOADER_KEY, RUNNER_OPTIONS, RUNTIME_KEY, build_app
 
 log = logging.getLogger("request_router")
 
@@ -89,7 +89,7 @@ async def serve(config: Config, demo: bool) -> None:
 
         cluster = await start_demo_backends(config)
     app = build_app(config)
-    gateway, reloader = app[GATEWAY_KEY], app[RELOADER_KEY]
+    live, reloader = app[RUNTIME_KEY], app[RELOADER_KEY]
     runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_grace, **RUNNER_OPTIONS)
     await runner.setup()
     try:
@@ -128,10 +128,10 @@ async def serve(config: Config, demo: bool) -> None:
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
-        gateway.draining = True
+        live.runtime.draining = True
         log.info(
             "draining: no new connections; in-flight requests get up to %gs to finish",
-            gateway.config.server.shutdown_grace,
+            live.runtime.config.server.shutdown_grace,
         )
     finally:
         # Stops listening, lets in-flight requests and streams finish within the grace

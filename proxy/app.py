@@ -1,8 +1,10 @@
-"""build_app(config): routes, middlewares and the background resources they need."""
+"""The composition root: builds the runtime, attaches the sinks and the admin plane, registers
+routes and background tasks. It decides nothing about a request."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from aiohttp import web
@@ -13,39 +15,43 @@ from control.admin import AdminApi
 from control.reload import HealthService, Reloader
 from control.routing_api import RoutingApi
 from proxy.errors import error_middleware
-from proxy.handler import QDRANT_PREFIX, Gateway
 from proxy.router import Router
+from proxy.routes import QDRANT_PREFIX, Routes
+from proxy.runtime import LiveRuntime, Runtime
 from telemetry.accesslog import AccessLog
 from telemetry.accounting import Accountant, store_for
 from telemetry.costs import CostAnalysis
 from telemetry.prometheus import PrometheusMetrics
-from telemetry.reports import Observability
+from telemetry.reports import Reports
 
 # Cancel a handler when its client disconnects, so the upstream request it waits on is
 # cancelled too instead of running on for nobody.
 RUNNER_OPTIONS = {"access_log": None, "handler_cancellation": True}
 
-GATEWAY_KEY = web.AppKey("gateway", Gateway)
+RUNTIME_KEY = web.AppKey("runtime", LiveRuntime)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)
 
 
 def build_app(
-    config: Config, router: Router | None = None, config_path: str | None = None
+    config: Config,
+    router: Router | None = None,
+    config_path: str | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    """`config_path`: the file a reload re-reads; by default the file `config` came from."""
+    """`config_path`: the file a reload re-reads; by default the file `config` came from.
+    `clock`: the monotonic clock every window, budget and limit of the request path reads."""
     router = router if router is not None else Router(config)
-    gateway = Gateway(config, router)
+    live = LiveRuntime(Runtime(config, router, clock=clock))
     health = HealthService()
-    reloader = Reloader(gateway, health, config_path or config.source)
-    admin = AdminApi(gateway, reloader)
+    reloader = Reloader(live, health, config_path or config.source)
     limit = config.server.max_body_bytes
     middlewares = [error_middleware(limit)]
     peers = Peers.from_environment() if config.server.workers > 1 else None
     if peers is not None:
         middlewares.insert(0, peers.middleware())
     app = web.Application(middlewares=middlewares, client_max_size=limit)
-    app[GATEWAY_KEY] = gateway
+    app[RUNTIME_KEY] = live
     app[RELOADER_KEY] = reloader
     if peers is not None:
         app[PEERS_KEY] = peers
@@ -55,51 +61,60 @@ def build_app(
 
         app.on_cleanup.append(close_peers)
 
-    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-        await gateway.start()
+    async def upstream_client(app: web.Application) -> AsyncIterator[None]:
+        await live.runtime.start()
         yield
-        await gateway.close()
+        await live.runtime.close()
 
     async def health_checks(app: web.Application) -> AsyncIterator[None]:
-        async for _ in health.running(gateway):
+        async for _ in health.running(live):
             yield
 
-    app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(health_checks)
 
+    routes = Routes(live)
     app.add_routes(
         [
             # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
             web.post(
-                "/v1/chat/completions", partial(gateway.completion, path="/v1/chat/completions")
+                "/v1/chat/completions", partial(routes.completion, path="/v1/chat/completions")
             ),
-            web.post("/v1/completions", partial(gateway.completion, path="/v1/completions")),
-            web.post("/v1/embeddings", gateway.embeddings),
-            web.get("/v1/models", gateway.list_models),
-            web.post("/api/v1/vectors/search", gateway.vector_search),
-            web.route("*", QDRANT_PREFIX + "/{tail:.*}", gateway.qdrant_passthrough),
-            *admin.routes(),
-            *Observability(gateway).routes(),
-            *CostAnalysis(gateway).routes(),
-            *RoutingApi(gateway).routes(),
+            web.post("/v1/completions", partial(routes.completion, path="/v1/completions")),
+            web.post("/v1/embeddings", routes.embeddings),
+            web.get("/v1/models", routes.list_models),
+            web.post("/api/v1/vectors/search", routes.vector_search),
+            web.route("*", QDRANT_PREFIX + "/{tail:.*}", routes.qdrant_passthrough),
+            *AdminApi(live, reloader).routes(),
+            *Reports(live).routes(),
+            *CostAnalysis(live).routes(),
+            *RoutingApi(live).routes(),
         ]
     )
+    attach_sinks(app, live, config)
+    return app
+
+
+def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> None:
+    """What consumes each finished request's outcome: SQL accounting, the access log and
+    Prometheus. Attached here only; the request path knows them as telemetry sinks."""
+    runtime = live.runtime
     store = store_for(config.accounting)
     if store is not None:
         accountant = Accountant(store, config.accounting)
-        gateway.accountant = accountant
-        gateway.telemetry.sinks.append(accountant.add)
+        runtime.accountant = accountant
+        runtime.telemetry.sinks.append(accountant.add)
 
         async def accounting(app: web.Application) -> AsyncIterator[None]:
             async for _ in accountant.running():
                 # The budget counts what was spent before this process started, too.
-                gateway.spend_offset = await accountant.store.total_cost()
+                live.runtime.spend_offset = await accountant.store.total_cost()
                 yield
 
         app.cleanup_ctx.append(accounting)
     if config.logging.access_log:
         access_log = AccessLog(config.logging.access_log)
-        gateway.telemetry.sinks.append(access_log.add)
+        runtime.telemetry.sinks.append(access_log.add)
 
         async def access_logging(app: web.Application) -> AsyncIterator[None]:
             async for _ in access_log.running():
@@ -107,8 +122,7 @@ def build_app(
 
         app.cleanup_ctx.append(access_logging)
     if config.metrics.enabled:
-        metrics = PrometheusMetrics(gateway)
-        gateway.telemetry.sinks.append(metrics.observe)
-        gateway.gap_observer = metrics.gap_observer
+        metrics = PrometheusMetrics(live)
+        runtime.telemetry.sinks.append(metrics.observe)
+        runtime.gap_observer = metrics.gap_observer
         app.router.add_get("/metrics", metrics.handler)
-    return app

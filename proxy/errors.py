@@ -1,4 +1,5 @@
-"""Our exceptions, and the one place that turns them into a status code and a JSON body.
+"""Every error the gateway answers with, the mapping from transport errors to them, and the one
+place (the middleware) that turns them into a status code and a JSON body.
 
 Bodies follow OpenAI's error shape, `{"error": {"message", "type", "code"}}`, so SDK clients
 surface the message as they would from OpenAI itself.
@@ -13,14 +14,27 @@ from aiohttp import web
 
 from proxy.handler_types import Handler, Middleware
 from proxy.jsonbody import json_bytes
+from proxy.transport import ConnectFailed
+from proxy.verdict import (
+    BACKEND_FAILED,
+    CLIENT_ERROR,
+    GATEWAY_REFUSED,
+    RETRYABLE,
+    THROTTLED,
+    Verdict,
+)
 
 log = logging.getLogger("request_router")
 
 
 class GatewayError(Exception):
+    """A request the gateway answers itself. The class carries the status, the OpenAI-style
+    error type and code, and the verdict that retry, shedding and telemetry read."""
+
     status = 500
     error_type = "server_error"
     code = "internal_error"
+    verdict: Verdict = BACKEND_FAILED
 
     def __init__(
         self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
@@ -32,52 +46,141 @@ class GatewayError(Exception):
         self.headers = headers
 
 
+# --- the client's doing: 4xx, nothing said about any backend ---------------------------------
+
+
 class InvalidRequest(GatewayError):
     status = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+    verdict = CLIENT_ERROR
 
 
-class Unauthorized(GatewayError):
+class Unauthorized(InvalidRequest):
     status = 401
     error_type = "authentication_error"
     code = "unauthorized"
 
 
-class Forbidden(GatewayError):
+class Forbidden(InvalidRequest):
     status = 403
     error_type = "permission_error"
     code = "forbidden"
 
 
-class ModelNotFound(GatewayError):
+class ChaosDisabled(Forbidden):
+    code = "chaos_disabled"
+
+
+class ModelNotFound(InvalidRequest):
     status = 404
-    error_type = "invalid_request_error"
     code = "model_not_found"
 
 
-class PayloadTooLarge(GatewayError):
+class UnknownBackend(InvalidRequest):
+    status = 404
+    code = "backend_not_found"
+
+
+class PayloadTooLarge(InvalidRequest):
     status = 413
-    error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class BudgetExhausted(InvalidRequest):
+    status = 402
+    error_type = "insufficient_quota"
+    code = "budget_exhausted"
+
+
+class ConstraintUnsatisfiable(InvalidRequest):
+    status = 422
+    code = "constraint_unsatisfiable"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    verdict = THROTTLED
+
+
+# --- a backend failed: 502 / 504 --------------------------------------------------------------
 
 
 class BadGateway(GatewayError):
     status = 502
     error_type = "upstream_error"
     code = "bad_gateway"
+    verdict = RETRYABLE
 
 
-class NoBackendAvailable(GatewayError):
-    status = 503
-    error_type = "service_unavailable"
-    code = "no_backend_available"
+class UpstreamUnreachable(BadGateway):
+    """Nothing reached the backend, so another backend may safely take the request."""
+
+    code = "backend_unreachable"
 
 
 class GatewayTimeout(GatewayError):
     status = 504
     error_type = "upstream_error"
     code = "upstream_timeout"
+    verdict = RETRYABLE
+
+
+class BrokenResponse(BadGateway):
+    """The backend's answer broke off after its headers: not retried (it may have acted)."""
+
+    verdict = BACKEND_FAILED
+
+
+class StalledResponse(GatewayTimeout):
+    """The backend went silent in the middle of its answer."""
+
+    verdict = BACKEND_FAILED
+
+
+# --- the gateway protects itself: 503 with Retry-After ----------------------------------------
+
+
+class NoBackendAvailable(GatewayError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "no_backend_available"
+    verdict = GATEWAY_REFUSED
+
+
+class QueueFull(NoBackendAvailable):
+    code = "queue_full"
+
+
+class QueueTimeout(NoBackendAvailable):
+    code = "queue_timeout"
+
+
+class Shed(NoBackendAvailable):
+    code = "load_shed"
+
+
+class AccountingDisabled(NoBackendAvailable):
+    code = "accounting_disabled"
+
+
+def upstream_failure(exc: BaseException, backend: str) -> GatewayError:
+    """A transport error before the backend's answer, as the error the client would get.
+    All three are RETRYABLE: the backend sent nothing the client has seen."""
+    if isinstance(exc, ConnectFailed):
+        return UpstreamUnreachable(f"backend '{backend}' is unreachable: {exc}")
+    if isinstance(exc, TimeoutError):
+        return GatewayTimeout(f"backend '{backend}' sent no response in time")
+    return BadGateway(f"backend '{backend}' failed: {exc}")
+
+
+def broken_response(exc: BaseException, backend: str) -> GatewayError:
+    """A transport error while reading a buffered answer whose headers came."""
+    if isinstance(exc, TimeoutError):
+        return StalledResponse(f"backend '{backend}' stalled while sending its response")
+    return BrokenResponse(f"backend '{backend}' broke off its response: {exc}")
 
 
 def error_response(

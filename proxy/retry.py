@@ -1,4 +1,4 @@
-"""Retry rules in one place: what may be retried, how long to wait, and the retry budget.
+"""Retry rules in one place: whether to try again, how long to wait, and the retry budget.
 
 The backoff itself is aiohttp-retry's JitterRetry (exponential from `retry.delay`, plus a
 random component); the first retry goes at once when it can go to a different backend, since
@@ -14,9 +14,9 @@ from collections.abc import Callable
 from aiohttp_retry import JitterRetry
 
 from config.schema import RetryConfig
+from proxy.upstream import Pool
+from proxy.verdict import WORTH_ANOTHER_TRY, Verdict
 
-# Statuses that say "not now, not here" rather than "your request is wrong".
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
 DEFAULT_COOLDOWN = 1.0  # seconds without traffic after a 429 that gave no Retry-After
 MAX_COOLDOWN = 300.0
 
@@ -83,17 +83,38 @@ class RetryBudget:
 class RetryPolicy:
     __slots__ = ("max_attempts", "budget", "_backoff")
 
-    def __init__(self, config: RetryConfig, budget: RetryBudget | None = None) -> None:
+    def __init__(
+        self,
+        config: RetryConfig,
+        budget: RetryBudget | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`budget`: the one a reload carries over (its window is kept, its ratios re-tuned)."""
         self.max_attempts = config.max_retries + 1
-        self.budget = (
-            budget if budget is not None else RetryBudget(config.budget_ratio, config.budget_min)
-        )
+        if budget is None:
+            budget = RetryBudget(config.budget_ratio, config.budget_min, clock=clock)
+        else:
+            budget.ratio = config.budget_ratio
+            budget.min_per_second = config.budget_min
+        self.budget = budget
         self._backoff = JitterRetry(
             attempts=config.max_retries,
             start_timeout=config.delay,
             max_timeout=config.max_delay,
             factor=2.0,
             random_interval_size=config.delay,
+        )
+
+    def should_retry(self, verdict: Verdict, attempt: int, pools: tuple[Pool, ...]) -> bool:
+        """The retry rule, whole: only a verdict another backend might fix (THROTTLED,
+        RETRYABLE), attempts left, somewhere live to go, and room in the retry budget
+        (withdrawn last, so it is spent only when everything else allows the retry). The
+        caller retries only while nothing has been sent to the client."""
+        return (
+            verdict in WORTH_ANOTHER_TRY
+            and attempt < self.max_attempts
+            and any(pool.has_live() for pool in pools)
+            and self.budget.try_withdraw()
         )
 
     def backoff(self, retry_number: int, other_backend: bool) -> float:

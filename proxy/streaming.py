@@ -17,6 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.transport import UpstreamError, UpstreamResponse
+from proxy.verdict import BACKEND_FAILED, CLIENT_GONE, OK, Verdict
 from telemetry.outcome import Outcome
 
 log = logging.getLogger("request_router")
@@ -33,21 +34,16 @@ class StreamContext(Protocol):
     def outcome(self) -> Outcome: ...
 
 
-# How a relay ended.
-COMPLETE = "complete"
-UPSTREAM_FAILED = "upstream_failed"
-CLIENT_GONE = "client_gone"
-
-
 async def relay(
     request: web.Request,
     upstream: UpstreamResponse,
     headers: CIMultiDict[str],
     backend: str,
     context: StreamContext,
-) -> tuple[web.StreamResponse, str]:
-    """Returns the response and how the relay ended: COMPLETE, UPSTREAM_FAILED (count a
-    backend failure) or CLIENT_GONE (the client left; the upstream request is closed)."""
+) -> tuple[web.StreamResponse, Verdict]:
+    """Returns the response and how the relay ended, as a verdict: OK, BACKEND_FAILED (the
+    backend broke off or stalled) or CLIENT_GONE (the client left; the upstream request is
+    closed)."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
     first = True
@@ -63,7 +59,7 @@ async def relay(
             )
             upstream.close()
             await _end_broken(request, response, upstream, backend, stalled)
-            return response, UPSTREAM_FAILED
+            return response, BACKEND_FAILED
         if not chunk:
             break
         if observe_gap is not None or first:
@@ -83,7 +79,7 @@ async def relay(
             upstream.close()
             return response, CLIENT_GONE
     await response.write_eof()
-    return response, COMPLETE
+    return response, OK
 
 
 async def _end_broken(

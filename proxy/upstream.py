@@ -18,6 +18,7 @@ from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
 from health.stats import LatencyRing, OutcomeRing, PeakEwma
 from proxy.transport import Origin
+from proxy.verdict import BACKEND_FAULTS, CLIENT_ERROR, OK, Verdict
 
 MAX_CACHED_STARTS = 32  # per backend: the fixed routes, plus a few pass-through paths
 
@@ -83,7 +84,8 @@ class Upstream:
         self.priority = 100
         self.specializations: frozenset[str] = frozenset()
         self.capabilities: frozenset[str] = frozenset()
-        # ...and what real traffic says (time to response headers, success or failure).
+        # ...and what real traffic says (see `record`): time to response headers as a
+        # peak-EWMA for routing and as a ring for percentiles, and the recent outcomes.
         self.latency = PeakEwma()
         self.latencies = LatencyRing()
         self.outcomes = OutcomeRing()
@@ -107,6 +109,27 @@ class Upstream:
             if len(self._starts) < MAX_CACHED_STARTS:
                 self._starts[key] = start
         return start
+
+    def record(self, verdict: Verdict, latency: float | None = None) -> None:
+        """What one exchange with this backend said about it: the one place that feeds the
+        breaker, the failure counter, the outcome ring and the latency estimates.
+
+        `latency` is the time to the response headers, when they came. A THROTTLED answer
+        is neither a success nor a failure (the caller cools the backend down); a client that
+        left says nothing about the backend.
+        """
+        breaker = self.breaker
+        if latency is not None:
+            breaker.record_latency(latency)
+            self.latency.observe(latency)
+            self.latencies.add(latency)
+        if verdict is OK or verdict is CLIENT_ERROR:
+            breaker.record_success()
+            self.outcomes.add(True)
+        elif verdict in BACKEND_FAULTS:
+            self.failures += 1
+            self.outcomes.add(False)
+            breaker.record_failure()
 
     def available(self) -> bool:
         return (

@@ -9,22 +9,9 @@ from aiohttp import web
 
 from config.schema import ModelConfig
 from control.admin import json_response, now_iso
-from proxy.errors import GatewayError
-from proxy.handler import Gateway
-
-
-class AccountingDisabled(GatewayError):
-    status = 503
-    error_type = "service_unavailable"
-    code = "accounting_disabled"
-
-
-def price(model: ModelConfig, requests: int, prompt_tokens: int, completion_tokens: int) -> float:
-    return (
-        requests * model.cost_per_request
-        + prompt_tokens * model.cost_per_1k_prompt_tokens / 1000
-        + completion_tokens * model.cost_per_1k_completion_tokens / 1000
-    )
+from proxy.errors import AccountingDisabled
+from proxy.runtime import LiveRuntime
+from telemetry.outcome import price
 
 
 def cheapest_eligible(model: ModelConfig, models: list[ModelConfig]) -> ModelConfig | None:
@@ -41,16 +28,16 @@ def cheapest_eligible(model: ModelConfig, models: list[ModelConfig]) -> ModelCon
 
 
 class CostAnalysis:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, live: LiveRuntime) -> None:
+        self.live = live
 
     async def report(self, request: web.Request) -> web.Response:
-        accountant = self.gateway.accountant
+        accountant = self.live.runtime.accountant
         if accountant is None:
             raise AccountingDisabled("request accounting is off (accounting.enabled: false)")
         await accountant.flush()  # include what is still buffered
         rows = await accountant.store.spend_by_model_day()
-        config = self.gateway.config
+        config = self.live.runtime.config
         models = {m.name: m for m in config.models}
         by_model: dict[str, dict[str, Any]] = {}
         by_day: dict[str, dict[str, Any]] = {}

@@ -10,7 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
+import orjson
+
+from config.schema import ModelConfig
 from health.stats import LatencyRing, OutcomeRing
 
 RATE_BUCKETS = 60  # one per second
@@ -34,6 +38,7 @@ class Outcome:
         "model",
         "backend",
         "status",
+        "verdict",
         "shed",
         "stream",
         "duration",
@@ -56,6 +61,7 @@ class Outcome:
         self.model: str | None = None
         self.backend: str | None = None
         self.status = 0
+        self.verdict = 0  # proxy.verdict: what the client got, as one verdict
         self.shed = False  # refused by load shedding
         self.stream = stream
         self.duration = 0.0
@@ -151,8 +157,8 @@ class Telemetry:
         self.last_failover: float | None = None
         self.sinks: list[Callable[[Outcome], None]] = []  # Prometheus, accounting, access log
 
-    def record(self, outcome: Outcome) -> None:
-        ok = outcome.status < 400
+    def record(self, outcome: Outcome, ok: bool) -> None:
+        """`ok`: the request's verdict was OK (the caller classifies; telemetry only counts)."""
         self.total += 1
         if ok:
             self.successful += 1
@@ -182,3 +188,43 @@ class Telemetry:
                 self.failover_time_total += outcome.failover_time
         for sink in self.sinks:
             sink(outcome)
+
+
+def price(model: ModelConfig, requests: int, prompt_tokens: int, completion_tokens: int) -> float:
+    """What `requests` requests with these token counts cost on `model`."""
+    return (
+        model.cost_per_request * requests
+        + (
+            prompt_tokens * model.cost_per_1k_prompt_tokens
+            + completion_tokens * model.cost_per_1k_completion_tokens
+        )
+        / 1000
+    )
+
+
+def usage_from_body(payload: bytes) -> Any:
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return document.get("usage") if isinstance(document, dict) else None
+
+
+def usage_from_stream(chunk: bytes) -> Any:
+    """`usage` from the SSE event in `chunk` that carries it (the final chunk of a stream
+    with stream_options.include_usage)."""
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: ") and b'"usage"' in line:
+            usage = usage_from_body(line[6:])
+            if usage is not None:
+                return usage
+    return None
+
+
+def account_usage(outcome: Outcome, usage: Any) -> None:
+    """Token counts from an OpenAI `usage` object, when it has them."""
+    if isinstance(usage, dict):
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        outcome.prompt_tokens = prompt if isinstance(prompt, int) else 0
+        outcome.completion_tokens = completion if isinstance(completion, int) else 0

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from circuit.breaker import BreakerState
-from proxy.handler import Gateway
+from proxy.runtime import LiveRuntime
 from telemetry.outcome import Outcome
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -38,12 +38,12 @@ STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 class GatewayCollector(Collector):
     """State read when Prometheus scrapes, so the request path pays nothing for it."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, live: LiveRuntime) -> None:
+        self.live = live
 
     def collect(self) -> Iterator[Metric]:
-        gateway = self.gateway
-        admission = gateway.admission
+        runtime = self.live.runtime
+        admission = runtime.admission
         yield GaugeMetricFamily("router_in_flight", "Requests in flight", value=admission.in_flight)
         yield GaugeMetricFamily(
             "router_queued", "Requests waiting in the queue", value=admission.queued
@@ -59,14 +59,14 @@ class GatewayCollector(Collector):
         active = GaugeMetricFamily(
             "router_backend_in_flight", "Requests in flight per backend", labels=["backend"]
         )
-        for upstream in gateway.router.upstreams:
+        for upstream in runtime.router.upstreams:
             breaker.add_metric([upstream.name], BREAKER_VALUES[upstream.breaker.state])
             healthy.add_metric([upstream.name], 1 if upstream.healthy else 0)
             active.add_metric([upstream.name], upstream.active)
         yield breaker
         yield healthy
         yield active
-        stats = gateway.stats
+        stats = runtime.stats
         counters = {
             "router_retries": ("Retried attempts", stats.retries),
             "router_failovers": (
@@ -79,10 +79,10 @@ class GatewayCollector(Collector):
                 stats.stale_retries,
             ),
             "router_client_closed": ("Requests whose client left first (499)", stats.client_closed),
-            "router_shed": ("Requests refused by load shedding", gateway.shedder.shed),
+            "router_shed": ("Requests refused by load shedding", runtime.shedder.shed),
             "router_rate_limited": (
                 "Requests refused by a rate limit",
-                gateway.rate_limiter.limited,
+                runtime.rate_limiter.limited,
             ),
             "router_queue_rejected": (
                 "Requests refused with the queue full",
@@ -94,7 +94,7 @@ class GatewayCollector(Collector):
             ),
             "router_retry_budget_denied": (
                 "Retries refused by the retry budget",
-                gateway.retry.budget.denied,
+                runtime.retry.budget.denied,
             ),
         }
         for name, (documentation, value) in counters.items():
@@ -246,11 +246,11 @@ class RequestMetrics(Collector):
 
 
 class PrometheusMetrics:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, live: LiveRuntime) -> None:
         self.registry = CollectorRegistry()
         self.events = RequestMetrics()
         self.registry.register(self.events)
-        self.registry.register(GatewayCollector(gateway))
+        self.registry.register(GatewayCollector(live))
         self.observe = self.events.observe
         self.gap_observer = self.events.gap_observer
 

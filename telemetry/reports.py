@@ -14,7 +14,7 @@ from aiohttp import web
 
 from circuit.breaker import BreakerState
 from control.admin import json_response, now_iso
-from proxy.handler import Gateway
+from proxy.runtime import LiveRuntime
 from proxy.upstream import Upstream
 from telemetry.outcome import SeriesStats, iso
 
@@ -48,9 +48,9 @@ def health_score(
     return round(100 * (w_success * success + w_latency * latency + w_load * (1 - load)), 1)
 
 
-class Observability:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+class Reports:
+    def __init__(self, live: LiveRuntime) -> None:
+        self.live = live
         self.dashboard_page = DASHBOARD.read_bytes()
 
     async def dashboard(self, request: web.Request) -> web.Response:
@@ -59,7 +59,7 @@ class Observability:
         return web.Response(body=self.dashboard_page, content_type="text/html", charset="utf-8")
 
     async def router_health(self, request: web.Request) -> web.Response:
-        router = self.gateway.router
+        router = self.live.runtime.router
         status: dict[str, dict[str, Any]] = {}
         healthy = 0
         for pool in router.home_pools():
@@ -89,9 +89,9 @@ class Observability:
         )
 
     async def routing_metrics(self, request: web.Request) -> web.Response:
-        gateway = self.gateway
-        router = gateway.router
-        telemetry = gateway.telemetry
+        runtime = self.live.runtime
+        router = runtime.router
+        telemetry = runtime.telemetry
         served = {u.name: u.requests for u in router.upstreams}
         total_served = sum(served.values())
         shares = [count / total_served * 100 for count in served.values()] if total_served else []
@@ -112,8 +112,8 @@ class Observability:
                     "avg_ttft_ms": ms(telemetry.ttft.mean()),
                     "avg_gateway_overhead_ms": ms(telemetry.overhead.mean()),
                     "requests_per_second": round(telemetry.rate.per_second(), 3),
-                    "in_flight": gateway.admission.in_flight,
-                    "queued": gateway.admission.queued,
+                    "in_flight": runtime.admission.in_flight,
+                    "queued": runtime.admission.queued,
                 },
                 "load_balancing": {
                     "strategy": router.strategy,
@@ -147,11 +147,11 @@ class Observability:
                     "last_failover": iso(telemetry.last_failover),
                 },
                 "counters": {
-                    **gateway.stats.as_dict(),
-                    "shed": gateway.shedder.shed,
-                    "rate_limited": gateway.rate_limiter.limited,
+                    **runtime.stats.as_dict(),
+                    "shed": runtime.shedder.shed,
+                    "rate_limited": runtime.rate_limiter.limited,
                 },
-                "accounting": gateway.accountant.state() if gateway.accountant else None,
+                "accounting": runtime.accountant.state() if runtime.accountant else None,
             }
         )
 
@@ -163,13 +163,13 @@ class Observability:
         return iso(time.time() - (time.monotonic() - monotonic_time))
 
     async def models_status(self, request: web.Request) -> web.Response:
-        gateway = self.gateway
-        router = gateway.router
-        threshold = gateway.config.circuit_breaker.latency_threshold
-        shed_reason = gateway.shedder.should_shed()
+        runtime = self.live.runtime
+        router = runtime.router
+        threshold = runtime.config.circuit_breaker.latency_threshold
+        shed_reason = runtime.shedder.should_shed()
         models: dict[str, Any] = {}
         for name, pool in router.models.items():
-            series = gateway.telemetry.models.get(name)
+            series = runtime.telemetry.models.get(name)
             upstreams = pool.upstreams
             breakers = [u.breaker for u in upstreams]
             open_count = sum(b.state is BreakerState.OPEN for b in breakers)

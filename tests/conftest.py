@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 
 from config.schema import Config, parse
-from proxy.app import GATEWAY_KEY, RUNNER_OPTIONS, build_app
-from proxy.handler import Gateway
+from proxy.app import RUNNER_OPTIONS, RUNTIME_KEY, build_app
 from proxy.router import Router
+from proxy.runtime import LiveRuntime, Runtime
 from simulator.cluster import Cluster, serve, start_backend
 
 MODELS = {
@@ -144,7 +144,12 @@ class RunningGateway:
     url: str
     router: Router
     config: Config
-    app_gateway: Gateway  # the request path's own state: admission, retry, stats
+    live: LiveRuntime
+
+    @property
+    def runtime(self) -> Runtime:
+        """The request path's own state now (admission, retry, counters): a reload swaps it."""
+        return self.live.runtime
 
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
@@ -162,7 +167,7 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
         app = build_app(config, router)
         runner, port = await serve(app, "127.0.0.1", 0, **RUNNER_OPTIONS)
         runners.append(runner)
-        return RunningGateway(f"http://127.0.0.1:{port}", router, config, app[GATEWAY_KEY])
+        return RunningGateway(f"http://127.0.0.1:{port}", router, config, app[RUNTIME_KEY])
 
     yield start
     for runner in runners:

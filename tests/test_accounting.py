@@ -101,7 +101,7 @@ async def test_full_buffer_drops_and_counts_rather_than_blocks(
     for _ in range(5):
         async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as r:
             assert r.status == 200
-    accountant = gateway.app_gateway.accountant
+    accountant = gateway.runtime.accountant
     assert accountant.dropped == 3 and len(accountant.buffer) == 2
     async with http.get(f"{gateway.url}/api/v1/router/metrics") as response:
         assert (await response.json())["accounting"]["dropped"] == 3

@@ -7,6 +7,7 @@ import random
 from config.schema import Config, HealthCheckConfig, parse
 from health.active import ActiveHealthChecker
 from proxy.router import Router
+from proxy.verdict import fails_backend
 from simulator.cluster import Cluster
 from tests.conftest import chat, config_document
 
@@ -17,6 +18,7 @@ async def test_backend_goes_down_after_fall_and_up_after_rise(cluster: Cluster) 
         [router.models["hermes-2"]],
         HealthCheckConfig(interval=60, timeout=0.5, fall=3, rise=2),
         random.Random(0),
+        probe_failed=fails_backend,
     )
     checker.start()  # the loops wait up to one interval first; the test probes by hand
     try:

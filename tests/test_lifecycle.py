@@ -95,7 +95,7 @@ async def test_reload_endpoint_swaps_config_and_keeps_backend_state(
         result = await response.json()
     assert result["reloaded"] is True and result["strategy"] == "weighted"
     assert result["models"] == ["mixtral-8x7b", "hermes-2", "phi-3-mini"]
-    router = gateway.app_gateway.router
+    router = gateway.runtime.router
     assert router.models["hermes-2"].upstreams[0] is hermes  # same object, same breaker
     assert hermes.breaker.state is BreakerState.OPEN
     async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("openchat-3.5")) as r:
@@ -108,7 +108,7 @@ async def test_reload_endpoint_swaps_config_and_keeps_backend_state(
         assert response.status == 400
         error = (await response.json())["error"]
     assert error["code"] == "invalid_config" and "models.x.weight" in error["message"]
-    assert gateway.app_gateway.router is router
+    assert gateway.runtime.router is router
 
 
 async def test_reload_without_a_file_is_refused(gateway, http) -> None:

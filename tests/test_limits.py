@@ -101,7 +101,7 @@ async def test_shed_when_the_failure_rate_is_high_then_recover(
     await asyncio.sleep(1.05)  # two windows later the failures are forgotten
     [(status, _, _)] = await statuses(http, gateway.url, [chat("hermes-2")])
     assert status == 200
-    assert gateway.app_gateway.shedder.shed == 1
+    assert gateway.runtime.shedder.shed == 1
 
 
 async def test_shed_when_too_few_healthy_backends(

@@ -130,4 +130,4 @@ async def test_global_cap_bounds_everything_in_flight(
 
 
 def gateway_admission(gateway: RunningGateway):
-    return gateway.app_gateway.admission
+    return gateway.runtime.admission

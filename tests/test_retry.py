@@ -45,8 +45,8 @@ async def test_backend_killed_during_a_burst_costs_no_client_errors(
     assert 0 < backends["hermes-2"] < 150
     hermes = gateway.router.models["hermes-2"].upstreams[0]
     assert hermes.breaker.state is BreakerState.OPEN
-    assert gateway.app_gateway.stats.retries > 0
-    assert gateway.app_gateway.admission.in_flight == 0
+    assert gateway.runtime.stats.retries > 0
+    assert gateway.runtime.admission.in_flight == 0
 
 
 async def test_503s_open_the_breaker_then_half_open_probes_close_it(
@@ -129,7 +129,7 @@ async def test_stale_keep_alive_connection_is_resent_at_once(
         assert response.status == 200
         assert response.headers["x-router-attempts"] == "1"
     assert behaviour.drop_reused == 0  # the reused connection really was dropped
-    assert gateway.app_gateway.stats.stale_retries == 1
+    assert gateway.runtime.stats.stale_retries == 1
     assert gateway.router.models["hermes-2"].upstreams[0].breaker.failure_count == 0
 
 
@@ -159,7 +159,7 @@ async def test_fallback_chain_serves_when_the_model_is_down(
             assert response.headers["x-router-fallback"] == "hermes-2"
             assert response.headers["x-router-backend"] == "hermes-2"
     assert orjson.loads(cluster["hermes-2"].behaviour.last_body)["model"] == "hermes-2"
-    assert gateway.app_gateway.stats.fallbacks == 6
+    assert gateway.runtime.stats.fallbacks == 6
 
 
 async def test_fallback_when_the_model_is_full(

@@ -54,7 +54,7 @@ async def test_client_disconnect_mid_stream_stops_the_upstream(
             break
         await asyncio.sleep(0.05)
     assert behaviour.in_flight == 0  # the simulator saw its connection dropped well before 2.5s
-    assert gateway.app_gateway.stats.client_closed == 1  # recorded as a 499
+    assert gateway.runtime.stats.client_closed == 1  # recorded as a 499
     upstream = next(u for u in gateway.router.upstreams if u.name == "openchat-3.5")
     for _ in range(20):
         if upstream.active == 0:
@@ -82,7 +82,7 @@ async def test_client_disconnect_before_first_byte_cancels_the_upstream(
         await asyncio.sleep(0.05)
     assert behaviour.in_flight == 0
     assert all(u.active == 0 for u in gateway.router.upstreams)
-    assert gateway.app_gateway.stats.client_closed == 1
+    assert gateway.runtime.stats.client_closed == 1
 
 
 async def test_upstream_dying_mid_stream_ends_with_an_error_event_not_done(

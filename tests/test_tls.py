@@ -15,6 +15,7 @@ from aiohttp import web
 from config.schema import HealthCheckConfig
 from health.active import ActiveHealthChecker
 from proxy.transport import tls_context
+from proxy.verdict import fails_backend
 from simulator.cluster import bind_socket
 from simulator.models import build_model_app
 from tests.conftest import StartGateway, chat
@@ -89,7 +90,7 @@ async def test_health_probes_verify_with_the_same_ca(
     pools = [gateway.router.models[MODEL]]
     config = HealthCheckConfig(enabled=True, interval=60)
     for tls, expected in ((tls_context(ca_file), True), (None, False)):
-        checker = ActiveHealthChecker(pools, config, tls=tls)
+        checker = ActiveHealthChecker(pools, config, tls=tls, probe_failed=fails_backend)
         checker.start()
         try:
             (probe,) = checker.probes.values()

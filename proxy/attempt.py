@@ -1,0 +1,159 @@
+"""One exchange with one backend, on a slot the caller holds (proxy.forward takes and releases
+it): `send` gets the answer's headers and classifies what happened, `deliver` relays the answer
+to the client. Each records what it learnt on the upstream (`Upstream.record`), once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import InvalidRequest, broken_response, upstream_failure
+from proxy.headers import client_response_headers
+from proxy.retry import DEFAULT_COOLDOWN, retry_after_seconds
+from proxy.runtime import Runtime
+from proxy.state import RequestState
+from proxy.streaming import relay
+from proxy.transport import (
+    NO_BODY_METHODS,
+    ConnectFailed,
+    StaleConnection,
+    UpstreamError,
+    UpstreamResponse,
+)
+from proxy.upstream import Upstream
+from proxy.verdict import BACKEND_FAILED, CLIENT_GONE, THROTTLED, of_status
+from telemetry.outcome import account_usage, usage_from_body
+
+# Bodies up to this size that arrive with a Content-Length are read whole and sent with one
+# write; anything else (SSE, chunked, large) is relayed chunk by chunk.
+BUFFER_LIMIT = 1 << 20
+
+
+class ForwardedResponse(web.Response):
+    """A buffered backend answer. aiohttp keeps a connection's last response alive until the
+    next request on it: this one lets go of its body once sent, so an idle client does not
+    hold up to BUFFER_LIMIT bytes."""
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        self.body = None
+
+
+def body_for(upstream: Upstream, state: RequestState) -> bytes:
+    """The body as this backend must get it: byte for byte, unless the backend serves another
+    model than the body names ("auto", or a fallback), which is written into it."""
+    document = state.document
+    if document is None and state.fallback is None:
+        return state.body
+    if document is None:
+        document = orjson.loads(state.body)
+    try:
+        return orjson.dumps({**document, "model": upstream.model})
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequest(
+            f"request body cannot be rewritten for model '{upstream.model}': {exc}",
+            code="invalid_json",
+        ) from None
+
+
+async def send(
+    runtime: Runtime,
+    request: web.Request,
+    upstream: Upstream,
+    state: RequestState,
+    headers: bytes,
+) -> UpstreamResponse | None:
+    """Send the request and wait for the answer's headers. The verdict goes to
+    `state.verdict` and to the upstream; None when no answer came (`state.error` says why)."""
+    method = request.method
+    start = upstream.request_start(method, state.path)
+    data = body_for(upstream, state)
+    body = None if not data and method in NO_BODY_METHODS else data
+    timeouts = runtime.stream_timeouts if state.stream else runtime.request_timeouts
+    client = runtime.client
+    origin = upstream.origin
+    assert client is not None and origin is not None
+    started = time.perf_counter()
+    try:
+        try:
+            response = await client.request(origin, start, headers, body, timeouts)
+        except StaleConnection:
+            # A pooled keep-alive connection the backend had already closed: resend once, at
+            # once, on a new connection (even a POST: the backend closed before answering).
+            # A second disconnect is a real failure.
+            runtime.stats.stale_retries += 1
+            response = await client.request(origin, start, headers, body, timeouts, fresh=True)
+    except (ConnectFailed, TimeoutError, UpstreamError) as exc:
+        state.backend_time += time.perf_counter() - started
+        error = upstream_failure(exc, upstream.name)
+        state.error = error
+        state.verdict = error.verdict
+        upstream.record(error.verdict)
+        return None
+    waited = time.perf_counter() - started
+    state.backend_time += waited
+    verdict = of_status(response.status)
+    if verdict is THROTTLED:
+        upstream.cool_down(retry_after_seconds(response.header(b"retry-after")) or DEFAULT_COOLDOWN)
+    upstream.record(verdict, waited)
+    state.verdict = verdict
+    return response
+
+
+async def deliver(
+    runtime: Runtime,
+    request: web.Request,
+    upstream: Upstream,
+    response: UpstreamResponse,
+    state: RequestState,
+) -> web.StreamResponse:
+    """Relay the answer: read whole and sent in one write when small and of known length,
+    else streamed chunk by chunk. A body that breaks off is the backend's failure."""
+    outcome = state.outcome
+    outcome.status = response.status
+    outcome.verdict = state.verdict
+    headers = client_response_headers(response.headers, upstream.name, state.request_id)
+    headers["x-router-attempts"] = str(state.attempt)
+    if state.fallback is not None:
+        headers["x-router-fallback"] = state.fallback
+    try:
+        length = response.content_length
+        if length is not None and length <= BUFFER_LIMIT:
+            reading = time.perf_counter()
+            try:
+                payload = await response.read()
+            except (TimeoutError, UpstreamError) as exc:
+                outcome.verdict = BACKEND_FAILED
+                upstream.record(BACKEND_FAILED)
+                raise broken_response(exc, upstream.name) from None
+            state.backend_time += time.perf_counter() - reading
+            if b'"usage"' in payload:
+                account_usage(outcome, usage_from_body(payload))
+            headers["x-router-overhead-ms"] = overhead_ms(state)
+            return ForwardedResponse(
+                status=response.status, reason=response.reason, body=payload, headers=headers
+            )
+        headers["x-router-overhead-ms"] = overhead_ms(state)
+        if runtime.gap_observer is not None:
+            state.observe_gap = runtime.gap_observer(outcome.pool)
+        relayed, ended = await relay(request, response, headers, upstream.name, state)
+        if ended is BACKEND_FAILED:
+            outcome.verdict = BACKEND_FAILED
+            upstream.record(BACKEND_FAILED)
+        elif ended is CLIENT_GONE:
+            # The client left mid-answer: counted as a 499, while the exchange itself went
+            # well as far as it went (nothing is held against the backend).
+            runtime.stats.client_closed += 1
+        return relayed
+    finally:
+        response.release()
+
+
+def overhead_ms(state: RequestState) -> str:
+    """The gateway's own time so far (not the backends'), for x-router-overhead-ms."""
+    overhead = state.overhead()
+    state.outcome.overhead = overhead
+    return f"{overhead * 1000:.3f}"

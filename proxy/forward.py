@@ -1,0 +1,236 @@
+"""The request path, top to bottom: admit -> select -> attempt -> (retry | fail over) -> relay
+-> record. `forward` is the whole rule book; each step is a function named after its rule.
+
+Retries happen only while nothing has been sent to the client, go to a different backend
+whenever another is eligible, and stay inside the retry budget (proxy.retry). A backend slot is
+taken and released in `forward` itself, in `finally`, whatever happens in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection
+
+from aiohttp import web
+
+from admission.constraints import excluded_by_constraints
+from admission.queue import NORMAL_PRIORITY, PRIORITIES
+from balancers.registry import COST_AWARE
+from balancers.request import RoutingRequest
+from proxy.attempt import deliver, send
+from proxy.errors import BudgetExhausted, GatewayError, NoBackendAvailable, Shed
+from proxy.headers import upstream_request_headers
+from proxy.runtime import Runtime
+from proxy.state import RequestState
+from proxy.upstream import Pool, Upstream
+from proxy.verdict import CLIENT_GONE, OK
+from telemetry.outcome import account_usage, price, usage_from_stream
+
+
+async def forward(
+    runtime: Runtime, request: web.Request, state: RequestState
+) -> web.StreamResponse:
+    """Admit -> select -> attempt -> (retry elsewhere) until a backend answers or retries run
+    out; the answer is relayed while the slot is held, and the outcome recorded last."""
+    headers = upstream_request_headers(request, state.request_id)
+    runtime.retry.budget.requests += 1
+    try:
+        refuse_when_overloaded(runtime, request, state)
+        blocked = backends_ruled_out(runtime, state.pool, state.routing)
+        while True:
+            upstream = take_free_slot(runtime, state, blocked)
+            if upstream is None:
+                upstream = await wait_for_slot(runtime, request, state, blocked)
+            try:
+                begin_attempt(runtime, state, upstream)
+                response = await send(runtime, request, upstream, state, headers)
+                if not try_again(runtime, state):
+                    if response is None:
+                        raise_final_error(state)
+                    answer = await deliver(runtime, request, upstream, response, state)
+                    count_served(runtime, state, upstream)
+                    return answer
+                if response is not None:
+                    response.release()  # a retryable answer nobody will read
+            finally:
+                runtime.admission.release(upstream)
+            await pause_before_retry(runtime, state, upstream)
+    except GatewayError as exc:
+        refused(state, exc)
+        raise
+    except asyncio.CancelledError:
+        client_left(runtime, state)
+        raise
+    finally:
+        record(runtime, state)
+
+
+def refuse_when_overloaded(runtime: Runtime, request: web.Request, state: RequestState) -> None:
+    """Load shedding, then rate limits: refused before anything is taken."""
+    runtime.shedder.check()
+    limiter = runtime.rate_limiter
+    if limiter.active:
+        pool = state.pool
+        limiter.check(request, pool.name if pool.name in runtime.router.models else None)
+
+
+def backends_ruled_out(
+    runtime: Runtime, pool: Pool, routing: RoutingRequest | None
+) -> tuple[Upstream, ...]:
+    """Backends a request for `pool` may not use: those its constraints rule out (422 when
+    that is all of them) and, with the budget spent, all but the cheapest model."""
+    blocked: tuple[Upstream, ...] = ()
+    if routing is not None:
+        blocked = excluded_by_constraints(pool.upstreams, routing)
+    budget = runtime.config.budget
+    if (
+        pool is runtime.router.auto
+        and pool.strategy in COST_AWARE
+        and runtime.spent() >= budget.limit
+    ):
+        if budget.on_exhausted == "refuse":
+            raise BudgetExhausted(
+                f"the budget of {budget.limit:g} is spent; cost-aware routing is refusing"
+            )
+        cheapest = min(u.cost for u in pool.upstreams)
+        blocked = (*blocked, *(u for u in pool.upstreams if u.cost > cheapest))
+    return blocked
+
+
+def take_free_slot(
+    runtime: Runtime, state: RequestState, blocked: tuple[Upstream, ...]
+) -> Upstream | None:
+    """A backend slot free now, preferring untried backends, then the chain's order. A plain
+    function: the common case costs no coroutine."""
+    admission = runtime.admission
+    tried = state.tried
+    first: Collection[Upstream] = (*tried, *blocked) if blocked else tried
+    for candidates in (first, blocked) if tried else (blocked,):
+        for pool in state.pools:
+            upstream = admission.try_acquire(pool, candidates, state.routing)
+            if upstream is not None:
+                return upstream
+    return None
+
+
+async def wait_for_slot(
+    runtime: Runtime, request: web.Request, state: RequestState, blocked: tuple[Upstream, ...]
+) -> Upstream:
+    """Queue for the first slot to free up, by priority then arrival; 503 at once when no
+    backend could serve at all."""
+    admission = runtime.admission
+    pools = state.pools
+    if admission.in_flight < admission.max_in_flight and not any(
+        p.has_live(blocked) for p in pools
+    ):
+        names = ", ".join(p.name for p in pools)
+        raise NoBackendAvailable(
+            f"no backend of {names} can take the request"
+            " (all are unhealthy, have an open circuit or asked for a pause)",
+            headers={"Retry-After": "1"},
+        )
+    priority = PRIORITIES.get(
+        request.headers.get(runtime.priority_header, "normal").lower(), NORMAL_PRIORITY
+    )
+    queued_at = time.perf_counter()
+    try:
+        return await admission.wait(pools, blocked, priority, state.routing)
+    finally:
+        state.outcome.queue_wait += time.perf_counter() - queued_at
+
+
+def begin_attempt(runtime: Runtime, state: RequestState, upstream: Upstream) -> None:
+    """Count the attempt and say which backend and model it goes to."""
+    state.attempt += 1
+    if state.attempt > 1:
+        runtime.stats.retries += 1
+    pool = state.pool
+    fallback = upstream.pool != pool.name and pool is not runtime.router.auto
+    state.fallback = upstream.model if fallback else None
+    outcome = state.outcome
+    outcome.backend = upstream.name
+    outcome.model = upstream.model
+
+
+def try_again(runtime: Runtime, state: RequestState) -> bool:
+    """The retry rule (proxy.retry) on this attempt's verdict."""
+    verdict = state.verdict
+    if verdict is OK:
+        return False
+    return runtime.retry.should_retry(verdict, state.attempt, state.pools)
+
+
+def raise_final_error(state: RequestState) -> None:
+    """No answer came and no retry is left: the last attempt's error goes to the client."""
+    assert state.error is not None
+    raise state.error
+
+
+async def pause_before_retry(runtime: Runtime, state: RequestState, failed: Upstream) -> None:
+    """The first failover goes at once when another backend is live; later retries back off
+    exponentially with jitter."""
+    if state.failed_at is None:
+        state.failed_at = time.perf_counter()
+    state.tried.append(failed)
+    others = any(p.has_live(state.tried) for p in state.pools)
+    delay = runtime.retry.backoff(state.attempt, other_backend=others)
+    if delay:
+        await asyncio.sleep(delay)
+
+
+def count_served(runtime: Runtime, state: RequestState, upstream: Upstream) -> None:
+    """A backend served the request: count a failover (another backend than the one that
+    failed) and a fallback (another model than the one asked for)."""
+    stats = runtime.stats
+    tried = state.tried
+    if tried and upstream is not tried[-1]:
+        stats.failovers += 1
+    outcome = state.outcome
+    if state.fallback is not None:
+        stats.fallbacks += 1
+        outcome.fallback = True
+    if state.failed_at is not None:
+        outcome.failover_time = time.perf_counter() - state.failed_at
+
+
+def refused(state: RequestState, exc: GatewayError) -> None:
+    """The gateway answers itself: the verdict comes with the error; the headers say where the
+    request got to."""
+    outcome = state.outcome
+    outcome.status = exc.status
+    outcome.verdict = exc.verdict
+    outcome.shed = isinstance(exc, Shed)
+    exc.headers = {
+        **(exc.headers or {}),
+        "x-router-backend": outcome.backend or "none",
+        "x-router-attempts": str(state.attempt),
+        "x-router-overhead-ms": f"{state.overhead() * 1000:.3f}",
+    }
+
+
+def client_left(runtime: Runtime, state: RequestState) -> None:
+    """A cancelled client is not our failure: no retry, nothing held against a backend
+    (nginx's 499)."""
+    runtime.stats.client_closed += 1
+    state.outcome.status = 499
+    state.outcome.verdict = CLIENT_GONE
+
+
+def record(runtime: Runtime, state: RequestState) -> None:
+    """After the last byte (or the refusal): the outcome goes to shedding and telemetry."""
+    outcome = state.outcome
+    if not outcome.shed:  # shedding's own refusals must not feed its failure rate
+        runtime.shedder.record(outcome.verdict)
+    outcome.duration = time.perf_counter() - state.started
+    outcome.attempts = state.attempt
+    if not outcome.overhead:
+        outcome.overhead = state.overhead()
+    if state.usage_chunk is not None:
+        account_usage(outcome, usage_from_stream(state.usage_chunk))
+    ok = outcome.verdict is OK
+    if ok and outcome.model is not None:
+        model = runtime.models.get(outcome.model)
+        if model is not None:
+            outcome.cost = price(model, 1, outcome.prompt_tokens, outcome.completion_tokens)
+    runtime.telemetry.record(outcome, ok)

@@ -1,0 +1,186 @@
+"""The data-plane routes: OpenAI-compatible, vector search and the Qdrant pass-through.
+
+Each adapter only validates what routing needs and builds the call (pool, path, body); the
+forwarding itself is proxy.forward's. Bodies are forwarded byte for byte unless the gateway must
+change them (a model chosen for `"model": "auto"`, a vector search translated for Qdrant).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from aiohttp import web
+
+from admission.constraints import has_constraint_headers, routing_request
+from proxy.errors import REQUEST_ID, InvalidRequest, ModelNotFound
+from proxy.forward import forward
+from proxy.runtime import LiveRuntime, Runtime
+from proxy.state import RequestState
+
+QDRANT_PREFIX = "/qdrant"
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, up to the body size limit. Not `request.read()`: that copies the body
+    twice and keeps it on the request, which aiohttp keeps alive with its connection until
+    the next request arrives (an idle client would hold its last upload)."""
+    content = request.content
+    limit = request.client_max_size
+    if content.is_eof():  # all of it came with the headers: the usual small JSON request
+        body = content.read_nowait()
+        size = len(body)
+    else:
+        chunks = []
+        size = 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    if size > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+    return body
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(document, dict):
+        raise InvalidRequest(
+            f"request body must be a JSON object, got {type(document).__name__}",
+            code="invalid_json",
+        )
+    return document
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def request_id(runtime: Runtime, request: web.Request) -> str:
+    """The id this request goes by (also on its error answers, through the middleware)."""
+    given = runtime.new_request_id(request.headers.get("X-Request-ID"))
+    request[REQUEST_ID] = given
+    return given
+
+
+class Routes:
+    """Route handlers over the live runtime: each reads the runtime once and keeps it."""
+
+    def __init__(self, live: LiveRuntime) -> None:
+        self.live = live
+
+    # --- OpenAI-compatible routes -------------------------------------------------------------
+
+    async def completion(self, request: web.Request, path: str) -> web.StreamResponse:
+        """POST /v1/chat/completions and /v1/completions (registered with their path bound)."""
+        runtime = self.live.runtime
+        rid = request_id(runtime, request)
+        body = await read_body(request)
+        document = parse_object(body)
+        stream = document.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise InvalidRequest(f"'stream' must be a boolean, got {stream!r}", code="invalid_type")
+        router = runtime.router
+        model = document.get("model")
+        auto = model is None or model == "auto"
+        if auto:
+            pool = router.auto
+        elif not isinstance(model, str):
+            raise InvalidRequest(f"'model' must be a string, got {model!r}", code="invalid_type")
+        else:
+            found = router.models.get(model)
+            if found is None:
+                raise ModelNotFound(
+                    f"The model '{model}' does not exist. Available models:"
+                    f" {runtime.model_names} (or 'auto')."
+                )
+            pool = found
+        routing = None
+        if pool.uses_request or "routing" in document or has_constraint_headers(request):
+            routing = routing_request(request, document, bool(stream))
+            if "routing" in document:  # ours, not the backend's: strip it
+                del document["routing"]
+                body = orjson.dumps(document)
+        state = RequestState(
+            rid,
+            pool,
+            path,
+            body,
+            document=document if auto else None,
+            stream=bool(stream),
+            fallbacks=() if auto else router.fallbacks.get(pool.name, ()),
+            routing=routing,
+        )
+        return await forward(runtime, request, state)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        runtime = self.live.runtime
+        rid = request_id(runtime, request)
+        body = await read_body(request)
+        document = parse_object(body)
+        if "input" not in document:
+            raise InvalidRequest("'input' is required", code="missing_field")
+        state = RequestState(rid, runtime.router.embedding, "/v1/embeddings", body)
+        return await forward(runtime, request, state)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.live.runtime.models_body, content_type="application/json")
+
+    # --- vector routes ------------------------------------------------------------------------
+
+    async def vector_search(self, request: web.Request) -> web.StreamResponse:
+        """`{"query_vector", "collection", "limit"}` -> Qdrant's points/search on the pool."""
+        runtime = self.live.runtime
+        rid = request_id(runtime, request)
+        document = parse_object(await read_body(request))
+        vector = document.get("query_vector")
+        if not isinstance(vector, list) or not vector or not all(map(_is_number, vector)):
+            raise InvalidRequest(
+                "'query_vector' must be a non-empty list of numbers", code="invalid_vector"
+            )
+        collection = document.get("collection")
+        if not isinstance(collection, str) or not collection:
+            raise InvalidRequest("'collection' must be a non-empty string", code="missing_field")
+        limit = document.get("limit", 10)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise InvalidRequest(
+                f"'limit' must be a positive integer, got {limit!r}", code="invalid_type"
+            )
+        search: dict[str, Any] = {
+            "vector": vector,
+            "limit": limit,
+            "with_payload": document.get("with_payload", True),
+        }
+        for key in ("filter", "score_threshold", "offset", "with_vector", "params"):
+            if key in document:
+                search[key] = document[key]
+        path = f"/collections/{quote(collection, safe='')}/points/search"
+        state = RequestState(
+            rid,
+            runtime.router.qdrant,
+            path,
+            orjson.dumps(search),
+            route="/api/v1/vectors/search",
+        )
+        return await forward(runtime, request, state)
+
+    async def qdrant_passthrough(self, request: web.Request) -> web.StreamResponse:
+        """The whole Qdrant REST API under /qdrant/: any method, path and query, as sent."""
+        runtime = self.live.runtime
+        rid = request_id(runtime, request)
+        path = request.raw_path[len(QDRANT_PREFIX) :] or "/"
+        if not path.startswith("/"):
+            path = "/" + path
+        body = await read_body(request)
+        state = RequestState(rid, runtime.router.qdrant, path, body, route="/qdrant")
+        return await forward(runtime, request, state)
