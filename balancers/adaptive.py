@@ -4,24 +4,34 @@ threshold) and success, and the best backend wins. Open circuits are never eligi
 
 from __future__ import annotations
 
-import random
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from balancers.base import B, eligible
+from balancers.base import B, Balancer, best_by
+from balancers.registry import register
 from balancers.request import RoutingRequest, StrategySettings
+from balancers.settings import setting
 from circuit.breaker import BreakerState
 
 
-class Adaptive:
-    __slots__ = ("_rng", "_weights", "_slow", "_clock")
+@dataclass(frozen=True, slots=True)
+class AdaptiveWeights:
+    """score = health x (load·w + latency·w + error·w)"""
 
-    def __init__(
-        self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
-    ) -> None:
-        settings = settings or StrategySettings()
-        self._rng = rng
-        self._weights = settings.adaptive_weights
+    load: float = setting(0.4, help="adaptive: weight of spare capacity")
+    latency: float = setting(0.4, help="adaptive: weight of p95 latency against the slow threshold")
+    error: float = setting(0.2, help="adaptive: weight of the recent success rate")
+
+
+@register("adaptive", order=7)
+class Adaptive(Balancer):
+    __slots__ = ("_weights", "_slow", "_clock")
+    settings_type = AdaptiveWeights
+    settings_key = "adaptive_weights"
+
+    def prepare(self, backends: Sequence[Any], settings: StrategySettings) -> None:
+        self._weights = settings.of(AdaptiveWeights)
         self._slow = settings.slow_latency
         self._clock = settings.clock
 
@@ -30,30 +40,15 @@ class Adaptive:
         health = 100.0 * success
         if backend.breaker.state is BreakerState.HALF_OPEN:
             health *= 0.5
-        w_load, w_latency, w_error = self._weights
+        weights = self._weights
         load = 1.0 - backend.active / backend.max_concurrent
         latency = (
             1.0 - min(1.0, backend.latencies.recent_p95(now) / self._slow)
             if backend.latencies.count
             else 0.5  # unmeasured: neutral
         )
-        return health * (w_load * load + w_latency * latency + w_error * success)
+        return health * (weights.load * load + weights.latency * latency + weights.error * success)
 
-    def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
-    ) -> B | None:
+    def choose(self, candidates: list[B], request: RoutingRequest | None) -> B | None:
         now = self._clock()
-        best: list[B] = []
-        top = -1.0
-        for backend in eligible(backends, exclude):
-            score = self.score(backend, now)
-            if score > top:
-                top, best = score, [backend]
-            elif score == top:
-                best.append(backend)
-        if not best:
-            return None
-        return best[0] if len(best) == 1 else self._rng.choice(best)
+        return best_by(candidates, lambda backend: self.score(backend, now), self._rng)

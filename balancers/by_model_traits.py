@@ -4,16 +4,18 @@ tier, or a weighted balance of cost, live latency, quality and load. Within the 
 
 from __future__ import annotations
 
-import random
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from balancers.base import B, RandomizedBalancer, eligible, least_loaded
+from balancers.base import B, Balancer, best_by, least_loaded
 from balancers.latency import neutral_latency
+from balancers.registry import register
 from balancers.request import RoutingRequest, StrategySettings
+from balancers.settings import setting
 
 
-class _ByKey(RandomizedBalancer):
+class _ByKey(Balancer):
     """Least loaded among the eligible backends with the lowest key."""
 
     __slots__ = ()
@@ -23,31 +25,28 @@ class _ByKey(RandomizedBalancer):
     def key(backend: Any) -> float:
         raise NotImplementedError
 
-    def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
-    ) -> B | None:
-        candidates = eligible(backends, exclude)
-        if not candidates:
-            return None
+    def choose(self, candidates: list[B], request: RoutingRequest | None) -> B | None:
         lowest = min(self.key(b) for b in candidates)
         return least_loaded([b for b in candidates if self.key(b) == lowest], self._rng)
 
 
+@register("cost_optimized", order=8)
 class CostOptimized(_ByKey):
+    cost_aware = True
+
     @staticmethod
     def key(backend: Any) -> float:
         return float(backend.cost)
 
 
+@register("quality_optimized", order=9)
 class QualityOptimized(_ByKey):
     @staticmethod
     def key(backend: Any) -> float:
         return -float(backend.quality)
 
 
+@register("priority", order=11)
 class Priority(_ByKey):
     """Configured priority order: the next tier only when no backend of a higher one can
     take the request."""
@@ -57,49 +56,53 @@ class Priority(_ByKey):
         return float(backend.priority)
 
 
-class Balanced:
+@dataclass(frozen=True, slots=True)
+class BalancedWeights:
+    """Each score is normalised to 0-1 across the candidates before weighting."""
+
+    cost: float = setting(0.3, help="balanced: weight of cost (the cheapest scores 1)")
+    latency: float = setting(0.3, help="balanced: weight of peak-EWMA latency (the fastest, 1)")
+    quality: float = setting(0.3, help="balanced: weight of the model's `quality`")
+    load: float = setting(0.1, help="balanced: weight of spare capacity")
+
+
+@register("balanced", order=10)
+class Balanced(Balancer):
     """Weighted score over cost (cheaper is better), live latency, quality and spare capacity,
     each normalised to 0-1 across the candidates."""
 
-    __slots__ = ("_rng", "_weights")
+    __slots__ = ("_weights",)
+    cost_aware = True
+    settings_type = BalancedWeights
+    settings_key = "balanced_weights"
 
-    def __init__(
-        self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
-    ) -> None:
-        self._rng = rng
-        self._weights = (settings or StrategySettings()).balanced_weights
+    def prepare(self, backends: Sequence[Any], settings: StrategySettings) -> None:
+        self._weights = settings.of(BalancedWeights)
 
-    def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
-    ) -> B | None:
-        candidates = eligible(backends, exclude)
-        if len(candidates) < 2:
-            return candidates[0] if candidates else None
-        costs = [b.cost for b in candidates]
+    def choose(self, candidates: list[B], request: RoutingRequest | None) -> B | None:
+        if len(candidates) == 1:
+            return candidates[0]
         neutral = neutral_latency(candidates) or 0.0
-        latencies = [
-            b.latency.value if b.latency.value is not None else neutral for b in candidates
-        ]
+
+        def latency_of(backend: B) -> float:
+            value = backend.latency.value
+            return value if value is not None else neutral
+
+        costs = [b.cost for b in candidates]
+        latencies = [latency_of(b) for b in candidates]
         low_cost, high_cost = min(costs), max(costs)
         low_lat, high_lat = min(latencies), max(latencies)
-        w_cost, w_latency, w_quality, w_load = self._weights
-        best: list[B] = []
-        top = -1.0
-        for backend, cost, latency in zip(candidates, costs, latencies, strict=True):
-            score = (
-                w_cost * _inverse(cost, low_cost, high_cost)
-                + w_latency * _inverse(latency, low_lat, high_lat)
-                + w_quality * backend.quality
-                + w_load * (1.0 - backend.active / backend.max_concurrent)
+        weights = self._weights
+
+        def score(backend: B) -> float:
+            return (
+                weights.cost * _inverse(backend.cost, low_cost, high_cost)
+                + weights.latency * _inverse(latency_of(backend), low_lat, high_lat)
+                + weights.quality * backend.quality
+                + weights.load * (1.0 - backend.active / backend.max_concurrent)
             )
-            if score > top + 1e-12:
-                top, best = score, [backend]
-            elif abs(score - top) <= 1e-12:
-                best.append(backend)
-        return best[0] if len(best) == 1 else self._rng.choice(best)
+
+        return best_by(candidates, score, self._rng, tolerance=1e-12)
 
 
 def _inverse(value: float, low: float, high: float) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 
 from balancers.base import B
 from balancers.power_of_two import PowerOfTwo, less_loaded
+from balancers.registry import register
 
 TIE = 0.05  # costs closer than this fraction are equal: latency samples are noisy
 
@@ -20,6 +21,7 @@ def neutral_latency(backends: Sequence[Any]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
+@register("latency", order=6)
 class LatencyAware(PowerOfTwo):
     """Power of two choices, comparing latency x load instead of load alone."""
 

@@ -4,9 +4,10 @@ least-connections scan, without herding every request onto the same momentary mi
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
-from balancers.base import B, RandomizedBalancer, eligible
+from balancers.base import B, Balancer
+from balancers.registry import register
 from balancers.request import RoutingRequest
 
 
@@ -15,20 +16,15 @@ def less_loaded(first: B, second: B) -> B:
     return second if second.active < first.active else first
 
 
-class PowerOfTwo(RandomizedBalancer):
+@register("power_of_two", order=5)
+class PowerOfTwo(Balancer):
     """Subclasses change only how the sampled pair is compared (`better`)."""
 
     __slots__ = ()
 
-    def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
-    ) -> B | None:
-        candidates = eligible(backends, exclude)
+    def choose(self, candidates: list[B], request: RoutingRequest | None) -> B | None:
         if len(candidates) < 2:
-            return candidates[0] if candidates else None
+            return candidates[0]
         first, second = self._rng.sample(candidates, 2)
         return self.better(first, second, candidates)
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import random
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from balancers.base import B, least_loaded
+from balancers.base import B, Balancer, OptionalRequest, eligible, least_loaded
+from balancers.registry import register
 from balancers.request import RoutingRequest, StrategySettings
+from balancers.settings import setting
 
 VIRTUAL_NODES = 100  # per backend: spreads each backend's share of the ring evenly
 
@@ -26,17 +28,30 @@ def ring_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
-class PrefixAffinity:
-    __slots__ = ("_rng", "_points", "_owners", "_prefix", "_factor")
-    uses_request = True
+@dataclass(frozen=True, slots=True)
+class AffinitySettings:
+    affinity_prefix_chars: int = setting(
+        256,
+        minimum=1,
+        help="prefix_affinity: characters of the prompt hashed when there is no session or user",
+    )
+    affinity_load_factor: float = setting(
+        1.25, minimum=1.0, help="prefix_affinity: no backend above this x the mean load"
+    )
 
-    def __init__(
-        self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
-    ) -> None:
-        settings = settings or StrategySettings()
-        self._rng = rng
-        self._prefix = settings.affinity_prefix_chars
-        self._factor = settings.affinity_load_factor
+
+@register("prefix_affinity", order=13)
+class PrefixAffinity(Balancer):
+    """The ring maps to positions in the pool, so this policy sees the whole pool (`select`)."""
+
+    __slots__ = ("_points", "_owners", "_prefix", "_factor")
+    uses_request = True
+    settings_type = AffinitySettings
+
+    def prepare(self, backends: Sequence[Any], settings: StrategySettings) -> None:
+        own = settings.of(AffinitySettings)
+        self._prefix = own.affinity_prefix_chars
+        self._factor = own.affinity_load_factor
         ring = sorted(
             (ring_hash(f"{backend.name}#{replica}"), index)
             for index, backend in enumerate(backends)
@@ -51,12 +66,9 @@ class PrefixAffinity:
         return request.affinity_key or (request.content[: self._prefix] or None)
 
     def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
+        self, backends: Sequence[B], exclude: Collection[B] = (), request: OptionalRequest = None
     ) -> B | None:
-        candidates = [b for b in backends if b.available() and b not in exclude]
+        candidates = eligible(backends, exclude)
         key = self.key(request)
         if not candidates or key is None or not self._points:
             return least_loaded(candidates, self._rng)

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-
-from balancers.base import B, RandomizedBalancer, eligible
+from balancers.base import B, Balancer
+from balancers.registry import register
 from balancers.request import RoutingRequest
 
 
-class RandomChoice(RandomizedBalancer):
+@register("random", order=4)
+class RandomChoice(Balancer):
     __slots__ = ()
 
-    def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
-    ) -> B | None:
-        candidates = eligible(backends, exclude)
-        return self._rng.choice(candidates) if candidates else None
+    def choose(self, candidates: list[B], request: RoutingRequest | None) -> B | None:
+        return self._rng.choice(candidates)

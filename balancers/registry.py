@@ -1,44 +1,45 @@
-"""Strategy name -> balancer factory, for config validation and the runtime swap."""
+"""Strategy name -> balancer class. Policies register themselves with `@register`; this module
+imports none of them. balancers/__init__.py imports every module of the package once
+(`load_all`), so a new policy is one new module and nothing else to edit.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-from balancers.adaptive import Adaptive
-from balancers.base import Balancer, BalancerFactory
-from balancers.by_model_traits import Balanced, CostOptimized, Priority, QualityOptimized
-from balancers.ensemble import Ensemble
-from balancers.latency import LatencyAware
-from balancers.least_connections import LeastConnections
-from balancers.power_of_two import PowerOfTwo
-from balancers.prefix_affinity import PrefixAffinity
-from balancers.random_choice import RandomChoice
+from balancers.base import Balancer
 from balancers.request import StrategySettings
-from balancers.round_robin import RoundRobin
-from balancers.specialization import Specialization
-from balancers.weighted import SmoothWeighted
 
-STRATEGIES: dict[str, BalancerFactory] = {
-    "round_robin": RoundRobin,
-    "weighted": SmoothWeighted,
-    "weighted_round_robin": SmoothWeighted,
-    "least_connections": LeastConnections,
-    "random": RandomChoice,
-    "power_of_two": PowerOfTwo,
-    "latency": LatencyAware,
-    "adaptive": Adaptive,
-    "cost_optimized": CostOptimized,
-    "quality_optimized": QualityOptimized,
-    "balanced": Balanced,
-    "priority": Priority,
-    "specialization": Specialization,
-    "prefix_affinity": PrefixAffinity,
-    "ensemble": Ensemble,
-}
-# Strategies whose choice follows the spend: they obey the budget (budget.on_exhausted).
-COST_AWARE = frozenset({"cost_optimized", "balanced", "ensemble"})
+STRATEGIES: dict[str, type[Balancer]] = {}
+_ORDER: dict[str, float] = {}  # name -> its place in listings
+
+P = TypeVar("P", bound=type[Balancer])
+
+
+def register(name: str, *, order: float, aliases: tuple[str, ...] = ()) -> Callable[[P], P]:
+    """Make a policy selectable by `name` (and its aliases). `order` places it in the lists
+    operators read (errors, the admin API): simplest first, aliases right after their name."""
+
+    def add(policy: P) -> P:
+        for index, key in enumerate((name, *aliases)):
+            if key in STRATEGIES and STRATEGIES[key] is not policy:
+                raise ValueError(f"strategy {key!r} registered twice")
+            STRATEGIES[key] = policy
+            _ORDER[key] = order + index / 100
+        return policy
+
+    return add
+
+
+def load_all() -> None:
+    """Import every module of the balancers package, so that each policy registers itself."""
+    package = importlib.import_module("balancers")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"balancers.{module.name}")
 
 
 class UnknownStrategyError(ValueError):
@@ -50,7 +51,26 @@ class UnknownStrategyError(ValueError):
 
 
 def strategy_names() -> list[str]:
-    return list(STRATEGIES)
+    return sorted(STRATEGIES, key=_ORDER.__getitem__)
+
+
+def policy(name: str) -> type[Balancer]:
+    """The class registered as `name` (its capabilities are class attributes)."""
+    found = STRATEGIES.get(name)
+    if found is None:
+        raise UnknownStrategyError(name)
+    return found
+
+
+def policy_settings() -> list[tuple[str | None, type]]:
+    """(key under `routing:` or None for routing itself, settings dataclass) of each registered
+    policy that declares settings, once each, in listing order."""
+    found: list[tuple[str | None, type]] = []
+    for name in strategy_names():
+        kind = STRATEGIES[name]
+        if kind.settings_type is not None and (kind.settings_key, kind.settings_type) not in found:
+            found.append((kind.settings_key, kind.settings_type))
+    return found
 
 
 def create_balancer(
@@ -59,7 +79,12 @@ def create_balancer(
     rng: random.Random,
     settings: StrategySettings | None = None,
 ) -> Balancer:
-    factory = STRATEGIES.get(name)
-    if factory is None:
-        raise UnknownStrategyError(name)
-    return factory(backends, rng, settings)
+    return policy(name)(backends, rng, settings)
+
+
+def __getattr__(attribute: str) -> Any:
+    """Compatibility for `COST_AWARE` (the names of the cost-aware strategies): prefer
+    `policy(name).cost_aware`."""
+    if attribute == "COST_AWARE":
+        return frozenset(name for name, kind in STRATEGIES.items() if kind.cost_aware)
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")

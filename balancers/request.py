@@ -1,11 +1,12 @@
-"""What a request-aware strategy may know of the request being routed, and the strategy
-settings that come from config. Built only when the strategy or constraints need it."""
+"""What a request-aware strategy may know of the request being routed (built only when the
+strategy or constraints need it), and the settings bundle every balancer factory is given."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeVar
 
 
 class RoutingRequest:
@@ -49,20 +50,26 @@ class RoutingRequest:
         )
 
 
+# Seconds to response headers at which a response counts as slow: the adaptive strategy scores
+# such a p95 at 0, and it is the default of circuit_breaker.latency_threshold, which config
+# passes back here as `slow_latency` (declared once, here, as balancers cannot read config).
+SLOW_RESPONSE_SECONDS = 2.0
+
+S = TypeVar("S")
+
+
 @dataclass(frozen=True, slots=True)
 class StrategySettings:
-    # adaptive: score = health x (load·w + latency·w + error·w)
-    adaptive_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)
-    # balanced: weights of cost, latency, quality, load
-    balanced_weights: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
-    ensemble: tuple[tuple[str, float], ...] = (
-        ("latency", 0.4),
-        ("cost_optimized", 0.3),
-        ("specialization", 0.3),
-    )
-    affinity_prefix_chars: int = 256
-    affinity_load_factor: float = 1.25
-    latency_decay_seconds: float = 10.0
-    slow_latency: float = 2.0  # seconds: a p95 at or above this scores 0 on latency
-    specializations: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """What a balancer factory is given. Each policy declares its own settings dataclass beside
+    its algorithm (`Balancer.settings_type`); `policies` holds the configured instances and
+    `of()` hands a policy its own, or the declared defaults when config gave none."""
+
+    policies: tuple[object, ...] = ()
+    slow_latency: float = SLOW_RESPONSE_SECONDS
     clock: Callable[[], float] = time.monotonic  # the simulator passes its virtual clock
+
+    def of(self, kind: type[S]) -> S:
+        for policy in self.policies:
+            if isinstance(policy, kind):
+                return policy
+        return kind()

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from balancers.base import B
-from balancers.request import RoutingRequest, StrategySettings
+from balancers.base import B, Balancer, OptionalRequest
+from balancers.registry import register
+from balancers.request import StrategySettings
 
 
-class RoundRobin:
+@register("round_robin", order=1)
+class RoundRobin(Balancer):
+    """The cursor is a position in the pool, so this policy sees the whole pool (`select`)."""
+
     __slots__ = ("_next",)
 
-    def __init__(
-        self,
-        backends: Sequence[Any],
-        rng: random.Random,
-        settings: StrategySettings | None = None,
-    ) -> None:
+    def prepare(self, backends: Sequence[Any], settings: StrategySettings) -> None:
         self._next = 0
 
     def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
+        self, backends: Sequence[B], exclude: Collection[B] = (), request: OptionalRequest = None
     ) -> B | None:
         count = len(backends)
         start = self._next

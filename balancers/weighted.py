@@ -8,33 +8,28 @@ rounding cannot drift the cycle (the algorithm is invariant under scaling).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from balancers.base import B
-from balancers.request import RoutingRequest, StrategySettings
+from balancers.base import B, Balancer, OptionalRequest
+from balancers.registry import register
+from balancers.request import StrategySettings
 
 WEIGHT_SCALE = 1000
 
 
-class SmoothWeighted:
+@register("weighted", order=2, aliases=("weighted_round_robin",))
+class SmoothWeighted(Balancer):
+    """Current weights are kept per position in the pool, so this policy sees the whole pool."""
+
     __slots__ = ("_weights", "_current")
 
-    def __init__(
-        self,
-        backends: Sequence[Any],
-        rng: random.Random,
-        settings: StrategySettings | None = None,
-    ) -> None:
+    def prepare(self, backends: Sequence[Any], settings: StrategySettings) -> None:
         self._weights = [max(1, round(b.weight * WEIGHT_SCALE)) for b in backends]
         self._current = [0] * len(backends)
 
     def select(
-        self,
-        backends: Sequence[B],
-        exclude: Collection[B] = (),
-        request: RoutingRequest | None = None,
+        self, backends: Sequence[B], exclude: Collection[B] = (), request: OptionalRequest = None
     ) -> B | None:
         current = self._current
         weights = self._weights

@@ -1,189 +1,290 @@
 """Configuration: YAML + ROUTER_* environment, parsed once into frozen dataclasses.
 
-Every refusal names the key path and the bad value (`ConfigError`), never a traceback: an
-operator reading it should know which line of which file to fix.
+Each key is declared once, below or beside the balancing policy that owns it: its type (the
+annotation), default, bounds, ROUTER_* variable and help (`setting`). config.reader turns a
+document into these classes by walking the declarations; config.table renders the README's
+table from them. Precedence: command line > ROUTER_* > file > defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
-from balancers.registry import strategy_names
+from balancers.registry import policy_settings, strategy_names
+from balancers.request import SLOW_RESPONSE_SECONDS
+from balancers.settings import setting
+from config.reader import ConfigError, Section, declared_fields, read, read_keys
+
+S = TypeVar("S", bound="ServiceConfig")
 
 DEFAULT_CONFIG_PATH = Path("config/router_config.yaml")
 BUNDLED_CONFIG_PATH = Path(__file__).resolve().parent / "router_config.yaml"
 
 
-class ConfigError(ValueError):
-    """A configuration problem, worded for the operator."""
+def known_strategy(name: str, path: str) -> str:
+    if name not in strategy_names():
+        raise ValueError(
+            f"{path}: unknown strategy {name!r} (valid: {', '.join(strategy_names())})"
+        )
+    return name
+
+
+def existing_file(value: str, path: str) -> str:
+    """Checked now, not at first use."""
+    if not os.path.isfile(value):
+        raise ValueError(f"{path}: no such file {value!r}")
+    return value
+
+
+def backend_url(url: str, path: str) -> str:
+    """An http(s) origin (a path prefix allowed), without a trailing slash."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid URL {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{path}: invalid URL {url!r} (expected http://host:port)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{path}: invalid URL {url!r} (no query or fragment allowed)")
+    return url.rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
-    port: int = 8000
-    workers: int = 1
-    max_body_bytes: int = 10 * 1024 * 1024
-    admin_token: str | None = None
-    shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    host: str = setting("0.0.0.0", env="ROUTER_HOST", help="address to listen on")
+    port: int = setting(8000, maximum=65535, env="ROUTER_PORT", help="port to listen on")
+    workers: int = setting(
+        1, minimum=1, env="ROUTER_WORKER_THREADS", help="worker processes sharing the port"
+    )
+    max_body_bytes: int = setting(
+        10 * 1024 * 1024, minimum=1, shown="10 MiB", help="larger request bodies get 413"
+    )
+    admin_token: str | None = setting(
+        None,
+        env="ROUTER_ADMIN_TOKEN",
+        help="bearer token for admin writes; without it they are loopback-only",
+    )
+    shutdown_grace: float = setting(
+        30.0, help="seconds in-flight requests get to finish on SIGTERM"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    strategy: str = "round_robin"
-    request_timeout: float = 30.0  # total, for non-streamed requests
-    connect_timeout: float = 5.0
-    idle_timeout: float = 30.0  # streams: upstream silence before headers and between chunks
-    # until response headers; None: the idle timeout (streams) or request_timeout (others)
-    first_byte_timeout: float | None = None
-    max_concurrent_requests: int = 100
-    adaptive_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)  # load, latency, error
-    balanced_weights: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
-    ensemble: tuple[tuple[str, float], ...] = (
-        ("latency", 0.4),
-        ("cost_optimized", 0.3),
-        ("specialization", 0.3),
+    strategy: str = setting(
+        "round_robin",
+        env="ROUTER_STRATEGY",
+        validate=known_strategy,
+        help="balancing strategy (see Balancing strategies)",
     )
-    affinity_prefix_chars: int = 256
-    affinity_load_factor: float = 1.25
-    cache_ttl: float = 60.0  # decision cache, for choices that depend only on the request
-    cache_size: int = 1024
+    request_timeout: float = setting(
+        30.0, minimum=0.001, help="total seconds for a non-streamed request"
+    )
+    connect_timeout: float = setting(5.0, minimum=0.001, help="seconds to connect to a backend")
+    idle_timeout: float = setting(
+        30.0,
+        minimum=0.001,
+        help="streams: seconds of upstream silence (before headers, between chunks)",
+    )
+    first_byte_timeout: float | None = setting(
+        None,
+        minimum=0.001,
+        help="seconds until response headers; unset: idle_timeout (streams), else request_timeout",
+    )
+    max_concurrent_requests: int = setting(100, minimum=1, help="global cap on requests in flight")
+    cache_ttl: float = setting(
+        60.0, help="seconds a request-only model choice is reused (decision cache); 0 = off"
+    )
+    cache_size: int = setting(1024, minimum=1, help="decisions the cache holds (LRU)")
+    # The strategies' own settings (balancers.*: AdaptiveSettings, AffinitySettings, ...), read
+    # from this same `routing:` mapping: one instance per policy that declares settings.
+    policies: tuple[object, ...] = ()
+
+    def policy(self, kind: type[Any]) -> Any:
+        """The configured settings of one policy (its declared defaults if none)."""
+        return next((p for p in self.policies if isinstance(p, kind)), kind())
 
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    size: int = 1000
-    timeout: float = 30.0
-    priority_header: str = "X-Priority"
+    size: int = setting(1000, env="ROUTER_QUEUE_SIZE", help="waiting requests; full -> 503")
+    timeout: float = setting(30.0, help="seconds a request may wait for a slot")
+    priority_header: str = setting("X-Priority", help="header naming high | normal | low")
 
 
 @dataclass(frozen=True, slots=True)
 class HealthCheckConfig:
-    enabled: bool = True
-    interval: float = 30.0
-    timeout: float = 5.0
-    fall: int = 3
-    rise: int = 2
+    enabled: bool = setting(True, help="active health probes")
+    interval: float = setting(
+        30.0, minimum=0.01, env="ROUTER_HEALTH_CHECK_INTERVAL", help="seconds between probes"
+    )
+    timeout: float = setting(
+        5.0, minimum=0.001, env="ROUTER_HEALTH_CHECK_TIMEOUT", help="seconds a probe may take"
+    )
+    fall: int = setting(3, minimum=1, help="consecutive failures to mark a backend down")
+    rise: int = setting(2, minimum=1, help="consecutive successes to mark it up again")
 
 
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
-    threshold: int = 5
-    timeout: float = 60.0
-    max_timeout: float = 600.0  # the open time doubles on each re-trip, up to this
-    half_open_limit: int = 3
-    adaptive: bool = False  # also open on slowness (see latency_threshold)
-    latency_threshold: float = 2.0  # seconds to response headers
-    slow_request_limit: int = 3
-    slow_window: float = 60.0
+    threshold: int = setting(
+        5, minimum=1, env="ROUTER_CIRCUIT_BREAKER_THRESHOLD", help="failures that open it"
+    )
+    timeout: float = setting(
+        60.0, env="ROUTER_CIRCUIT_BREAKER_TIMEOUT", help="seconds open before a trial"
+    )
+    max_timeout: float = setting(600.0, help="open time doubles on each re-trip, up to this")
+    half_open_limit: int = setting(3, minimum=1, help="trial requests while half-open")
+    adaptive: bool = setting(False, help="also open on slowness (the three keys below)")
+    latency_threshold: float = setting(
+        SLOW_RESPONSE_SECONDS,
+        minimum=0.001,
+        help="seconds to response headers that count as slow (also adaptive's slow threshold)",
+    )
+    slow_request_limit: int = setting(
+        3, minimum=1, help="slow responses within slow_window that open it"
+    )
+    slow_window: float = setting(60.0, minimum=0.001, help="seconds slow responses are counted")
 
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
-    max_retries: int = 3
-    delay: float = 1.0
-    max_delay: float = 8.0
-    budget_ratio: float = 0.2
-    budget_min: int = 3
+    max_retries: int = setting(3, env="ROUTER_MAX_RETRIES", help="retries after the first try")
+    delay: float = setting(
+        1.0, env="ROUTER_RETRY_DELAY", help="seconds of backoff (exponential, with jitter)"
+    )
+    max_delay: float = setting(8.0, help="longest backoff, seconds")
+    budget_ratio: float = setting(0.2, help="retries may add this share of the request rate...")
+    budget_min: int = setting(3, help="...plus this many per second")
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    enabled: bool = True
+    enabled: bool = setting(True, env="ROUTER_METRICS_ENABLED", help="Prometheus /metrics")
 
 
 @dataclass(frozen=True, slots=True)
 class LoadSheddingConfig:
-    enabled: bool = True
-    max_pending: int = 0  # in flight + queued; 0: max_concurrent_requests + queue.size
-    min_healthy_backends: int = 0  # 0: off
-    max_failure_rate: float = 0.10
-    failure_window: float = 10.0
-    min_requests: int = 20  # outcomes in the window before the failure rate counts
+    enabled: bool = setting(True, help="refuse early (503) when the gateway cannot keep up")
+    max_pending: int = setting(
+        0, help="in flight + queued; 0 = max_concurrent_requests + queue.size"
+    )
+    min_healthy_backends: int = setting(0, help="shed when fewer healthy backends remain; 0 = off")
+    max_failure_rate: float = setting(0.10, help="shed while client-visible 5xx exceed this...")
+    failure_window: float = setting(10.0, minimum=0.1, help="...over this many seconds...")
+    min_requests: int = setting(20, minimum=1, help="...once the window holds this many outcomes")
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitConfig:
     """Token buckets; 0 turns a limit off. Production value of `rps`: 50."""
 
-    rps: float = 0.0
-    burst: float = 0.0  # 0: same as rps
-    per_client_rps: float = 0.0
-    per_client_burst: float = 0.0
+    rps: float = setting(0.0, help="gateway-wide requests per second; 0 = off")
+    burst: float = setting(0.0, help="bucket size; 0 = same as rps")
+    per_client_rps: float = setting(
+        0.0, help="per bearer token / X-API-Key / peer address; 0 = off"
+    )
+    per_client_burst: float = setting(0.0, help="per-client bucket size; 0 = same as the rate")
 
 
 @dataclass(frozen=True, slots=True)
 class AccountingConfig:
     """Per-request rows in SQL, written in batches off the request path."""
 
-    enabled: bool = True
-    sqlite_path: str = "data/requests.db"
-    postgres_dsn: str | None = None  # when set, PostgreSQL instead of SQLite
-    buffer_size: int = 10_000  # rows waiting; beyond this, rows are dropped and counted
-    batch_size: int = 500
-    flush_interval: float = 1.0
+    enabled: bool = setting(True, help="one SQL row per request")
+    sqlite_path: str = setting("data/requests.db", help="the embedded database")
+    postgres_dsn: str | None = setting(
+        None, env="ROUTER_POSTGRES_DSN", help="when set, PostgreSQL instead of SQLite"
+    )
+    buffer_size: int = setting(
+        10_000, minimum=1, help="rows waiting; beyond this, rows are dropped and counted"
+    )
+    batch_size: int = setting(500, minimum=1, help="rows per write")
+    flush_interval: float = setting(1.0, minimum=0.01, help="seconds between writes")
 
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
-    access_log: str | None = None  # one JSON line per request: "-" (stdout) or a file path
-    audit_log: str | None = "data/audit.jsonl"  # one JSON line per admin change
+    access_log: str | None = setting(
+        None, help='one JSON line per request: "-" (stdout) or a file path'
+    )
+    audit_log: str | None = setting(
+        "data/audit.jsonl", help="one JSON line per admin change; empty = off"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
-    limit: float = 1000.0  # total spend, in the unit of the models' costs
-    on_exhausted: str = "cheapest"  # cost-aware strategies: "cheapest" model only, or "refuse"
+    limit: float = setting(1000.0, help="total spend, in the unit of the models' costs")
+    on_exhausted: str = setting(
+        "cheapest",
+        choices=("cheapest", "refuse"),
+        help="cost-aware strategies then use the cheapest model, or refuse (402)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ChaosConfig:
-    enabled: bool = False  # the chaos test endpoints of the admin API
+    enabled: bool = setting(False, help="the admin API's chaos test endpoints (--demo: on)")
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionPoolConfig:
     """Upstream keep-alive pools of the gateway's one upstream client."""
 
-    limit: int = 1000
-    limit_per_host: int = 0
-    keepalive_timeout: float = 30.0
-    # CA certificates (PEM) that https backends' certificates must chain to, instead of the
-    # system's trust store: for backends with certificates from a private CA.
-    ca_file: str | None = None
+    limit: int = setting(1000, help="connections to all backends")
+    limit_per_host: int = setting(0, help="0 = no per-host cap beyond max_concurrent")
+    keepalive_timeout: float = setting(30.0, help="seconds an idle connection is kept")
+    ca_file: str | None = setting(
+        None,
+        validate=existing_file,
+        shown="system trust store",
+        help="PEM CA certificates https backends must chain to (a private CA)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
-    name: str
-    url: str
-    weight: float
-    max_concurrent: int
+    name: str = setting(
+        shown="model name, -N if several", help="backend name (unique; in x-router-backend)"
+    )
+    url: str = setting(shown="required", validate=backend_url, help="http(s)://host:port")
+    max_concurrent: int = setting(
+        shown="the pool's", minimum=1, help="requests in flight on this endpoint"
+    )
+    weight: float = setting(1.0, shown="the model's; 1", positive=True, help="for `weighted`")
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    name: str
-    weight: float
-    max_concurrent: int
-    cost_per_request: float
-    cost_per_1k_prompt_tokens: float
-    cost_per_1k_completion_tokens: float
-    rpm: int  # requests per minute for this model; 0: no limit
-    quality: float  # 0-1, for quality_optimized and balanced
-    priority: int  # lower first, for the priority strategy
-    context_length: int  # tokens; 0: unknown
-    capabilities: tuple[str, ...]
-    specializations: tuple[str, ...]
-    health_path: str
-    endpoints: tuple[EndpointConfig, ...]
+    name: str  # the key under `models:`
+    weight: float = setting(1.0, positive=True, help="for `weighted`; endpoints inherit it")
+    max_concurrent: int = setting(100, minimum=1, help="per endpoint; endpoints inherit it")
+    cost_per_request: float = setting(0.0, help="spend per request (budget, cost strategies)")
+    cost_per_1k_prompt_tokens: float = setting(0.0, help="spend per 1000 prompt tokens")
+    cost_per_1k_completion_tokens: float = setting(0.0, help="spend per 1000 completion tokens")
+    rpm: int = setting(0, help="requests per minute for this model; 0 = no limit")
+    quality: float = setting(0.5, maximum=1, help="0-1, for quality_optimized and balanced")
+    priority: int = setting(100, help="lower first, for the priority strategy")
+    context_length: int = setting(0, help="tokens the model accepts; 0 = unknown")
+    capabilities: tuple[str, ...] = setting((), help="what it serves: chat, completion, ...")
+    specializations: tuple[str, ...] = setting((), help="kinds of work, for specialization")
+    health_path: str = setting("/health", help="path the health probe requests")
+    url: str | None = setting(
+        None, validate=backend_url, help="shorthand for one endpoint (instead of endpoints)"
+    )
+    endpoints: tuple[EndpointConfig, ...] = setting(
+        (), shown="required", help="the replicas: a list of URLs or endpoint mappings"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,30 +292,48 @@ class ServiceConfig:
     """A non-model pool: Qdrant or the embedding servers."""
 
     name: str
-    health_path: str
-    endpoints: tuple[EndpointConfig, ...]
+    health_path: str = setting("/health", help="path the health probe requests")
+    max_concurrent: int = setting(100, minimum=1, help="per endpoint; endpoints inherit it")
+    endpoints: tuple[EndpointConfig, ...] = setting((), help="the replicas")
+
+
+@dataclass(frozen=True, slots=True)
+class QdrantConfig(ServiceConfig):
+    name: str = "qdrant"
+    health_path: str = setting("/healthz", help="path the health probe requests")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingConfig(ServiceConfig):
+    name: str = "embedding"
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    server: ServerConfig
-    routing: RoutingConfig
-    queue: QueueConfig
-    health_check: HealthCheckConfig
-    circuit_breaker: CircuitBreakerConfig
-    retry: RetryConfig
-    metrics: MetricsConfig
-    load_shedding: LoadSheddingConfig
-    rate_limit: RateLimitConfig
-    chaos: ChaosConfig
-    accounting: AccountingConfig
-    budget: BudgetConfig
-    logging: LoggingConfig
-    connection_pool: ConnectionPoolConfig
-    models: tuple[ModelConfig, ...]
-    qdrant: ServiceConfig
-    embedding: ServiceConfig
-    fallbacks: dict[str, tuple[str, ...]]
+    server: ServerConfig = setting(ServerConfig(), help="the listener")
+    routing: RoutingConfig = setting(RoutingConfig(), help="strategy, timeouts, decision cache")
+    queue: QueueConfig = setting(QueueConfig(), help="requests waiting for a slot")
+    health_check: HealthCheckConfig = setting(HealthCheckConfig(), help="active probes")
+    circuit_breaker: CircuitBreakerConfig = setting(CircuitBreakerConfig(), help="per backend")
+    retry: RetryConfig = setting(RetryConfig(), help="retries and their budget")
+    metrics: MetricsConfig = setting(MetricsConfig(), help="Prometheus")
+    load_shedding: LoadSheddingConfig = setting(LoadSheddingConfig(), help="early refusals")
+    rate_limit: RateLimitConfig = setting(RateLimitConfig(), help="token buckets")
+    chaos: ChaosConfig = setting(ChaosConfig(), help="fault injection")
+    accounting: AccountingConfig = setting(AccountingConfig(), help="per-request rows")
+    budget: BudgetConfig = setting(BudgetConfig(), help="spend limit")
+    logging: LoggingConfig = setting(LoggingConfig(), help="access and audit logs")
+    connection_pool: ConnectionPoolConfig = setting(ConnectionPoolConfig(), help="upstream")
+    models: tuple[ModelConfig, ...] = setting(
+        (), each=".<name>", help="model pools, by name (see below)"
+    )
+    qdrant: QdrantConfig = setting(QdrantConfig(), help="the Qdrant pool")
+    embedding: EmbeddingConfig = setting(EmbeddingConfig(), help="the embedding pool")
+    fallbacks: dict[str, tuple[str, ...]] = setting(
+        factory=dict,
+        shown="none",
+        help="{model: [model, ...]}: models to try, in order, when every backend of one is down",
+    )
     source: str = "<defaults>"
 
     def summary(self) -> str:
@@ -231,266 +350,31 @@ class Config:
         return "\n".join(lines)
 
 
-# ROUTER_* variable -> (section, key). Values are strings and are converted by the key's type.
-ENV_OVERRIDES: dict[str, tuple[str, str]] = {
-    "ROUTER_STRATEGY": ("routing", "strategy"),
-    "ROUTER_HEALTH_CHECK_INTERVAL": ("health_check", "interval"),
-    "ROUTER_HEALTH_CHECK_TIMEOUT": ("health_check", "timeout"),
-    "ROUTER_CIRCUIT_BREAKER_THRESHOLD": ("circuit_breaker", "threshold"),
-    "ROUTER_CIRCUIT_BREAKER_TIMEOUT": ("circuit_breaker", "timeout"),
-    "ROUTER_MAX_RETRIES": ("retry", "max_retries"),
-    "ROUTER_RETRY_DELAY": ("retry", "delay"),
-    "ROUTER_QUEUE_SIZE": ("queue", "size"),
-    "ROUTER_WORKER_THREADS": ("server", "workers"),
-    "ROUTER_METRICS_ENABLED": ("metrics", "enabled"),
-    "ROUTER_HOST": ("server", "host"),
-    "ROUTER_PORT": ("server", "port"),
-    "ROUTER_ADMIN_TOKEN": ("server", "admin_token"),
-    "ROUTER_POSTGRES_DSN": ("accounting", "postgres_dsn"),
+# The sections parse() reads by their declarations alone; the others need the code below.
+SIMPLE_SECTIONS: dict[str, type] = {
+    field.name: hint
+    for field, _, hint in declared_fields(Config)
+    if dataclasses.is_dataclass(hint) and field.name not in ("routing", "qdrant", "embedding")
 }
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+
+def env_overrides() -> Iterator[tuple[str, str, str]]:
+    """(ROUTER_* variable, section, key) for every key that declares one."""
+    for section, _, hint in declared_fields(Config):
+        if dataclasses.is_dataclass(hint):
+            for field, spec, _ in declared_fields(hint):  # type: ignore[arg-type]
+                if spec.env:
+                    yield spec.env, section.name, field.name
 
 
-class _Section:
-    """Reads typed keys from one mapping and refuses whatever is left unread."""
-
-    def __init__(self, data: Any, path: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: expected a mapping, got {data!r}")
-        self._data = dict(data)
-        self._path = path
-
-    def _key(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        return self._data.pop(key, default)
-
-    def string(self, key: str, default: str | None) -> str | None:
-        value = self._data.pop(key, default)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{self._key(key)}: expected a string, got {value!r}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._data.pop(key, default)
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            value = value.strip().lower() in _TRUE
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)}: expected true or false, got {value!r}")
-        return value
-
-    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
-        value = self._data.pop(key, default)
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self._key(key)}: expected an integer, got {value!r}")
-        if value < minimum:
-            raise ConfigError(f"{self._key(key)}: must be >= {minimum}, got {value!r}")
-        return value
-
-    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
-        value = self._data.pop(key, default)
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{self._key(key)}: expected a number, got {value!r}")
-        if value < minimum:
-            raise ConfigError(f"{self._key(key)}: must be >= {minimum:g}, got {value!r}")
-        return float(value)
-
-    def optional_number(self, key: str, *, minimum: float = 0.0) -> float | None:
-        if self._data.get(key) is None:
-            self._data.pop(key, None)
-            return None
-        return self.number(key, 0.0, minimum=minimum)
-
-    def existing_file(self, key: str) -> str | None:
-        """An optional path that must name a file (checked now, not at first use)."""
-        value = self.string(key, None) or None
-        if value is not None and not os.path.isfile(value):
-            raise ConfigError(f"{self._key(key)}: no such file {value!r}")
-        return value
-
-    def strings(self, key: str) -> tuple[str, ...]:
-        value = self._data.pop(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{self._key(key)}: expected a list of strings, got {value!r}")
-        return tuple(value)
-
-    def done(self) -> None:
-        if self._data:
-            key = next(iter(self._data))
-            raise ConfigError(f"{self._key(str(key))}: unknown key (value {self._data[key]!r})")
-
-
-def _check_url(url: Any, path: str) -> str:
-    if not isinstance(url, str):
-        raise ConfigError(f"{path}: expected a URL string, got {url!r}")
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises ValueError for a port that is not a number in range
-    except ValueError as exc:
-        raise ConfigError(f"{path}: invalid URL {url!r} ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{path}: invalid URL {url!r} (expected http://host:port)")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"{path}: invalid URL {url!r} (no query or fragment allowed)")
-    return url.rstrip("/")
-
-
-def _endpoints(
-    raw: Any, path: str, default_name: str, weight: float, max_concurrent: int
-) -> tuple[EndpointConfig, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"{path}: expected a list of endpoints, got {raw!r}")
-    endpoints = []
-    for index, item in enumerate(raw):
-        item_path = f"{path}[{index}]"
-        if isinstance(item, str):
-            item = {"url": item}
-        section = _Section(item, item_path)
-        url = _check_url(section.raw("url"), f"{item_path}.url")
-        fallback = default_name if len(raw) == 1 else f"{default_name}-{index}"
-        name = section.string("name", fallback) or fallback
-        endpoint = EndpointConfig(
-            name=name,
-            url=url,
-            weight=_positive_weight(section, weight),
-            max_concurrent=section.integer("max_concurrent", max_concurrent, minimum=1),
-        )
-        section.done()
-        endpoints.append(endpoint)
-    urls = [e.url for e in endpoints]
-    for index, url in enumerate(urls):
-        if url in urls[:index]:
-            raise ConfigError(f"{path}[{index}].url: duplicate backend {url!r} in this pool")
-    return tuple(endpoints)
-
-
-def _positive_weight(section: _Section, default: float) -> float:
-    weight = section.number("weight", default, minimum=float("-inf"))
-    if weight <= 0:
-        raise ConfigError(f"{section._key('weight')}: must be a positive number, got {weight!r}")
-    return weight
-
-
-def _model(name: Any, data: Any) -> ModelConfig:
-    path = f"models.{name}"
-    if not isinstance(name, str) or not name or name == "auto":
-        raise ConfigError(f"{path}: invalid model name {name!r}")
-    section = _Section(data, path)
-    weight = _positive_weight(section, 1.0)
-    max_concurrent = section.integer("max_concurrent", 100, minimum=1)
-    cost = section.number("cost_per_request", 0.0)
-    prompt_price = section.number("cost_per_1k_prompt_tokens", 0.0)
-    completion_price = section.number("cost_per_1k_completion_tokens", 0.0)
-    rpm = section.integer("rpm", 0)
-    quality = section.number("quality", 0.5)
-    if quality > 1:
-        raise ConfigError(f"{path}.quality: must be between 0 and 1, got {quality!r}")
-    priority = section.integer("priority", 100)
-    context_length = section.integer("context_length", 0)
-    capabilities = section.strings("capabilities")
-    specializations = section.strings("specializations")
-    health_path = section.string("health_path", "/health") or "/health"
-    url = section.raw("url")
-    raw_endpoints = section.raw("endpoints")
-    if url is not None and raw_endpoints is not None:
-        raise ConfigError(f"{path}: give either url or endpoints, not both")
-    if url is None and raw_endpoints is None:
-        raise ConfigError(f"{path}.endpoints: missing (each model needs at least one endpoint)")
-    if url is not None:
-        raw_endpoints = [_check_url(url, f"{path}.url")]
-    endpoints = _endpoints(raw_endpoints, f"{path}.endpoints", name, weight, max_concurrent)
-    if not endpoints:
-        raise ConfigError(f"{path}.endpoints: empty (each model needs at least one endpoint)")
-    section.done()
-    return ModelConfig(
-        name=name,
-        weight=weight,
-        max_concurrent=max_concurrent,
-        cost_per_request=cost,
-        cost_per_1k_prompt_tokens=prompt_price,
-        cost_per_1k_completion_tokens=completion_price,
-        rpm=rpm,
-        quality=quality,
-        priority=priority,
-        context_length=context_length,
-        capabilities=capabilities,
-        specializations=specializations,
-        health_path=health_path,
-        endpoints=endpoints,
-    )
-
-
-def _service(name: str, data: Any, health_path: str) -> ServiceConfig:
-    section = _Section(data, name)
-    path = section.string("health_path", health_path) or health_path
-    max_concurrent = section.integer("max_concurrent", 100, minimum=1)
-    endpoints = _endpoints(
-        section.raw("endpoints", []), f"{name}.endpoints", name, 1.0, max_concurrent
-    )
-    section.done()
-    return ServiceConfig(name=name, health_path=path, endpoints=endpoints)
-
-
-def _weights(data: Any, path: str, names: tuple[str, ...], default: tuple[float, ...]) -> Any:
-    section = _Section(data, path)
-    weights = tuple(section.number(name, value) for name, value in zip(names, default, strict=True))
-    section.done()
-    return weights
-
-
-def _ensemble(data: Any) -> tuple[tuple[str, float], ...]:
-    if data is None:
-        return RoutingConfig().ensemble
-    section = _Section(data, "routing.ensemble")
-    voters = []
-    for name in list(section._data):
-        if name not in strategy_names() or name == "ensemble":
-            raise ConfigError(
-                f"routing.ensemble.{name}: not a strategy that can vote"
-                f" (valid: {', '.join(n for n in strategy_names() if n != 'ensemble')})"
-            )
-        voters.append((str(name), section.number(str(name), 0.0)))
-    section.done()
-    if not voters:
-        raise ConfigError("routing.ensemble: needs at least one voting strategy")
-    return tuple(voters)
-
-
-def _fallbacks(data: Any, models: list[str]) -> dict[str, tuple[str, ...]]:
-    section = _Section(data, "fallbacks")
-    chains = {}
-    for model in list(section._data):
-        path = f"fallbacks.{model}"
-        if model not in models:
-            raise ConfigError(f"{path}: unknown model {model!r} (models: {', '.join(models)})")
-        chain = section.strings(str(model))
-        for index, target in enumerate(chain):
-            if target not in models or target == model:
-                raise ConfigError(
-                    f"{path}[{index}]: {target!r} is not another configured model"
-                    f" (models: {', '.join(models)})"
-                )
-        chains[str(model)] = chain
-    section.done()
-    return chains
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    variable: (section, key) for variable, section, key in env_overrides()
+}
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Variables override the file: their string values go into the document, converted by
+    the key's type like any other value (so errors name the key, not the variable)."""
     for variable, (section, key) in ENV_OVERRIDES.items():
         value = environ.get(variable)
         if value is None or value == "":
@@ -501,184 +385,108 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         target[key] = value
 
 
-def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<dict>") -> Config:
-    """Validate a decoded config document (plus environment overrides) into a Config."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"<top level>: expected a mapping, got {data!r}")
-    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-    _apply_env(data, os.environ if environ is None else environ)
-    root = _Section(data, "")
+def _routing(data: Any) -> RoutingConfig:
+    """The routing section: its own keys, then each policy's settings from the same mapping."""
+    section = Section(data, "routing")
+    values = read_keys(RoutingConfig, section, {})
+    policies = tuple(_policy(section, key, kind) for key, kind in policy_settings())
+    section.done()
+    return RoutingConfig(**values, policies=policies)
 
-    s = _Section(root.raw("server"), "server")
-    server = ServerConfig(
-        host=s.string("host", "0.0.0.0") or "0.0.0.0",
-        port=s.integer("port", 8000),
-        workers=s.integer("workers", 1, minimum=1),
-        max_body_bytes=s.integer("max_body_bytes", 10 * 1024 * 1024, minimum=1),
-        admin_token=s.string("admin_token", None) or None,
-        shutdown_grace=s.number("shutdown_grace", 30.0),
-    )
-    if server.port > 65535:
-        raise ConfigError(f"server.port: must be <= 65535, got {server.port!r}")
-    s.done()
 
-    s = _Section(root.raw("routing"), "routing")
-    strategy = s.string("strategy", "round_robin")
-    if strategy not in strategy_names():
-        raise ConfigError(
-            f"routing.strategy: unknown strategy {strategy!r}"
-            f" (valid: {', '.join(strategy_names())})"
-        )
-    routing = RoutingConfig(
-        strategy=strategy,
-        request_timeout=s.number("request_timeout", 30.0, minimum=0.001),
-        connect_timeout=s.number("connect_timeout", 5.0, minimum=0.001),
-        idle_timeout=s.number("idle_timeout", 30.0, minimum=0.001),
-        first_byte_timeout=s.optional_number("first_byte_timeout", minimum=0.001),
-        max_concurrent_requests=s.integer("max_concurrent_requests", 100, minimum=1),
-        adaptive_weights=_weights(
-            s.raw("adaptive_weights"),
-            "routing.adaptive_weights",
-            ("load", "latency", "error"),
-            (0.4, 0.4, 0.2),
-        ),
-        balanced_weights=_weights(
-            s.raw("balanced_weights"),
-            "routing.balanced_weights",
-            ("cost", "latency", "quality", "load"),
-            (0.3, 0.3, 0.3, 0.1),
-        ),
-        ensemble=_ensemble(s.raw("ensemble")),
-        affinity_prefix_chars=s.integer("affinity_prefix_chars", 256, minimum=1),
-        affinity_load_factor=s.number("affinity_load_factor", 1.25, minimum=1.0),
-        cache_ttl=s.number("cache_ttl", 60.0),
-        cache_size=s.integer("cache_size", 1024, minimum=1),
-    )
-    s.done()
+def _policy(routing: Section, key: str | None, kind: type) -> object:
+    """A policy's settings: keys of `routing:` itself, or the mapping under `routing.<key>`."""
+    if key is None:
+        return kind(**read_keys(kind, routing, {}))
+    return read(kind, routing.take(key), routing.key(key))
 
-    s = _Section(root.raw("queue"), "queue")
-    queue = QueueConfig(
-        size=s.integer("size", 1000),
-        timeout=s.number("timeout", 30.0),
-        priority_header=s.string("priority_header", "X-Priority") or "X-Priority",
-    )
-    s.done()
 
-    s = _Section(root.raw("health_check"), "health_check")
-    health = HealthCheckConfig(
-        enabled=s.boolean("enabled", True),
-        interval=s.number("interval", 30.0, minimum=0.01),
-        timeout=s.number("timeout", 5.0, minimum=0.001),
-        fall=s.integer("fall", 3, minimum=1),
-        rise=s.integer("rise", 2, minimum=1),
-    )
-    s.done()
+def _endpoints(
+    raw: Any, path: str, default_name: str, inherited: Mapping[str, Any]
+) -> tuple[EndpointConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: expected a list of endpoints, got {raw!r}")
+    endpoints = []
+    for index, item in enumerate(raw):
+        name = default_name if len(raw) == 1 else f"{default_name}-{index}"
+        defaults = {**inherited, "name": name}
+        item = {"url": item} if isinstance(item, str) else item
+        endpoints.append(read(EndpointConfig, item, f"{path}[{index}]", defaults))
+    urls = [e.url for e in endpoints]
+    for index, url in enumerate(urls):
+        if url in urls[:index]:
+            raise ConfigError(f"{path}[{index}].url: duplicate backend {url!r} in this pool")
+    return tuple(endpoints)
 
-    s = _Section(root.raw("circuit_breaker"), "circuit_breaker")
-    breaker = CircuitBreakerConfig(
-        threshold=s.integer("threshold", 5, minimum=1),
-        timeout=s.number("timeout", 60.0),
-        max_timeout=s.number("max_timeout", 600.0),
-        half_open_limit=s.integer("half_open_limit", 3, minimum=1),
-        adaptive=s.boolean("adaptive", False),
-        latency_threshold=s.number("latency_threshold", 2.0, minimum=0.001),
-        slow_request_limit=s.integer("slow_request_limit", 3, minimum=1),
-        slow_window=s.number("slow_window", 60.0, minimum=0.001),
-    )
-    s.done()
 
-    s = _Section(root.raw("retry"), "retry")
-    retry = RetryConfig(
-        max_retries=s.integer("max_retries", 3),
-        delay=s.number("delay", 1.0),
-        max_delay=s.number("max_delay", 8.0),
-        budget_ratio=s.number("budget_ratio", 0.2),
-        budget_min=s.integer("budget_min", 3),
-    )
-    s.done()
+def _inherited(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What an endpoint takes from its pool unless it says otherwise."""
+    return {key: values[key] for key in ("weight", "max_concurrent") if key in values}
 
-    s = _Section(root.raw("metrics"), "metrics")
-    metrics = MetricsConfig(enabled=s.boolean("enabled", True))
-    s.done()
 
-    s = _Section(root.raw("load_shedding"), "load_shedding")
-    shedding = LoadSheddingConfig(
-        enabled=s.boolean("enabled", True),
-        max_pending=s.integer("max_pending", 0),
-        min_healthy_backends=s.integer("min_healthy_backends", 0),
-        max_failure_rate=s.number("max_failure_rate", 0.10),
-        failure_window=s.number("failure_window", 10.0, minimum=0.1),
-        min_requests=s.integer("min_requests", 20, minimum=1),
-    )
-    s.done()
+def _model(name: Any, data: Any) -> ModelConfig:
+    path = f"models.{name}"
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ConfigError(f"{path}: invalid model name {name!r}")
+    section = Section(data, path)
+    raw_endpoints = section.take("endpoints")
+    values = read_keys(ModelConfig, section, {})
+    section.done()
+    url = values["url"]
+    if url is not None and raw_endpoints is not None:
+        raise ConfigError(f"{path}: give either url or endpoints, not both")
+    if url is None and raw_endpoints is None:
+        raise ConfigError(f"{path}.endpoints: missing (each model needs at least one endpoint)")
+    if url is not None:
+        raw_endpoints = [url]
+    values["endpoints"] = _endpoints(raw_endpoints, f"{path}.endpoints", name, _inherited(values))
+    if not values["endpoints"]:
+        raise ConfigError(f"{path}.endpoints: empty (each model needs at least one endpoint)")
+    return ModelConfig(name=name, **values)
 
-    s = _Section(root.raw("rate_limit"), "rate_limit")
-    rate_limit = RateLimitConfig(
-        rps=s.number("rps", 0.0),
-        burst=s.number("burst", 0.0),
-        per_client_rps=s.number("per_client_rps", 0.0),
-        per_client_burst=s.number("per_client_burst", 0.0),
-    )
-    s.done()
 
-    s = _Section(root.raw("chaos"), "chaos")
-    chaos = ChaosConfig(enabled=s.boolean("enabled", False))
-    s.done()
+def _models(raw: Any) -> tuple[ModelConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"models: expected a mapping of model name to settings, got {raw!r}")
+    return tuple(_model(name, settings) for name, settings in raw.items())
 
-    s = _Section(root.raw("accounting"), "accounting")
-    accounting = AccountingConfig(
-        enabled=s.boolean("enabled", True),
-        sqlite_path=s.string("sqlite_path", "data/requests.db") or "data/requests.db",
-        postgres_dsn=s.string("postgres_dsn", None) or None,
-        buffer_size=s.integer("buffer_size", 10_000, minimum=1),
-        batch_size=s.integer("batch_size", 500, minimum=1),
-        flush_interval=s.number("flush_interval", 1.0, minimum=0.01),
-    )
-    s.done()
 
-    s = _Section(root.raw("budget"), "budget")
-    on_exhausted = s.string("on_exhausted", "cheapest") or "cheapest"
-    if on_exhausted not in ("cheapest", "refuse"):
-        raise ConfigError(
-            f"budget.on_exhausted: expected 'cheapest' or 'refuse', got {on_exhausted!r}"
-        )
-    budget = BudgetConfig(limit=s.number("limit", 1000.0), on_exhausted=on_exhausted)
-    s.done()
+def _service(kind: type[S], data: Any) -> S:
+    name = kind().name
+    section = Section(data, name)
+    raw_endpoints = section.take("endpoints", [])
+    values = read_keys(kind, section, {})
+    section.done()
+    values["endpoints"] = _endpoints(raw_endpoints, f"{name}.endpoints", name, _inherited(values))
+    return kind(**values)
 
-    s = _Section(root.raw("logging"), "logging")
-    logging_config = LoggingConfig(
-        access_log=s.string("access_log", None) or None,
-        audit_log=s.string("audit_log", "data/audit.jsonl") or None,
-    )
-    s.done()
 
-    s = _Section(root.raw("connection_pool"), "connection_pool")
-    pool = ConnectionPoolConfig(
-        limit=s.integer("limit", 1000),
-        limit_per_host=s.integer("limit_per_host", 0),
-        keepalive_timeout=s.number("keepalive_timeout", 30.0),
-        ca_file=s.existing_file("ca_file"),
-    )
-    s.done()
+def _fallbacks(data: Any, models: list[str]) -> dict[str, tuple[str, ...]]:
+    section = Section(data, "fallbacks")
+    chains = {}
+    for model in list(section.data):
+        path = f"fallbacks.{model}"
+        if model not in models:
+            raise ConfigError(f"{path}: unknown model {model!r} (models: {', '.join(models)})")
+        chain = section.take(model)
+        if not isinstance(chain, list) or not all(isinstance(v, str) for v in chain):
+            raise ConfigError(f"{path}: expected a list of strings, got {chain!r}")
+        for index, target in enumerate(chain):
+            if target not in models or target == model:
+                raise ConfigError(
+                    f"{path}[{index}]: {target!r} is not another configured model"
+                    f" (models: {', '.join(models)})"
+                )
+        chains[str(model)] = tuple(chain)
+    return chains
 
-    raw_models = root.raw("models", {})
-    if not isinstance(raw_models, Mapping):
-        raise ConfigError(
-            f"models: expected a mapping of model name to settings, got {raw_models!r}"
-        )
-    models = tuple(_model(name, settings) for name, settings in raw_models.items())
-    qdrant = _service("qdrant", root.raw("qdrant"), "/healthz")
-    embedding = _service("embedding", root.raw("embedding"), "/health")
-    fallbacks = _fallbacks(root.raw("fallbacks"), [m.name for m in models])
-    root.done()
 
+def _check_unique_backend_names(config: Config) -> None:
     seen: dict[str, str] = {}
-    groups: list[tuple[str, tuple[EndpointConfig, ...]]] = [
-        (f"models.{m.name}", m.endpoints) for m in models
-    ]
-    groups += [("qdrant", qdrant.endpoints), ("embedding", embedding.endpoints)]
+    groups = [(f"models.{m.name}", m.endpoints) for m in config.models]
+    groups += [("qdrant", config.qdrant.endpoints), ("embedding", config.embedding.endpoints)]
     for path, endpoints in groups:
         for endpoint in endpoints:
             if endpoint.name in seen:
@@ -688,27 +496,32 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
                 )
             seen[endpoint.name] = path
 
-    return Config(
-        server=server,
-        routing=routing,
-        queue=queue,
-        health_check=health,
-        circuit_breaker=breaker,
-        retry=retry,
-        metrics=metrics,
-        load_shedding=shedding,
-        rate_limit=rate_limit,
-        chaos=chaos,
-        accounting=accounting,
-        budget=budget,
-        logging=logging_config,
-        connection_pool=pool,
+
+def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<dict>") -> Config:
+    """Validate a decoded config document (plus environment overrides) into a Config."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"<top level>: expected a mapping, got {data!r}")
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    _apply_env(data, os.environ if environ is None else environ)
+    root = Section(data, "")
+    sections: dict[str, Any] = {
+        name: read(kind, root.take(name), name) for name, kind in SIMPLE_SECTIONS.items()
+    }
+    sections["routing"] = _routing(root.take("routing"))
+    models = _models(root.take("models"))
+    config = Config(
+        **sections,
         models=models,
-        qdrant=qdrant,
-        embedding=embedding,
-        fallbacks=fallbacks,
+        qdrant=_service(QdrantConfig, root.take("qdrant")),
+        embedding=_service(EmbeddingConfig, root.take("embedding")),
+        fallbacks=_fallbacks(root.take("fallbacks"), [m.name for m in models]),
         source=source,
     )
+    root.done()
+    _check_unique_backend_names(config)
+    return config
 
 
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

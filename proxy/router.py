@@ -43,12 +43,7 @@ class Router:
         self.strategy = config.routing.strategy
         routing = config.routing
         self.settings = StrategySettings(
-            adaptive_weights=routing.adaptive_weights,
-            balanced_weights=routing.balanced_weights,
-            ensemble=routing.ensemble,
-            affinity_prefix_chars=routing.affinity_prefix_chars,
-            affinity_load_factor=routing.affinity_load_factor,
-            slow_latency=config.circuit_breaker.latency_threshold,
+            policies=routing.policies, slow_latency=config.circuit_breaker.latency_threshold
         )
         # One set of decision statistics for the whole gateway; a reload keeps it.
         self.decisions = previous.decisions if previous is not None else DecisionStats()

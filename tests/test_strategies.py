@@ -9,6 +9,7 @@ from collections import Counter
 import orjson
 
 from balancers.classify import classify
+from balancers.ensemble import EnsembleSettings
 from balancers.prefix_affinity import PrefixAffinity
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
@@ -155,9 +156,8 @@ def test_adaptive_avoids_failing_and_skips_open_circuits() -> None:
 
 def test_ensemble_follows_the_weighted_vote() -> None:
     backends = models_pool()
-    settings = StrategySettings(
-        ensemble=(("cost_optimized", 0.5), ("quality_optimized", 0.3), ("specialization", 0.3))
-    )
+    voters = (("cost_optimized", 0.5), ("quality_optimized", 0.3), ("specialization", 0.3))
+    settings = StrategySettings(policies=(EnsembleSettings(ensemble=voters),))
     ensemble = create_balancer("ensemble", backends, random.Random(0), settings)
     coding = RoutingRequest(content="Refactor this Python class")
     greeting = RoutingRequest(content="Hello!")
