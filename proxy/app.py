@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
+from typing import Any
 
 from aiohttp import web
 
@@ -26,7 +27,7 @@ from telemetry.reports import Reports
 
 # Cancel a handler when its client disconnects, so the upstream request it waits on is
 # cancelled too instead of running on for nobody.
-RUNNER_OPTIONS = {"access_log": None, "handler_cancellation": True}
+RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": True}
 
 RUNTIME_KEY = web.AppKey("runtime", LiveRuntime)
 RELOADER_KEY = web.AppKey("reloader", Reloader)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Collection
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -161,7 +162,7 @@ def try_again(runtime: Runtime, state: RequestState) -> bool:
     return runtime.retry.should_retry(verdict, state.attempt, state.pools)
 
 
-def raise_final_error(state: RequestState) -> None:
+def raise_final_error(state: RequestState) -> NoReturn:
     """No answer came and no retry is left: the last attempt's error goes to the client."""
     assert state.error is not None
     raise state.error

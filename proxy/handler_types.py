@@ -1,8 +1,5 @@
-"""Type aliases shared by handlers and middlewares."""
+"""Type aliases shared by handlers and middlewares (aiohttp's own, so the two always agree)."""
 
-from collections.abc import Awaitable, Callable
+from aiohttp.typedefs import Handler, Middleware
 
-from aiohttp import web
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+__all__ = ["Handler", "Middleware"]

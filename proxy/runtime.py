@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from admission.queue import Admission
 from admission.ratelimit import RateLimiter
@@ -23,8 +23,10 @@ from proxy.jsonbody import json_bytes
 from proxy.retry import RetryPolicy
 from proxy.router import Router
 from proxy.transport import Timeouts, UpstreamClient
-from telemetry.accounting import Accountant
 from telemetry.outcome import Telemetry
+
+if TYPE_CHECKING:  # a sink, attached by the composition root; the request path never calls it
+    from telemetry.accounting import Accountant
 
 MAX_REQUEST_ID_LENGTH = 200
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -39,7 +40,7 @@ def completion_tokens(model: str, count: int) -> list[str]:
     return tokens[:count]
 
 
-def _prompt_tokens(body: dict) -> int:
+def _prompt_tokens(body: dict[str, Any]) -> int:
     messages = body.get("messages")
     if isinstance(messages, list):
         text = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))

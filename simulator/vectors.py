@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -63,12 +64,14 @@ def build_embedding_app(name: str, behaviour: Behaviour | None = None) -> web.Ap
 def build_qdrant_app(name: str, behaviour: Behaviour | None = None) -> web.Application:
     behaviour = behaviour if behaviour is not None else Behaviour()
     app = web.Application(middlewares=[misbehaviour_middleware(behaviour)])
-    collections: dict[str, dict] = {"documents": {"vectors": {"size": EMBEDDING_DIMENSIONS}}}
+    collections: dict[str, dict[str, Any]] = {
+        "documents": {"vectors": {"size": EMBEDDING_DIMENSIONS}}
+    }
 
     def ok(result: object) -> web.Response:
         return json_response({"result": result, "status": "ok", "time": 0.0001})
 
-    def hits(collection: str, vector: list[float], limit: int) -> list[dict]:
+    def hits(collection: str, vector: list[float], limit: int) -> list[dict[str, Any]]:
         norm = sum(abs(v) for v in vector) or 1.0
         return [
             {

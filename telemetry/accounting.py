@@ -134,7 +134,7 @@ class SqliteStore:
 
     async def spend_by_model_day(self) -> list[tuple[str, str, int, float, int, int]]:
         async with self._db.execute(SPEND_QUERY.format(day="date(ts, 'unixepoch')")) as cursor:
-            return [tuple(row) for row in await cursor.fetchall()]  # type: ignore[misc]
+            return [tuple(row) for row in await cursor.fetchall()]
 
     async def total_cost(self) -> float:
         async with self._db.execute("SELECT COALESCE(SUM(cost), 0) FROM requests") as cursor:
@@ -174,7 +174,7 @@ class PostgresStore:
 
     async def spend_by_model_day(self) -> list[tuple[str, str, int, float, int, int]]:
         query = SPEND_QUERY.format(day="to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
-        return [tuple(row) for row in await self._pool.fetch(query)]  # type: ignore[misc]
+        return [tuple(row) for row in await self._pool.fetch(query)]
 
     async def total_cost(self) -> float:
         return float(await self._pool.fetchval("SELECT COALESCE(SUM(cost), 0) FROM requests"))

@@ -58,8 +58,8 @@ class CostAnalysis:
         for name, entry in by_model.items():
             entry["avg_cost_per_request"] = round(entry["cost"] / entry["requests"], 6)
             entry["cost"] = round(entry["cost"], 6)
-            model = models.get(name)
-            cheaper = cheapest_eligible(model, list(models.values())) if model else None
+            configured = models.get(name)
+            cheaper = cheapest_eligible(configured, list(models.values())) if configured else None
             if cheaper is None:
                 continue
             would_cost = price(

@@ -118,7 +118,7 @@ class HistogramSeries:
 
     def buckets(self) -> list[tuple[str, int]]:
         cumulative = list(accumulate(self.counts))
-        edges = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+        edges = [_go_float(bound) for bound in self.bounds] + ["+Inf"]
         return list(zip(edges, cumulative, strict=True))
 
 
@@ -259,3 +259,8 @@ class PrometheusMetrics:
         response = web.Response(body=encoder(self.registry))
         response.headers["Content-Type"] = content_type
         return response
+
+
+def _go_float(value: float) -> str:
+    """A bucket bound as Prometheus writes it (prometheus_client's own formatting)."""
+    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
