@@ -255,13 +255,13 @@ class ConnectionPoolConfig:
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     name: str = setting(
-        shown="model name, -N if several", help="backend name (unique; in x-router-backend)"
+        shown="the pool's name, -N if several", help="backend name (unique; in x-router-backend)"
     )
     url: str = setting(shown="required", validate=backend_url, help="http(s)://host:port")
     max_concurrent: int = setting(
         shown="the pool's", minimum=1, help="requests in flight on this endpoint"
     )
-    weight: float = setting(1.0, shown="the model's; 1", positive=True, help="for `weighted`")
+    weight: float = setting(1.0, shown="the model's, else 1", positive=True, help="for `weighted`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +294,9 @@ class ServiceConfig:
     name: str
     health_path: str = setting("/health", help="path the health probe requests")
     max_concurrent: int = setting(100, minimum=1, help="per endpoint; endpoints inherit it")
-    endpoints: tuple[EndpointConfig, ...] = setting((), help="the replicas")
+    endpoints: tuple[EndpointConfig, ...] = setting(
+        (), help="the replicas: a list of URLs or endpoint mappings, as for models"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,23 @@ suite every strategy must pass."""
 
 from __future__ import annotations
 
+import ast
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from balancers.registry import STRATEGIES, UnknownStrategyError, create_balancer
+from balancers import registry
+from balancers.base import Balancer
+from balancers.registry import (
+    STRATEGIES,
+    UnknownStrategyError,
+    create_balancer,
+    policy,
+    strategy_names,
+)
 from circuit.breaker import CircuitBreaker
 from health.stats import LatencyRing, OutcomeRing, PeakEwma
 
@@ -124,3 +134,50 @@ class TestConformance:
 def test_unknown_strategy_lists_valid_names() -> None:
     with pytest.raises(UnknownStrategyError, match="valid strategies: round_robin, weighted"):
         create_balancer("fastest", [], random.Random(0))
+
+
+@pytest.mark.parametrize("name", strategy_names())
+def test_every_registered_strategy_conforms(name: str) -> None:
+    """The registry's own list, so a policy module that registers itself is checked too:
+    selectable by name, None on an empty pool, never an excluded or unavailable backend."""
+    rng = random.Random(11)
+    balancer = create_balancer(name, [], rng)
+    assert isinstance(balancer, policy(name)) and isinstance(balancer, Balancer)
+    assert balancer.select([]) is None
+    backends = pool(1, 2, 3, 4, 5)
+    balancer = create_balancer(name, backends, rng)
+    for _ in range(300):
+        for backend in backends:
+            backend.up = rng.random() > 0.3
+            backend.active = rng.randrange(5)
+        exclude = set(rng.sample(backends, rng.randrange(3)))
+        chosen = balancer.select(backends, exclude=exclude)
+        allowed = [b for b in backends if b.up and b not in exclude]
+        assert chosen in allowed if allowed else chosen is None
+
+
+def test_capabilities_are_declared_on_every_strategy() -> None:
+    for name in strategy_names():
+        kind = policy(name)
+        flags = (kind.uses_request, kind.cacheable, kind.cost_aware)
+        assert all(isinstance(flag, bool) for flag in flags), name
+    assert {n for n in strategy_names() if policy(n).cost_aware} == {
+        "cost_optimized",
+        "balanced",
+        "ensemble",
+    }
+
+
+def test_the_registry_imports_no_strategy() -> None:
+    """Policies register themselves; the registry must not list them (no import cycle)."""
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imported <= {
+        "__future__",
+        "collections.abc",
+        "typing",
+        "balancers.base",
+        "balancers.request",
+    }

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config.schema import ConfigError, load, parse
+from balancers.adaptive import AdaptiveWeights
+from balancers.ensemble import EnsembleSettings
+from balancers.prefix_affinity import AffinitySettings
+from config import table
+from config.schema import ENV_OVERRIDES, ConfigError, load, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "router_config.yaml"
@@ -171,3 +175,45 @@ def test_check_config_refuses_bad_file_with_exit_2_and_no_traceback(tmp_path: Pa
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("request-router ")
+
+
+def test_readme_configuration_table_is_rendered_from_the_declarations() -> None:
+    """A key added without documentation (or a table edited by hand) fails here: run
+    `python -m config.table --write` to update the README."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"{table.BEGIN}\n{table.render()}\n{table.END}" in readme
+
+
+def test_every_declared_variable_is_in_the_table() -> None:
+    rendered = table.render()
+    assert all(f"`{variable}`" in rendered for variable in ENV_OVERRIDES)
+    assert len(ENV_OVERRIDES) == 14
+
+
+def test_strategy_settings_are_read_from_routing() -> None:
+    document = shipped_document()
+    document["routing"]["adaptive_weights"] = {"load": 1, "latency": 0, "error": 0}
+    document["routing"]["affinity_prefix_chars"] = 64
+    routing = parse(document, environ={}).routing
+    assert routing.policy(AdaptiveWeights) == AdaptiveWeights(load=1.0, latency=0.0, error=0.0)
+    assert routing.policy(AffinitySettings).affinity_prefix_chars == 64
+    assert routing.policy(AffinitySettings).affinity_load_factor == 1.25  # declared default
+    assert routing.policy(EnsembleSettings).ensemble[0] == ("latency", 0.4)
+
+
+@pytest.mark.parametrize(
+    ("routing", "message"),
+    [
+        ({"adaptive_weights": {"load": "heavy"}}, r"routing\.adaptive_weights\.load: expected a"),
+        ({"balanced_weights": {"speed": 1}}, r"routing\.balanced_weights\.speed: unknown key"),
+        ({"ensemble": {"fastest": 1}}, r"routing\.ensemble\.fastest: not a strategy that can"),
+        ({"ensemble": {}}, r"routing\.ensemble: needs at least one voting strategy"),
+        ({"affinity_load_factor": 0.5}, r"routing\.affinity_load_factor: must be >= 1, got 0\.5"),
+        ({"latency_decay_seconds": 5}, r"routing\.latency_decay_seconds: unknown key"),
+    ],
+)
+def test_bad_strategy_settings_name_their_key(routing: dict, message: str) -> None:
+    document = shipped_document()
+    document["routing"].update(routing)
+    with pytest.raises(ConfigError, match=message):
+        parse(document, environ={})
