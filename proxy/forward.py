@@ -17,7 +17,6 @@ from aiohttp import web
 
 from admission.constraints import excluded_by_constraints
 from admission.queue import NORMAL_PRIORITY, PRIORITIES
-from balancers.registry import COST_AWARE
 from balancers.request import RoutingRequest
 from proxy.attempt import deliver, send
 from proxy.errors import BudgetExhausted, GatewayError, NoBackendAvailable, Shed
@@ -87,7 +86,7 @@ def backends_ruled_out(
     budget = runtime.config.budget
     if (
         pool is runtime.router.auto
-        and pool.strategy in COST_AWARE
+        and pool.cost_aware
         and runtime.spent() >= budget.limit
     ):
         if budget.on_exhausted == "refuse":

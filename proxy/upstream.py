@@ -11,7 +11,7 @@ import time
 from collections.abc import Collection, Sequence
 from urllib.parse import urlsplit
 
-from balancers.base import Balancer, least_loaded, uses_request
+from balancers.base import Balancer, least_loaded
 from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
@@ -175,6 +175,7 @@ class Pool:
         "failing_open",
         "shunned",
         "uses_request",
+        "cost_aware",
         "settings",
         "stats",
         "cache",
@@ -210,10 +211,10 @@ class Pool:
             strategy, self.upstreams, self._rng, self.settings
         )
         self.strategy = strategy
-        self.uses_request = uses_request(self.balancer)
-        self._cacheable = bool(getattr(self.balancer, "cacheable", False)) and (
-            self.cache is not None
-        )
+        # The policy's declared capabilities, read once per swap.
+        self.uses_request = self.balancer.uses_request
+        self.cost_aware = self.balancer.cost_aware
+        self._cacheable = self.balancer.cacheable and (self.cache is not None)
 
     def select(
         self, exclude: Collection[Upstream] = (), request: RoutingRequest | None = None
