@@ -45,7 +45,8 @@ OptionalRequest = RoutingRequest | None  # keeps `select` signatures on one line
 
 class Balancer:
     """Picks one backend of a pool for a request, or none. Subclasses register themselves
-    (balancers.registry.register) and declare what they are, so callers never probe:"""
+    (balancers.registry.register) and declare what they can do in the class attributes below,
+    which callers read instead of probing."""
 
     __slots__ = ("_rng",)
 
@@ -81,12 +82,6 @@ class Balancer:
     def choose(self, candidates: list[B], request: RoutingRequest | None) -> B | None:
         """One of `candidates` (never empty, all eligible)."""
         raise NotImplementedError
-
-
-class BalancerFactory(Protocol):
-    def __call__(
-        self, backends: Sequence[Any], rng: random.Random, settings: StrategySettings | None = None
-    ) -> Balancer: ...
 
 
 def uses_request(balancer: Balancer) -> bool:
