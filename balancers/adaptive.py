@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from balancers.base import B, Balancer, best_by
+from balancers.base import B, Backend, Balancer, best_by
 from balancers.registry import register
 from balancers.request import RoutingRequest, StrategySettings
 from balancers.settings import setting
@@ -35,7 +35,7 @@ class Adaptive(Balancer):
         self._slow = settings.slow_latency
         self._clock = settings.clock
 
-    def score(self, backend: Any, now: float) -> float:
+    def score(self, backend: Backend, now: float) -> float:
         success = backend.outcomes.success_rate()
         health = 100.0 * success
         if backend.breaker.state is BreakerState.HALF_OPEN:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from balancers.base import B
+from balancers.base import B, Backend
 from balancers.power_of_two import PowerOfTwo, less_loaded
 from balancers.registry import register
 
@@ -40,7 +40,7 @@ class LatencyAware(PowerOfTwo):
         return second if second_cost < first_cost else first
 
     @staticmethod
-    def cost(backend: Any, neutral: float, best: float) -> float:
+    def cost(backend: Backend, neutral: float, best: float) -> float:
         """Unmeasured: the average. Measured: its peak-EWMA, drifting toward the best value
         while it gets no traffic, so a backend that was slow once is probed again later."""
         latency = backend.latency

@@ -353,7 +353,7 @@ class Config:
 
 
 # The sections parse() reads by their declarations alone; the others need the code below.
-SIMPLE_SECTIONS: dict[str, type] = {
+SIMPLE_SECTIONS: dict[str, Any] = {
     field.name: hint
     for field, _, hint in declared_fields(Config)
     if dataclasses.is_dataclass(hint) and field.name not in ("routing", "qdrant", "embedding")
@@ -456,7 +456,7 @@ def _models(raw: Any) -> tuple[ModelConfig, ...]:
 
 
 def _service(kind: type[S], data: Any) -> S:
-    name = kind().name
+    name = str(next(field.default for field in dataclasses.fields(kind) if field.name == "name"))
     section = Section(data, name)
     raw_endpoints = section.take("endpoints", [])
     values = read_keys(kind, section, {})

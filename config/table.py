@@ -60,9 +60,10 @@ def _policy_rows(prefix: str, listed: set[type]) -> Iterator[Row]:
 def _section_item(hint: Any) -> type | None:
     """The item type of a list of sections (`tuple[EndpointConfig, ...]`), else None."""
     args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple and len(args) == 2 and dataclasses.is_dataclass(args[0]):
-        return args[0]  # type: ignore[no-any-return]
-    return None
+    if typing.get_origin(hint) is not tuple or len(args) != 2:
+        return None
+    item = args[0]
+    return item if isinstance(item, type) and dataclasses.is_dataclass(item) else None
 
 
 def _default(field: dataclasses.Field[Any]) -> Any:
