@@ -16,6 +16,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Collection
+from typing import Annotated, TypedDict
 
 from balancers.request import RoutingRequest
 from proxy.errors import QueueFull, QueueTimeout
@@ -27,6 +28,21 @@ NORMAL_PRIORITY = PRIORITIES["normal"]
 # slot (a breaker turning half-open, a Retry-After passing, a health check succeeding).
 RECHECK_INTERVAL = 0.1
 DRAIN_WINDOW = 10.0  # seconds of history behind the drain rate used for Retry-After
+
+
+class AdmissionSnapshot(TypedDict):
+    """The queue as every report shows it. Annotations: how the snapshots of several worker
+    processes merge (cluster.merge): each worker has its own queue and limits, so counts and
+    rates add up while the configured limits are the same in every worker."""
+
+    in_flight: Annotated[int, "sum"]
+    max_in_flight: Annotated[int, "first"]  # per worker
+    queued: Annotated[int, "sum"]
+    queue_size: Annotated[int, "first"]  # per worker
+    drain_rate_per_s: Annotated[float, "sum"]
+    rejected_full: Annotated[int, "sum"]
+    timed_out: Annotated[int, "sum"]
+    abandoned: Annotated[int, "sum"]
 
 
 class Waiter:
@@ -215,7 +231,8 @@ class Admission:
             return max(1, min(60, math.ceil(self.queue_timeout)))
         return max(1, min(60, math.ceil((self.queued + 1) / rate)))
 
-    def state(self) -> dict[str, float | int]:
+    def snapshot(self) -> AdmissionSnapshot:
+        """The queue's one JSON shape (its `__repr__` is the short form)."""
         return {
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,

@@ -13,13 +13,35 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Annotated, TypedDict
 
 
 class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    """A wall-clock time (seconds since the epoch) as ISO-8601 UTC, the one form reports use."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+class BreakerSnapshot(TypedDict):
+    """One breaker as every report shows it. Each field's annotation says how the snapshots of
+    the same backend's breaker in several worker processes merge (cluster.merge): the most
+    alarming view wins, and trips add up (each worker's breaker trips on its own)."""
+
+    state: Annotated[str, "worst"]
+    failure_count: Annotated[int, "max"]  # consecutive failures
+    trips: Annotated[int, "sum"]  # times it opened
+    slow_requests: Annotated[int, "max"]  # within the slow window (adaptive mode)
+    open_for_s: Annotated[float | None, "max"]  # length of this open period; None when closed
+    last_failure: Annotated[str | None, "latest"]  # ISO-8601 UTC
 
 
 class CircuitBreaker:
@@ -41,6 +63,7 @@ class CircuitBreaker:
         "trips",
         "on_change",
         "_clock",
+        "_wall_clock",
         "_state",
         "_opened_at",
         "_open_for",
@@ -59,7 +82,10 @@ class CircuitBreaker:
         latency_threshold: float | None = None,
         slow_request_limit: int = 3,
         slow_window: float = 60.0,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` (monotonic) drives the state; `wall_clock` only dates what `snapshot`
+        reports, so both can be fixed in tests."""
         self.threshold = threshold
         self.recovery_time = recovery_time
         self.max_recovery_time = (
@@ -74,6 +100,7 @@ class CircuitBreaker:
         self.trips = 0
         self.on_change: Callable[[CircuitBreaker, BreakerState], None] | None = None
         self._clock = clock
+        self._wall_clock = wall_clock
         self._state = BreakerState.CLOSED
         self._opened_at = 0.0
         self._open_for = recovery_time
@@ -160,6 +187,22 @@ class CircuitBreaker:
             self._state = state
             if self.on_change is not None:
                 self.on_change(self, state)
+
+    def snapshot(self) -> BreakerSnapshot:
+        """The breaker's one JSON shape. Monotonic times become wall-clock ISO-8601 strings
+        through an anchor read now from both clocks."""
+        state = self.state
+        last_failure = self.last_failure_time
+        if last_failure is not None:
+            last_failure += self._wall_clock() - self._clock()
+        return {
+            "state": state.value,
+            "failure_count": self.failure_count,
+            "trips": self.trips,
+            "slow_requests": self.slow_requests,
+            "open_for_s": None if state is BreakerState.CLOSED else self._open_for,
+            "last_failure": iso_utc(last_failure),
+        }
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.state} failures={self.failure_count}>"

@@ -4,7 +4,8 @@ also listens on a Unix socket in a shared run directory, for its siblings only.
 - Admin changes (strategy swap, reload) are applied by the worker that got them and then sent
   to every sibling before the answer goes out, so all workers agree within a second.
 - Admin reads (metrics, health, state, model status, Prometheus) are answered for the whole
-  gateway: the worker asks its siblings for their local view and merges it with its own.
+  gateway: the worker asks its siblings for their snapshot of the report and merges it with
+  its own by the rules the report declares (cluster.merge), then renders the answer.
 Requests between siblings carry a secret header so they are applied or answered locally, never
 passed on again. Health and breaker state stay per worker; the merged reads show the worst.
 """
@@ -16,13 +17,13 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.merge import MergedReport, merged_report
 from proxy.handler_types import Handler, Middleware
 from proxy.jsonbody import json_bytes
 
@@ -33,71 +34,6 @@ PEER_TIMEOUT = 1.0  # the spec: a change reaches every worker within one second
 BROADCAST = {
     ("PUT", "/api/v1/router/strategy"),
     ("POST", "/api/v1/router/reload"),
-}
-MERGED_JSON = {
-    "/api/v1/router/metrics",
-    "/api/v1/router/health",
-    "/api/v1/router/state",
-    "/api/v1/router/backends",
-    "/models/status",
-    "/v1/admin/models/stats",
-    "/routing/load",
-    "/routing/performance",
-    "/health",
-}
-# Numbers under these keys are averaged across workers; every other number is summed.
-AVERAGED = (
-    "rate",
-    "percentage",
-    "avg",
-    "mean",
-    "p50",
-    "p95",
-    "p99",
-    "score",
-    "load_factor",
-    "variance",
-    "_ms",
-    "latency",
-    "ratio",
-    "hit_rate",
-)
-SUMMED_DESPITE_NAME = ("requests_per_second",)
-# Configuration and inventory, the same in every worker: reported once, not summed.
-SHARED = (
-    "total_backends",
-    "max_concurrent",
-    "weight",
-    "capacity",
-    "limit",
-    "queue_size",
-    "max_in_flight",
-    "failure_threshold",
-    "cost_per_request",
-    "quality",
-    "priority",
-    "cost_estimate",
-    "buffer_size",
-    "min_per_second",
-    "budget_ratio",
-    "reporting",
-    "total",
-)
-# Health counts: the least healthy worker's view.
-LOWEST = ("healthy_backends",)
-HIGHEST = ("unhealthy_backends", "last_check", "last_failure_time", "trips")
-# For text states, the most severe one across workers is reported.
-SEVERITY = {
-    "healthy": 0,
-    "closed": 0,
-    "ready": 0,
-    "alive": 0,
-    "degraded": 1,
-    "half_open": 1,
-    "draining": 1,
-    "unhealthy": 2,
-    "open": 2,
-    "circuit_open": 2,
 }
 
 
@@ -167,15 +103,20 @@ class Peers:
     def middleware(self) -> Middleware:
         @web.middleware
         async def coordinate(request: web.Request, handler: Handler) -> web.StreamResponse:
+            report = merged_report(request) if request.method == "GET" else None
             if request.headers.get(PEER_HEADER) == self.secret:
-                return await handler(request)  # a sibling's question: answer locally
-            key = (request.method, request.path)
-            if key in BROADCAST:
+                # A sibling's question: answer locally; a report, as its bare snapshot.
+                if report is not None:
+                    return web.Response(
+                        body=json_bytes(report.snapshot()), content_type="application/json"
+                    )
+                return await handler(request)
+            if (request.method, request.path) in BROADCAST:
                 return await self._broadcast(request, handler)
-            if request.method == "GET" and (
-                request.path in MERGED_JSON or request.path == "/metrics"
-            ):
-                return await self._merged(request, handler)
+            if report is not None:
+                return await self._merged(request, report)
+            if request.method == "GET" and request.path == "/metrics":
+                return await self._merged_prometheus(request, handler)
             return await handler(request)
 
         return coordinate
@@ -194,82 +135,27 @@ class Peers:
             response.headers["x-router-workers-applied"] = f"{applied}/{self.total}"
         return response
 
-    async def _merged(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def _merged(self, request: web.Request, report: MergedReport) -> web.Response:
+        snapshots = [report.snapshot()]
+        answers = await self.ask_all("GET", request.path_qs, b"", {})
+        snapshots += [orjson.loads(a[1]) for a in answers if a is not None and a[0] == 200]
+        return report.respond(
+            report.merged(snapshots),
+            {"workers": {"reporting": len(snapshots), "total": self.total}},
+        )
+
+    async def _merged_prometheus(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
         local = await handler(request)
         if not isinstance(local, web.Response) or local.body is None:
             return local
         answers = await self.ask_all("GET", request.path_qs, b"", {})
         bodies = [bytes(local.body)] + [a[1] for a in answers if a is not None]  # type: ignore[arg-type]
-        if request.path == "/metrics":
-            merged_text = merge_prometheus([b.decode() for b in bodies])
-            response = web.Response(body=merged_text.encode(), status=local.status)
-            response.headers["Content-Type"] = local.headers["Content-Type"]
-        else:
-            documents = [orjson.loads(b) for b in bodies]
-            merged = merge_documents(documents)
-            if isinstance(merged, dict):
-                merged["workers"] = {"reporting": len(documents), "total": self.total}
-            response = web.Response(
-                body=json_bytes(merged), status=local.status, content_type="application/json"
-            )
+        merged_text = merge_prometheus([b.decode() for b in bodies])
+        response = web.Response(body=merged_text.encode(), status=local.status)
+        response.headers["Content-Type"] = local.headers["Content-Type"]
         return response
-
-
-def merge_documents(documents: list[Any], key: str = "") -> Any:
-    """One view of several workers' JSON answers (see the module docstring for the rules)."""
-    first = documents[0]
-    if isinstance(first, dict):
-        keys: list[str] = []
-        for document in documents:
-            if isinstance(document, dict):
-                keys += [k for k in document if k not in keys]
-        merged = {
-            k: merge_documents([d[k] for d in documents if isinstance(d, dict) and k in d], k)
-            for k in keys
-        }
-        _recompute_shares(merged)
-        return merged
-    if isinstance(first, bool):
-        return any(bool(d) for d in documents)
-    if isinstance(first, int | float):
-        numbers = [d for d in documents if isinstance(d, int | float)]
-        if key in SHARED:
-            return first
-        if key in LOWEST:
-            return min(numbers)
-        if key in HIGHEST:
-            return max(numbers)
-        averaged = any(part in key for part in AVERAGED) and key not in SUMMED_DESPITE_NAME
-        total = sum(numbers)
-        value = total / len(numbers) if averaged else total
-        return round(value, 6) if isinstance(value, float) else value
-    if isinstance(first, str):
-        if any(d != first for d in documents):
-            known = [d for d in documents if isinstance(d, str) and d in SEVERITY]
-            if known:
-                return max(known, key=SEVERITY.__getitem__)
-        return first
-    if first is None:
-        return next((d for d in documents if d is not None), None)
-    if isinstance(first, list):
-        union: list[Any] = []
-        for document in documents:
-            for item in document or ():
-                if item not in union:
-                    union.append(item)
-        return union
-    return first
-
-
-def _recompute_shares(merged: dict[str, Any]) -> None:
-    """Percentages of summed counts are recomputed, not averaged."""
-    entries = [
-        v for v in merged.values() if isinstance(v, dict) and {"requests", "percentage"} <= set(v)
-    ]
-    if entries and len(entries) == len(merged):
-        total = sum(entry["requests"] for entry in entries)
-        for entry in entries:
-            entry["percentage"] = round(entry["requests"] / total * 100, 2) if total else 0.0
 
 
 def merge_prometheus(texts: Iterable[str]) -> str:
@@ -297,12 +183,12 @@ def merge_prometheus(texts: Iterable[str]) -> str:
     lines: list[str] = []
     described: set[str] = set()
     for name, labels in order:
-        family = sample_family[name]
-        if family not in described:
-            kind, documentation = families[family]
-            lines.append(f"# HELP {family} {documentation}")
-            lines.append(f"# TYPE {family} {kind}")
-            described.add(family)
+        family_name = sample_family[name]
+        if family_name not in described:
+            kind, documentation = families[family_name]
+            lines.append(f"# HELP {family_name} {documentation}")
+            lines.append(f"# TYPE {family_name} {kind}")
+            described.add(family_name)
         rendered = ",".join(f'{k}="{v}"' for k, v in labels)
         lines.append(
             f"{name}{{{rendered}}} {values[(name, labels)]}"

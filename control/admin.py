@@ -9,14 +9,16 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from admission.queue import AdmissionSnapshot
 from balancers.registry import UnknownStrategyError, strategy_names
+from cluster.merge import MergedReport, Rule, Snapshot
 from config.schema import ConfigError
 from control.audit import AuditLog
 from control.chaos import Chaos
@@ -25,7 +27,8 @@ from proxy.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized
 from proxy.jsonbody import json_bytes
 from proxy.router import Router
 from proxy.routes import parse_object
-from proxy.runtime import LiveRuntime
+from proxy.runtime import LiveRuntime, Runtime
+from proxy.upstream import Pool, UpstreamSnapshot
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -34,6 +37,73 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def view(snapshot: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
+    """Some of a snapshot's fields under the names an endpoint's specification gives them
+    (`keys`: the answer's name -> the snapshot's); the values are never recomputed."""
+    return {name: snapshot[source] for name, source in keys.items()}
+
+
+def counters(runtime: Runtime) -> dict[str, int]:
+    """The request path's counters: each one merges across workers by adding up."""
+    return {
+        **runtime.stats.as_dict(),
+        "shed": runtime.shedder.shed,
+        "rate_limited": runtime.rate_limiter.limited,
+    }
+
+
+def upstream_snapshots(pools: Iterable[Pool]) -> dict[str, dict[str, UpstreamSnapshot]]:
+    return {pool.name: {u.name: u.snapshot() for u in pool.upstreams} for pool in pools}
+
+
+BACKENDS_MERGE = {"*": {"*": UpstreamSnapshot}}  # pool -> backend -> snapshot
+STATE_MERGE = {
+    "admission": AdmissionSnapshot,
+    "retry_budget": {"ratio": Rule.FIRST, "min_per_second": Rule.FIRST, "denied": Rule.SUM},
+    "counters": {"*": Rule.SUM},
+    "should_shed_load": Rule.ANY,
+    "shed_reason": Rule.FIRST,
+    "draining": Rule.ANY,
+    "pools_failing_open": Rule.UNION,
+}
+# A model serves while every worker can serve it: one that cannot fails its share of requests.
+HEALTH_MERGE = {"serving": {"*": Rule.ALL}, "strategy": Rule.FIRST}
+
+
+def render_backends(snapshot: Snapshot) -> dict[str, Any]:
+    """Per pool, each backend's snapshot; the spec (and scripts/test_routing.sh) also read
+    its circuit's state as `circuit`."""
+    return {
+        pool: [{**u, "circuit": u["breaker"]["state"]} for u in backends.values()]
+        for pool, backends in snapshot.items()
+    }
+
+
+def render_service_health(snapshot: Snapshot) -> dict[str, Any]:
+    """ "healthy" while every model can be served, "degraded" when some cannot; "unhealthy"
+    (503) when none."""
+    serving = snapshot["serving"]
+    if all(serving.values()):
+        status = "healthy"
+    elif any(serving.values()):
+        status = "degraded"
+    else:
+        status = "unhealthy"
+    return {
+        "status": status,
+        "service": "request-router",
+        "models": list(serving),
+        "load_balancing": True,
+        "circuit_breaker": True,
+        "strategy": snapshot["strategy"],
+        "timestamp": now_iso(),
+    }
+
+
+def health_status(document: dict[str, Any]) -> int:
+    return 503 if document["status"] == "unhealthy" else 200
 
 
 def authorize(request: web.Request, token: str | None) -> None:
@@ -64,6 +134,11 @@ class AdminApi:
         self.reloader = reloader
         self.chaos = Chaos(live)
         self.audit = AuditLog(live.runtime.config.logging.audit_log)
+        self.backends = MergedReport(self.backends_snapshot, render_backends, BACKENDS_MERGE)
+        self.health = MergedReport(
+            self.health_snapshot, render_service_health, HEALTH_MERGE, health_status
+        )
+        self.state = MergedReport(self.state_snapshot, dict, STATE_MERGE)
 
     @contextmanager
     def audited(self, request: web.Request, action: str, old: Any) -> Iterator[dict[str, Any]]:
@@ -137,59 +212,17 @@ class AdminApi:
             change["pool"] = pool
         return json_response({"strategy_change": change})
 
-    async def backends(self, request: web.Request) -> web.Response:
-        return json_response(
-            {
-                name: [
-                    {
-                        "name": u.name,
-                        "url": u.url,
-                        "model": u.model,
-                        "weight": u.weight,
-                        "active": u.active,
-                        "max_concurrent": u.max_concurrent,
-                        "requests": u.requests,
-                        "failures": u.failures,
-                        "healthy": u.healthy,
-                        "response_time_ms": u.last_response_ms,
-                        "last_check": u.last_check,
-                        "circuit": u.breaker.state.value,
-                        "failure_count": u.breaker.failure_count,
-                        "slow_requests": u.breaker.slow_requests,
-                        "circuit_trips": u.breaker.trips,
-                        "cooling_down": u.cooldown_until > 0 and not u.live(),
-                    }
-                    for u in pool.upstreams
-                ]
-                for name, pool in self.router.pools.items()
-                if name != "auto"
-            }
-        )
+    def backends_snapshot(self) -> Snapshot:
+        return upstream_snapshots(self.router.home_pools())
 
-    async def health(self, request: web.Request) -> web.Response:
-        """200 while any model can be served ("degraded" when some cannot); 503 when none."""
-        serving = {
-            name: any(u.healthy and u.breaker.allows() for u in pool.upstreams)
-            for name, pool in self.router.models.items()
-        }
-        if all(serving.values()):
-            status = "healthy"
-        elif any(serving.values()):
-            status = "degraded"
-        else:
-            status = "unhealthy"
-        return json_response(
-            {
-                "status": status,
-                "service": "request-router",
-                "models": list(self.router.models),
-                "load_balancing": True,
-                "circuit_breaker": True,
-                "strategy": self.router.strategy,
-                "timestamp": now_iso(),
+    def health_snapshot(self) -> Snapshot:
+        return {
+            "serving": {
+                name: any(u.healthy and u.breaker.allows() for u in pool.upstreams)
+                for name, pool in self.router.models.items()
             },
-            status=200 if any(serving.values()) else 503,
-        )
+            "strategy": self.router.strategy,
+        }
 
     async def liveness(self, request: web.Request) -> web.Response:
         return json_response({"status": "alive", "pid": os.getpid()})
@@ -243,43 +276,37 @@ class AdminApi:
             audit["new"] = {"primary_backend": result["failover_test"]["primary_backend"]}
             return json_response(result)
 
-    async def state(self, request: web.Request) -> web.Response:
+    def state_snapshot(self) -> Snapshot:
         """The request path's own state: admission queue, retry budget and counters."""
         runtime = self.live.runtime
         budget = runtime.retry.budget
         shed_reason = runtime.shedder.should_shed()
-        return json_response(
-            {
-                "admission": runtime.admission.state(),
-                "retry_budget": {
-                    "ratio": budget.ratio,
-                    "min_per_second": budget.min_per_second,
-                    "denied": budget.denied,
-                },
-                "counters": {
-                    **runtime.stats.as_dict(),
-                    "shed": runtime.shedder.shed,
-                    "rate_limited": runtime.rate_limiter.limited,
-                },
-                "should_shed_load": shed_reason is not None,
-                "shed_reason": shed_reason,
-                "draining": runtime.draining,
-                "pools_failing_open": [
-                    name for name, pool in self.router.pools.items() if pool.failing_open
-                ],
-            }
-        )
+        return {
+            "admission": runtime.admission.snapshot(),
+            "retry_budget": {
+                "ratio": budget.ratio,
+                "min_per_second": budget.min_per_second,
+                "denied": budget.denied,
+            },
+            "counters": counters(runtime),
+            "should_shed_load": shed_reason is not None,
+            "shed_reason": shed_reason,
+            "draining": runtime.draining,
+            "pools_failing_open": [
+                name for name, pool in self.router.pools.items() if pool.failing_open
+            ],
+        }
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/api/v1/router/strategy", self.get_strategy),
             web.put("/api/v1/router/strategy", self.put_strategy),
-            web.get("/api/v1/router/backends", self.backends),
-            web.get("/health", self.health),
+            web.get("/api/v1/router/backends", self.backends.handle),
+            web.get("/health", self.health.handle),
             web.get("/health/live", self.liveness),
             web.get("/health/ready", self.ready),
             web.post("/api/v1/router/reload", self.reload),
-            web.get("/api/v1/router/state", self.state),
+            web.get("/api/v1/router/state", self.state.handle),
             web.post("/api/v1/router/circuit-breaker/test", self.circuit_breaker_test),
             web.post("/api/v1/router/failover/test", self.failover_test),
         ]

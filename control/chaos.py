@@ -63,7 +63,7 @@ class Chaos:
         upstream = self._backend(document, "backend")
         breaker = upstream.breaker
         started = time.perf_counter()
-        initial = breaker.state
+        initial = breaker.snapshot()
         simulated = 0
         if document.get("simulate_failure", True):
             test_type = "simulate_failure"
@@ -74,22 +74,22 @@ class Chaos:
             test_type = "reset"
             breaker.record_success()
         backup = self._backup(upstream)
-        new_state = breaker.state
+        after = breaker.snapshot()
+        opened = after["state"] == BreakerState.OPEN
         return {
             "circuit_breaker_test": {
                 "backend": upstream.name,
                 "test_type": test_type,
-                "initial_state": initial.value,
+                "initial_state": initial["state"],
                 "failure_threshold": breaker.threshold,
                 "simulated_failures": simulated,
-                "circuit_breaker_triggered": new_state is BreakerState.OPEN
-                and initial is not BreakerState.OPEN,
-                "new_state": new_state.value,
-                "failover_activated": new_state is BreakerState.OPEN and backup is not None,
+                "circuit_breaker_triggered": opened and initial["state"] != BreakerState.OPEN,
+                "new_state": after["state"],
+                "failover_activated": opened and backup is not None,
                 "backup_backend": backup.name if backup is not None else None,
                 "test_duration_ms": elapsed_ms(started),
-                "recovery_time_ms": round(breaker.open_for * 1000, 3)
-                if new_state is BreakerState.OPEN
+                "recovery_time_ms": round((after["open_for_s"] or 0.0) * 1000, 3)
+                if opened
                 else 0.0,
             }
         }

@@ -12,15 +12,40 @@ from admission.constraints import constraint_number
 from balancers.classify import DEFAULT_SPECIALIZATIONS
 from balancers.registry import strategy_names
 from balancers.request import RoutingRequest
-from control.admin import json_response, now_iso
+from circuit.breaker import BreakerSnapshot
+from cluster.merge import MergedReport, Rule, Snapshot
+from control.admin import json_response, now_iso, upstream_snapshots, view
 from proxy.errors import InvalidRequest, NoBackendAvailable
 from proxy.forward import backends_ruled_out
 from proxy.routes import parse_object, request_id
 from proxy.runtime import LiveRuntime
-from proxy.upstream import Pool, Upstream
-from telemetry.reports import backend_status
+from proxy.upstream import Pool, Upstream, UpstreamSnapshot
+from telemetry.reports import backend_status, mean, percentile
 
 MAX_SCENARIOS = 100
+# The routing API spec names the breaker's fields its own way (README: "status",
+# "failure_count", "last_failure_time"); the values are the snapshot's.
+BREAKER_VIEW = {
+    "status": "state",
+    "failure_count": "failure_count",
+    "last_failure_time": "last_failure",
+}
+BREAKER_STATUS_VIEW = {
+    **BREAKER_VIEW,
+    "slow_requests": "slow_requests",
+    "trips": "trips",
+    "open_for_s": "open_for_s",
+}
+LOAD_MERGE = {"models": {"*": {"*": UpstreamSnapshot}}}
+BREAKERS_MERGE = {"circuit_breakers": {"*": BreakerSnapshot}}
+PERFORMANCE_MERGE = {
+    "decisions": Rule.SUM,
+    "decisions_per_strategy": {"*": Rule.SUM},
+    "durations": Rule.SAMPLES,  # seconds per decision
+    "cache_hits": Rule.SUM,
+    "cache_misses": Rule.SUM,
+    "strategy": Rule.FIRST,
+}
 
 
 def _reasoning(pool: Pool, chosen: Upstream, eligible: list[Upstream]) -> tuple[float, str]:
@@ -50,9 +75,67 @@ def _reasoning(pool: Pool, chosen: Upstream, eligible: list[Upstream]) -> tuple[
     return round(share if ties else 1.0, 3), f"{strategy}: {model} is next for this pool"
 
 
+def render_load(snapshot: Snapshot) -> dict[str, Any]:
+    models: dict[str, dict[str, UpstreamSnapshot]] = snapshot["models"]
+    total = sum(u["requests"] for backends in models.values() for u in backends.values())
+    rendered = {}
+    for name, backends in models.items():
+        active = sum(u["active"] for u in backends.values())
+        capacity = sum(u["max_concurrent"] for u in backends.values())
+        requests = sum(u["requests"] for u in backends.values())
+        rendered[name] = {
+            "active_requests": active,
+            "capacity": capacity,
+            "load_factor": round(active / capacity, 4) if capacity else 0.0,
+            "requests": requests,
+            "share": round(requests / total * 100, 2) if total else 0.0,
+            "instances": {u["name"]: u["active"] for u in backends.values()},
+        }
+    return {"models": rendered, "timestamp": now_iso()}
+
+
+def render_breakers(snapshot: Snapshot) -> dict[str, Any]:
+    breakers: dict[str, BreakerSnapshot] = snapshot["circuit_breakers"]
+    return {
+        "circuit_breakers": {
+            name: view(breaker, BREAKER_STATUS_VIEW) for name, breaker in breakers.items()
+        },
+        "timestamp": now_iso(),
+    }
+
+
+def render_performance(snapshot: Snapshot) -> dict[str, Any]:
+    """In balancers.decisions.DecisionStats.report's shape, from (merged) samples."""
+    durations = snapshot["durations"]
+    hits, misses = snapshot["cache_hits"], snapshot["cache_misses"]
+    return {
+        "decisions": snapshot["decisions"],
+        "decisions_per_strategy": snapshot["decisions_per_strategy"],
+        "decision_time_us": {
+            "mean": round(mean(durations) * 1e6, 3),
+            **{
+                name: round(percentile(durations, fraction) * 1e6, 3)
+                for name, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+            },
+        },
+        "cache": {
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
+        },
+        "strategy": snapshot["strategy"],
+        "timestamp": now_iso(),
+    }
+
+
 class RoutingApi:
     def __init__(self, live: LiveRuntime) -> None:
         self.live = live
+        self.load = MergedReport(self.load_snapshot, render_load, LOAD_MERGE)
+        self.breakers = MergedReport(self.breakers_snapshot, render_breakers, BREAKERS_MERGE)
+        self.performance = MergedReport(
+            self.performance_snapshot, render_performance, PERFORMANCE_MERGE
+        )
 
     def _routing_request(self, scenario: dict[str, Any]) -> RoutingRequest:
         content = scenario.get("content", "")
@@ -91,7 +174,7 @@ class RoutingApi:
             raise NoBackendAvailable("no model backend can take a request now")
         eligible = [u for u in pool.upstreams if u.available() and u not in blocked]
         confidence, reasoning = _reasoning(pool, chosen, eligible)
-        breaker = chosen.breaker
+        snapshot = chosen.snapshot()
         return {
             "request_id": request_id,
             "model_selection": {
@@ -105,13 +188,9 @@ class RoutingApi:
                 "target_instance": chosen.name,
                 "target_url": chosen.url,
                 "load_factor": round(chosen.active / chosen.max_concurrent, 4),
-                "health_status": backend_status(chosen),
+                "health_status": backend_status(snapshot),
             },
-            "circuit_breaker": {
-                "status": breaker.state.value,
-                "failure_count": breaker.failure_count,
-                "last_failure_time": breaker.last_failure_time,
-            },
+            "circuit_breaker": view(snapshot["breaker"], BREAKER_VIEW),
         }
 
     async def decide(self, request: web.Request) -> web.Response:
@@ -165,56 +244,34 @@ class RoutingApi:
             }
         )
 
-    async def load(self, request: web.Request) -> web.Response:
+    def load_snapshot(self) -> Snapshot:
+        return {"models": upstream_snapshots(self.live.runtime.router.models.values())}
+
+    def breakers_snapshot(self) -> Snapshot:
+        return {
+            "circuit_breakers": {
+                u.name: u.breaker.snapshot() for u in self.live.runtime.router.upstreams
+            }
+        }
+
+    def performance_snapshot(self) -> Snapshot:
         router = self.live.runtime.router
-        models = {}
-        total = sum(u.requests for u in router.auto.upstreams)
-        for name, pool in router.models.items():
-            active = sum(u.active for u in pool.upstreams)
-            capacity = sum(u.max_concurrent for u in pool.upstreams)
-            requests = sum(u.requests for u in pool.upstreams)
-            models[name] = {
-                "active_requests": active,
-                "capacity": capacity,
-                "load_factor": round(active / capacity, 4) if capacity else 0.0,
-                "requests": requests,
-                "share": round(requests / total * 100, 2) if total else 0.0,
-                "instances": {u.name: u.active for u in pool.upstreams},
-            }
-        return json_response({"models": models, "timestamp": now_iso()})
-
-    async def breakers(self, request: web.Request) -> web.Response:
-        return json_response(
-            {
-                "circuit_breakers": {
-                    u.name: {
-                        "status": u.breaker.state.value,
-                        "failure_count": u.breaker.failure_count,
-                        "last_failure_time": u.breaker.last_failure_time,
-                        "slow_requests": u.breaker.slow_requests,
-                        "trips": u.breaker.trips,
-                    }
-                    for u in self.live.runtime.router.upstreams
-                },
-                "timestamp": now_iso(),
-            }
-        )
-
-    async def performance(self, request: web.Request) -> web.Response:
-        return json_response(
-            {
-                **self.live.runtime.router.decisions.report(),
-                "strategy": self.live.runtime.router.strategy,
-                "timestamp": now_iso(),
-            }
-        )
+        stats = router.decisions
+        return {
+            "decisions": stats.count,
+            "decisions_per_strategy": dict(stats.by_strategy),
+            "durations": stats.durations.values[: stats.durations.count],
+            "cache_hits": stats.cache_hits,
+            "cache_misses": stats.cache_misses,
+            "strategy": router.strategy,
+        }
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/routing/decide", self.decide),
             web.post("/routing/test", self.test),
             web.get("/routing/status", self.status),
-            web.get("/routing/load", self.load),
-            web.get("/routing/circuit-breaker/status", self.breakers),
-            web.get("/routing/performance", self.performance),
+            web.get("/routing/load", self.load.handle),
+            web.get("/routing/circuit-breaker/status", self.breakers.handle),
+            web.get("/routing/performance", self.performance.handle),
         ]

@@ -9,18 +9,40 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Collection, Sequence
+from typing import Annotated, TypedDict
 from urllib.parse import urlsplit
 
 from balancers.base import Balancer, least_loaded
 from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
-from circuit.breaker import CircuitBreaker
+from circuit.breaker import BreakerSnapshot, CircuitBreaker, iso_utc
 from health.stats import LatencyRing, OutcomeRing, PeakEwma
 from proxy.transport import Origin
 from proxy.verdict import BACKEND_FAULTS, CLIENT_ERROR, OK, Verdict
 
 MAX_CACHED_STARTS = 32  # per backend: the fixed routes, plus a few pass-through paths
+
+
+class UpstreamSnapshot(TypedDict):
+    """One backend as every report shows it. Annotations: how the snapshots of the same
+    backend in several worker processes merge (cluster.merge). Configuration is the same in
+    every worker; counters add up; health takes the least healthy view."""
+
+    name: Annotated[str, "first"]
+    url: Annotated[str, "first"]
+    pool: Annotated[str, "first"]
+    model: Annotated[str | None, "first"]
+    weight: Annotated[float, "first"]
+    active: Annotated[int, "sum"]
+    max_concurrent: Annotated[int, "first"]  # per worker: each enforces it on its own
+    requests: Annotated[int, "sum"]
+    failures: Annotated[int, "sum"]
+    healthy: Annotated[bool, "all"]
+    last_check: Annotated[str | None, "latest"]  # ISO-8601 UTC
+    response_time_ms: Annotated[float | None, "max"]  # of the last health check
+    cooling_down: Annotated[bool, "any"]  # a 429's Retry-After has not passed yet
+    breaker: BreakerSnapshot
 
 
 class Upstream:
@@ -151,6 +173,25 @@ class Upstream:
             self.cooldown_until = 0.0
             return True
         return False
+
+    def snapshot(self) -> UpstreamSnapshot:
+        """The backend's one JSON shape, with its breaker's."""
+        return {
+            "name": self.name,
+            "url": self.url,
+            "pool": self.pool,
+            "model": self.model,
+            "weight": self.weight,
+            "active": self.active,
+            "max_concurrent": self.max_concurrent,
+            "requests": self.requests,
+            "failures": self.failures,
+            "healthy": self.healthy,
+            "last_check": iso_utc(self.last_check),
+            "response_time_ms": self.last_response_ms,
+            "cooling_down": bool(self.cooldown_until) and not self._cooled_down(),
+            "breaker": self.breaker.snapshot(),
+        }
 
     def __repr__(self) -> str:
         return (

@@ -2,216 +2,344 @@
 
 Everything here is computed from state the request path already keeps (Upstream counters,
 breakers, health verdicts, Telemetry windows) when an endpoint is read, never per request.
+Each report is a snapshot of raw figures, with the merge rule of every field declared beside
+it, and a render that derives the answer from a snapshot, this worker's or the merged one of
+every worker (cluster.merge): percentiles come from the samples, shares from the counts.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 from aiohttp import web
 
-from circuit.breaker import BreakerState
-from control.admin import json_response, now_iso
+from admission.queue import AdmissionSnapshot
+from circuit.breaker import BreakerSnapshot, BreakerState
+from cluster.merge import MergedReport, Rule, Snapshot
+from control.admin import counters, now_iso, upstream_snapshots, view
+from health.stats import LatencyRing
 from proxy.runtime import LiveRuntime
-from proxy.upstream import Upstream
+from proxy.upstream import UpstreamSnapshot
 from telemetry.outcome import SeriesStats, iso
 
 HEALTH_WEIGHTS = (0.5, 0.3, 0.2)  # success rate, latency, spare capacity
 DASHBOARD = Path(__file__).resolve().parent / "static" / "dashboard.html"
+# The metrics spec names the breaker's fields its own way; the values are the snapshot's.
+METRICS_BREAKER_VIEW = {
+    "status": "state",
+    "failure_count": "failure_count",
+    "last_failure": "last_failure",
+    "slow_requests": "slow_requests",
+    "trips": "trips",
+}
 
 
-def backend_status(upstream: Upstream) -> str:
-    if upstream.breaker.is_open():
-        return "circuit_open"
-    return "healthy" if upstream.healthy else "unhealthy"
+class SeriesSnapshot(TypedDict):
+    """One model's recent traffic; annotations are merge rules (cluster.merge)."""
+
+    requests: Annotated[int, "sum"]
+    latency: Annotated[list[float], "samples"]  # seconds, the last LatencyRing's worth
+    ttft: Annotated[list[float], "samples"]
+    successes: Annotated[int, "sum"]  # of the last `outcomes`
+    outcomes: Annotated[int, "sum"]
+    prompt_tokens: Annotated[int, "sum"]
+    completion_tokens: Annotated[int, "sum"]
+    cost: Annotated[float, "sum"]
+
+
+class FailoverSnapshot(TypedDict):
+    total: Annotated[int, "sum"]
+    successful: Annotated[int, "sum"]
+    time_total_s: Annotated[float, "sum"]  # over the successful ones
+    last: Annotated[str | None, "latest"]
+
+
+ACCOUNTING_MERGE = {  # telemetry.accounting.Accountant.state()
+    "store": Rule.FIRST,
+    "buffered": Rule.SUM,
+    "buffer_size": Rule.FIRST,
+    "written": Rule.SUM,
+    "dropped": Rule.SUM,
+    "failed_writes": Rule.SUM,
+}
+UPSTREAMS_BY_POOL = {"*": {"*": UpstreamSnapshot}}
+METRICS_MERGE = {
+    "total_requests": Rule.SUM,
+    "successful_requests": Rule.SUM,
+    "failed_requests": Rule.SUM,
+    "latency": Rule.SAMPLES,
+    "ttft": Rule.SAMPLES,
+    "overhead": Rule.SAMPLES,
+    "requests_per_second": Rule.SUM,
+    "admission": AdmissionSnapshot,
+    "strategy": Rule.FIRST,
+    "backends": {"*": UpstreamSnapshot},
+    "failovers": FailoverSnapshot,
+    "counters": {"*": Rule.SUM},  # every counter adds up
+    "accounting": ACCOUNTING_MERGE,
+}
+HEALTH_MERGE = {"pools": UPSTREAMS_BY_POOL, "pools_failing_open": Rule.UNION}
+MODELS_MERGE = {
+    "models": {"*": {"series": SeriesSnapshot, "backends": {"*": UpstreamSnapshot}}},
+    "latency_threshold": Rule.FIRST,
+    "should_shed_load": Rule.ANY,
+    "shed_reason": Rule.FIRST,
+}
+
+
+def samples(ring: LatencyRing) -> list[float]:
+    return ring.values[: ring.count]
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """As LatencyRing.percentile, over samples that may come from several workers."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def backend_status(upstream: UpstreamSnapshot) -> str:
+    if upstream["breaker"]["state"] == BreakerState.OPEN:
+        return "circuit_open"
+    return "healthy" if upstream["healthy"] else "unhealthy"
+
+
+def series_snapshot(series: SeriesStats | None) -> SeriesSnapshot:
+    if series is None:
+        series = SeriesStats()
+    return {
+        "requests": series.requests,
+        "latency": samples(series.latency),
+        "ttft": samples(series.ttft),
+        "successes": series.outcomes.successes,
+        "outcomes": series.outcomes.count,
+        "prompt_tokens": series.prompt_tokens,
+        "completion_tokens": series.completion_tokens,
+        "cost": series.cost,
+    }
+
+
+def success_rate(series: SeriesSnapshot) -> float:
+    return series["successes"] / series["outcomes"] if series["outcomes"] else 1.0
+
+
 def health_score(
-    upstreams: tuple[Upstream, ...], series: SeriesStats | None, latency_threshold: float
+    backends: Sequence[UpstreamSnapshot], series: SeriesSnapshot, latency_threshold: float
 ) -> float:
     """0-100 from recent success rate, p95 latency against the slow threshold, and load;
     0 when every backend's circuit is open or every backend is unhealthy."""
-    if not upstreams or all(u.breaker.is_open() or not u.healthy for u in upstreams):
+    if not backends or all(backend_status(b) != "healthy" for b in backends):
         return 0.0
-    success = series.outcomes.success_rate() if series is not None else 1.0
-    p95 = series.latency.percentile(0.95) if series is not None and series.requests else 0.0
+    p95 = percentile(series["latency"], 0.95)
     latency = 1.0 if p95 <= latency_threshold else latency_threshold / p95
-    capacity = sum(u.max_concurrent for u in upstreams)
-    load = sum(u.active for u in upstreams) / capacity if capacity else 1.0
+    capacity = sum(b["max_concurrent"] for b in backends)
+    load = sum(b["active"] for b in backends) / capacity if capacity else 1.0
     w_success, w_latency, w_load = HEALTH_WEIGHTS
-    return round(100 * (w_success * success + w_latency * latency + w_load * (1 - load)), 1)
+    return round(
+        100 * (w_success * success_rate(series) + w_latency * latency + w_load * (1 - load)), 1
+    )
+
+
+def render_health(snapshot: Snapshot) -> dict[str, Any]:
+    status: dict[str, dict[str, Any]] = {}
+    for pool, backends in snapshot["pools"].items():
+        status[pool] = {
+            name: {
+                "status": backend_status(u),
+                "response_time_ms": u["response_time_ms"],
+                "last_check": u["last_check"],
+                "circuit_breaker": u["breaker"]["state"],
+                "active_requests": u["active"],
+            }
+            for name, u in backends.items()
+        }
+    states = [b["status"] for backends in status.values() for b in backends.values()]
+    total, healthy = len(states), states.count("healthy")
+    return {
+        "health_status": status,
+        "overall_health": "healthy" if healthy == total else "degraded" if healthy else "unhealthy",
+        "total_backends": total,
+        "healthy_backends": healthy,
+        "unhealthy_backends": total - healthy,
+        "pools_failing_open": snapshot["pools_failing_open"],
+        "timestamp": now_iso(),
+    }
+
+
+def render_metrics(snapshot: Snapshot) -> dict[str, Any]:
+    backends: dict[str, UpstreamSnapshot] = snapshot["backends"]
+    served = {name: u["requests"] for name, u in backends.items()}
+    total_served = sum(served.values())
+    shares = [count / total_served * 100 for count in served.values()] if total_served else []
+    average = mean(shares)
+    variance = mean([(share - average) ** 2 for share in shares])
+    successful = snapshot["successful_requests"]
+    finished = successful + snapshot["failed_requests"]
+    failovers: FailoverSnapshot = snapshot["failovers"]
+    latency = snapshot["latency"]
+    admission: AdmissionSnapshot = snapshot["admission"]
+    return {
+        "routing_metrics": {
+            "total_requests": snapshot["total_requests"],
+            "successful_requests": successful,
+            "failed_requests": snapshot["failed_requests"],
+            "success_rate": round(successful / finished, 4) if finished else 1.0,
+            "avg_response_time_ms": ms(mean(latency)),
+            "p50_response_time_ms": ms(percentile(latency, 0.5)),
+            "p99_response_time_ms": ms(percentile(latency, 0.99)),
+            "avg_ttft_ms": ms(mean(snapshot["ttft"])),
+            "avg_gateway_overhead_ms": ms(mean(snapshot["overhead"])),
+            "requests_per_second": round(snapshot["requests_per_second"], 3),
+            "in_flight": admission["in_flight"],
+            "queued": admission["queued"],
+        },
+        "load_balancing": {
+            "strategy": snapshot["strategy"],
+            "backend_distribution": {
+                name: {
+                    "requests": count,
+                    "percentage": round(count / total_served * 100, 2) if total_served else 0.0,
+                }
+                for name, count in served.items()
+            },
+            "distribution_variance": round(variance, 4),
+        },
+        "circuit_breakers": {
+            name: view(u["breaker"], METRICS_BREAKER_VIEW) for name, u in backends.items()
+        },
+        "failover_events": {
+            "total_failovers": failovers["total"],
+            "successful_failovers": failovers["successful"],
+            "avg_failover_time_ms": ms(failovers["time_total_s"] / failovers["successful"])
+            if failovers["successful"]
+            else 0.0,
+            "last_failover": failovers["last"],
+        },
+        "counters": snapshot["counters"],
+        "accounting": snapshot["accounting"],
+    }
+
+
+def adaptive_breaker(upstream: UpstreamSnapshot) -> dict[str, Any]:
+    """The model status spec's names for a backend's breaker and load."""
+    breaker: BreakerSnapshot = upstream["breaker"]
+    return {
+        "state": breaker["state"],
+        "failures": breaker["failure_count"],
+        "slow_requests": breaker["slow_requests"],
+        "concurrent": upstream["active"],
+    }
+
+
+def render_model(model: dict[str, Any], latency_threshold: float) -> dict[str, Any]:
+    series: SeriesSnapshot = model["series"]
+    backends: dict[str, UpstreamSnapshot] = model["backends"]
+    latency = series["latency"]
+    return {
+        "health_score": health_score(list(backends.values()), series, latency_threshold),
+        "active_requests": sum(u["active"] for u in backends.values()),
+        "total_requests": series["requests"],
+        "avg_latency": ms(mean(latency)),
+        "p95_latency": ms(percentile(latency, 0.95)),
+        "p99_latency": ms(percentile(latency, 0.99)),
+        "avg_ttft": ms(mean(series["ttft"])),
+        "success_rate": round(success_rate(series), 4),
+        "circuit_open": all(u["breaker"]["state"] == BreakerState.OPEN for u in backends.values()),
+        "tokens": {"prompt": series["prompt_tokens"], "completion": series["completion_tokens"]},
+        "cost": round(series["cost"], 6),
+        "adaptive_breakers": {name: adaptive_breaker(u) for name, u in backends.items()},
+    }
+
+
+def render_models(snapshot: Snapshot) -> dict[str, Any]:
+    threshold = snapshot["latency_threshold"]
+    return {
+        "models": {
+            name: render_model(model, threshold) for name, model in snapshot["models"].items()
+        },
+        "should_shed_load": snapshot["should_shed_load"],
+        "shed_reason": snapshot["shed_reason"],
+        "timestamp": now_iso(),
+    }
 
 
 class Reports:
     def __init__(self, live: LiveRuntime) -> None:
         self.live = live
         self.dashboard_page = DASHBOARD.read_bytes()
+        self.health = MergedReport(self.health_snapshot, render_health, HEALTH_MERGE)
+        self.metrics = MergedReport(self.metrics_snapshot, render_metrics, METRICS_MERGE)
+        self.models = MergedReport(self.models_snapshot, render_models, MODELS_MERGE)
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """A self-contained page (no CDN: inline script and canvas charts) that reads only the
         JSON endpoints and switches strategy through the admin API."""
         return web.Response(body=self.dashboard_page, content_type="text/html", charset="utf-8")
 
-    async def router_health(self, request: web.Request) -> web.Response:
-        router = self.live.runtime.router
-        status: dict[str, dict[str, Any]] = {}
-        healthy = 0
-        for pool in router.home_pools():
-            status[pool.name] = {}
-            for u in pool.upstreams:
-                state = backend_status(u)
-                healthy += state == "healthy"
-                status[pool.name][u.name] = {
-                    "status": state,
-                    "response_time_ms": u.last_response_ms,
-                    "last_check": iso(u.last_check),
-                    "circuit_breaker": u.breaker.state.value,
-                    "active_requests": u.active,
-                }
-        total = len(router.upstreams)
-        overall = "healthy" if healthy == total else "degraded" if healthy else "unhealthy"
-        return json_response(
-            {
-                "health_status": status,
-                "overall_health": overall,
-                "total_backends": total,
-                "healthy_backends": healthy,
-                "unhealthy_backends": total - healthy,
-                "pools_failing_open": [p.name for p in router.home_pools() if p.failing_open],
-                "timestamp": now_iso(),
-            }
-        )
+    def health_snapshot(self) -> Snapshot:
+        pools = self.live.runtime.router.home_pools()
+        return {
+            "pools": upstream_snapshots(pools),
+            "pools_failing_open": [p.name for p in pools if p.failing_open],
+        }
 
-    async def routing_metrics(self, request: web.Request) -> web.Response:
+    def metrics_snapshot(self) -> Snapshot:
         runtime = self.live.runtime
-        router = runtime.router
         telemetry = runtime.telemetry
-        served = {u.name: u.requests for u in router.upstreams}
-        total_served = sum(served.values())
-        shares = [count / total_served * 100 for count in served.values()] if total_served else []
-        mean = sum(shares) / len(shares) if shares else 0.0
-        variance = sum((share - mean) ** 2 for share in shares) / len(shares) if shares else 0.0
-        finished = telemetry.successful + telemetry.failed
-        failovers = telemetry.successful_failovers
-        return json_response(
-            {
-                "routing_metrics": {
-                    "total_requests": telemetry.total,
-                    "successful_requests": telemetry.successful,
-                    "failed_requests": telemetry.failed,
-                    "success_rate": round(telemetry.successful / finished, 4) if finished else 1.0,
-                    "avg_response_time_ms": ms(telemetry.latency.mean()),
-                    "p50_response_time_ms": ms(telemetry.latency.percentile(0.5)),
-                    "p99_response_time_ms": ms(telemetry.latency.percentile(0.99)),
-                    "avg_ttft_ms": ms(telemetry.ttft.mean()),
-                    "avg_gateway_overhead_ms": ms(telemetry.overhead.mean()),
-                    "requests_per_second": round(telemetry.rate.per_second(), 3),
-                    "in_flight": runtime.admission.in_flight,
-                    "queued": runtime.admission.queued,
-                },
-                "load_balancing": {
-                    "strategy": router.strategy,
-                    "backend_distribution": {
-                        name: {
-                            "requests": count,
-                            "percentage": round(count / total_served * 100, 2)
-                            if total_served
-                            else 0.0,
-                        }
-                        for name, count in served.items()
-                    },
-                    "distribution_variance": round(variance, 4),
-                },
-                "circuit_breakers": {
-                    u.name: {
-                        "status": u.breaker.state.value,
-                        "failure_count": u.breaker.failure_count,
-                        "last_failure": self._wall_time(u.breaker.last_failure_time),
-                        "slow_requests": u.breaker.slow_requests,
-                        "trips": u.breaker.trips,
-                    }
-                    for u in router.upstreams
-                },
-                "failover_events": {
-                    "total_failovers": telemetry.failovers,
-                    "successful_failovers": failovers,
-                    "avg_failover_time_ms": ms(telemetry.failover_time_total / failovers)
-                    if failovers
-                    else 0.0,
-                    "last_failover": iso(telemetry.last_failover),
-                },
-                "counters": {
-                    **runtime.stats.as_dict(),
-                    "shed": runtime.shedder.shed,
-                    "rate_limited": runtime.rate_limiter.limited,
-                },
-                "accounting": runtime.accountant.state() if runtime.accountant else None,
-            }
-        )
+        return {
+            "total_requests": telemetry.total,
+            "successful_requests": telemetry.successful,
+            "failed_requests": telemetry.failed,
+            "latency": samples(telemetry.latency),
+            "ttft": samples(telemetry.ttft),
+            "overhead": samples(telemetry.overhead),
+            "requests_per_second": telemetry.rate.per_second(),
+            "admission": runtime.admission.snapshot(),
+            "strategy": runtime.router.strategy,
+            "backends": {u.name: u.snapshot() for u in runtime.router.upstreams},
+            "failovers": {
+                "total": telemetry.failovers,
+                "successful": telemetry.successful_failovers,
+                "time_total_s": telemetry.failover_time_total,
+                "last": iso(telemetry.last_failover),
+            },
+            "counters": counters(runtime),
+            "accounting": runtime.accountant.state() if runtime.accountant else None,
+        }
 
-    @staticmethod
-    def _wall_time(monotonic_time: float | None) -> str | None:
-        """Breakers keep monotonic time; report it as wall-clock ISO-8601."""
-        if monotonic_time is None:
-            return None
-        return iso(time.time() - (time.monotonic() - monotonic_time))
-
-    async def models_status(self, request: web.Request) -> web.Response:
+    def models_snapshot(self) -> Snapshot:
         runtime = self.live.runtime
-        router = runtime.router
-        threshold = runtime.config.circuit_breaker.latency_threshold
+        models = runtime.telemetry.models
         shed_reason = runtime.shedder.should_shed()
-        models: dict[str, Any] = {}
-        for name, pool in router.models.items():
-            series = runtime.telemetry.models.get(name)
-            upstreams = pool.upstreams
-            breakers = [u.breaker for u in upstreams]
-            open_count = sum(b.state is BreakerState.OPEN for b in breakers)
-            models[name] = {
-                "health_score": health_score(upstreams, series, threshold),
-                "active_requests": sum(u.active for u in upstreams),
-                "total_requests": series.requests if series is not None else 0,
-                "avg_latency": ms(series.latency.mean()) if series is not None else 0.0,
-                "p95_latency": ms(series.latency.percentile(0.95)) if series else 0.0,
-                "p99_latency": ms(series.latency.percentile(0.99)) if series else 0.0,
-                "avg_ttft": ms(series.ttft.mean()) if series is not None else 0.0,
-                "success_rate": round(series.outcomes.success_rate(), 4) if series else 1.0,
-                "circuit_open": open_count == len(breakers),
-                "tokens": {
-                    "prompt": series.prompt_tokens if series else 0,
-                    "completion": series.completion_tokens if series else 0,
-                },
-                "cost": round(series.cost, 6) if series else 0.0,
-                "adaptive_breakers": {
-                    u.name: {
-                        "state": u.breaker.state.value,
-                        "failures": u.breaker.failure_count,
-                        "slow_requests": u.breaker.slow_requests,
-                        "concurrent": u.active,
-                    }
-                    for u in upstreams
-                },
-            }
-        return json_response(
-            {
-                "models": models,
-                "should_shed_load": shed_reason is not None,
-                "shed_reason": shed_reason,
-                "timestamp": now_iso(),
-            }
-        )
+        return {
+            "models": {
+                name: {
+                    "series": series_snapshot(models.get(name)),
+                    "backends": {u.name: u.snapshot() for u in pool.upstreams},
+                }
+                for name, pool in runtime.router.models.items()
+            },
+            "latency_threshold": runtime.config.circuit_breaker.latency_threshold,
+            "should_shed_load": shed_reason is not None,
+            "shed_reason": shed_reason,
+        }
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/api/v1/router/health", self.router_health),
-            web.get("/api/v1/router/metrics", self.routing_metrics),
-            web.get("/models/status", self.models_status),
-            web.get("/v1/admin/models/stats", self.models_status),
+            web.get("/api/v1/router/health", self.health.handle),
+            web.get("/api/v1/router/metrics", self.metrics.handle),
+            web.get("/models/status", self.models.handle),
+            web.get("/v1/admin/models/stats", self.models.handle),
             web.get("/dashboard", self.dashboard),
         ]

@@ -105,3 +105,52 @@ def test_state_change_listener_sees_every_transition() -> None:
     breaker.on_dispatch()
     breaker.record_success()
     assert seen == ["open", "half_open", "closed"]
+
+
+WALL = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+
+def test_snapshot_of_a_closed_breaker() -> None:
+    breaker = CircuitBreaker(clock=Clock(), wall_clock=lambda: WALL)
+    assert breaker.snapshot() == {
+        "state": "closed",
+        "failure_count": 0,
+        "trips": 0,
+        "slow_requests": 0,
+        "open_for_s": None,
+        "last_failure": None,
+    }
+
+
+def test_snapshot_dates_the_last_failure_on_the_wall_clock() -> None:
+    clock = Clock()
+    wall = Clock()
+    wall.now = WALL
+    breaker = CircuitBreaker(threshold=2, recovery_time=10, clock=clock, wall_clock=wall)
+    breaker.record_failure()
+    breaker.record_failure()  # at monotonic 1000: opens
+    clock.now += 30
+    wall.now += 30  # read 30 s later: the failure was at WALL, whatever the monotonic origin
+    snapshot = breaker.snapshot()
+    assert snapshot["last_failure"] == "2023-11-14T22:13:20Z"
+    assert snapshot["state"] == "half_open" and snapshot["trips"] == 1
+    assert snapshot["failure_count"] == 2 and snapshot["open_for_s"] == 10
+    breaker.on_dispatch()
+    clock.now += 0.25
+    wall.now += 0.25
+    breaker.record_failure()  # the trial failed: open twice as long
+    snapshot = breaker.snapshot()
+    assert snapshot["state"] == "open" and snapshot["open_for_s"] == 20
+    assert snapshot["trips"] == 2 and snapshot["last_failure"] == "2023-11-14T22:13:50.250000Z"
+    breaker.record_success()
+    assert breaker.snapshot()["open_for_s"] is None
+
+
+def test_snapshot_counts_slow_requests_in_the_window() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(clock=clock, wall_clock=lambda: WALL, latency_threshold=1.0)
+    breaker.record_latency(2.0)
+    breaker.record_latency(2.0)
+    assert breaker.snapshot()["slow_requests"] == 2
+    clock.now += 61
+    assert breaker.snapshot()["slow_requests"] == 0

@@ -58,6 +58,23 @@ async def test_two_workers_share_the_port_and_act_as_one(cluster: Cluster, tmp_p
             assert round(sum(entry["percentage"] for entry in shares.values())) == 100
             health = await fresh_get(f"{gateway.url}/api/v1/router/health")
             assert health["total_backends"] == 8 and health["healthy_backends"] == 8
+        # Every merged read adds the workers' counts by its declared rules; percentiles come
+        # from the merged samples.
+        routing = metrics["routing_metrics"]
+        assert routing["p99_response_time_ms"] >= routing["p50_response_time_ms"] > 0
+        load = await fresh_get(f"{gateway.url}/routing/load")
+        assert sum(model["requests"] for model in load["models"].values()) == 30
+        models = (await fresh_get(f"{gateway.url}/models/status"))["models"]
+        assert sum(model["total_requests"] for model in models.values()) == 30
+        backends = await fresh_get(f"{gateway.url}/api/v1/router/backends")
+        assert backends.pop("workers") == {"reporting": 2, "total": 2}
+        assert sum(b["requests"] for pool in backends.values() for b in pool) == 30
+        state = await fresh_get(f"{gateway.url}/api/v1/router/state")
+        assert state["admission"]["in_flight"] == 0 and state["workers"]["reporting"] == 2
+        performance = await fresh_get(f"{gateway.url}/routing/performance")
+        assert performance["decisions"] >= 30
+        breakers = await fresh_get(f"{gateway.url}/routing/circuit-breaker/status")
+        assert {b["status"] for b in breakers["circuit_breakers"].values()} == {"closed"}
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{gateway.url}/metrics") as response:
                 text = await response.text()
