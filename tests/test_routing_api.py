@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.verdict import BACKEND_FAILED
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document
 
@@ -93,3 +94,13 @@ async def test_routing_test_status_load_breakers_and_performance(gateway, http) 
     assert performance["decisions_per_strategy"]["round_robin"] >= 3
     assert 0 < performance["decision_time_us"]["p50"] < 1000
     assert set(performance["cache"]) == {"hits", "misses", "hit_rate"}
+
+
+async def test_breaker_status_dates_failures_on_the_wall_clock(gateway, http) -> None:
+    gateway.router.models["hermes-2"].upstreams[0].record(BACKEND_FAILED)
+    async with http.get(f"{gateway.url}/routing/circuit-breaker/status") as response:
+        breakers = (await response.json())["circuit_breakers"]
+    hermes = breakers["hermes-2"]
+    assert hermes["status"] == "closed" and hermes["failure_count"] == 1
+    assert hermes["last_failure_time"].endswith("Z")  # ISO-8601, not a monotonic float
+    assert breakers["phi-3-mini"]["last_failure_time"] is None
