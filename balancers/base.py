@@ -84,11 +84,6 @@ class Balancer:
         raise NotImplementedError
 
 
-def uses_request(balancer: Balancer) -> bool:
-    """Compatibility: read `balancer.uses_request` directly."""
-    return balancer.uses_request
-
-
 def eligible(backends: Sequence[B], exclude: Collection[B]) -> list[B]:
     """The backends that may take a request now: available and not already tried."""
     return [b for b in backends if b.available() and b not in exclude]

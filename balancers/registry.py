@@ -80,11 +80,3 @@ def create_balancer(
     settings: StrategySettings | None = None,
 ) -> Balancer:
     return policy(name)(backends, rng, settings)
-
-
-def __getattr__(attribute: str) -> Any:
-    """Compatibility for `COST_AWARE` (the names of the cost-aware strategies): prefer
-    `policy(name).cost_aware`."""
-    if attribute == "COST_AWARE":
-        return frozenset(name for name, kind in STRATEGIES.items() if kind.cost_aware)
-    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")

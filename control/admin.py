@@ -19,7 +19,7 @@ from aiohttp import web
 from admission.queue import AdmissionSnapshot
 from balancers.registry import UnknownStrategyError, strategy_names
 from cluster.merge import MergedReport, Rule, Snapshot
-from config.schema import ConfigError
+from config.reader import ConfigError
 from control.audit import AuditLog
 from control.chaos import Chaos
 from control.reload import Reloader

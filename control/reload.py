@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
-from config.schema import Config, ConfigError, load
+from config.reader import ConfigError
+from config.schema import Config, load
 from health.active import ActiveHealthChecker
 from proxy.router import Router
 from proxy.runtime import LiveRuntime

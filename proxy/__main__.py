@@ -17,7 +17,8 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from config.schema import Config, ConfigError, load
+from config.reader import ConfigError
+from config.schema import Config, load
 from proxy import __version__
 from proxy.app import PEERS_KEY, RELOADER_KEY, RUNNER_OPTIONS, RUNTIME_KEY, build_app
 

@@ -41,8 +41,9 @@ def build_app(
     clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     """`config_path`: the file a reload re-reads; by default the file `config` came from.
-    `clock`: the monotonic clock every window, budget and limit of the request path reads."""
-    router = router if router is not None else Router(config)
+    `clock`: the monotonic clock every window, budget, limit and breaker reads (a given
+    `router` brings its own, which should be the same)."""
+    router = router if router is not None else Router(config, clock=clock)
     live = LiveRuntime(Runtime(config, router, clock=clock))
     health = HealthService()
     reloader = Reloader(live, health, config_path or config.source)

@@ -84,11 +84,7 @@ def backends_ruled_out(
     if routing is not None:
         blocked = excluded_by_constraints(pool.upstreams, routing)
     budget = runtime.config.budget
-    if (
-        pool is runtime.router.auto
-        and pool.cost_aware
-        and runtime.spent() >= budget.limit
-    ):
+    if pool is runtime.router.auto and pool.cost_aware and runtime.spent() >= budget.limit:
         if budget.on_exhausted == "refuse":
             raise BudgetExhausted(
                 f"the budget of {budget.limit:g} is spent; cost-aware routing is refusing"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Callable
 from functools import partial
 
 from balancers.decisions import DecisionCache, DecisionStats
@@ -34,19 +36,31 @@ class Router:
     `auto`, so in-flight counts and breakers are one per backend whichever way it was chosen."""
 
     def __init__(
-        self, config: Config, rng: random.Random | None = None, previous: Router | None = None
+        self,
+        config: Config,
+        rng: random.Random | None = None,
+        previous: Router | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`previous`: the router this one replaces on a reload. A backend that is still there
         (same name and URL) keeps its Upstream object, so its in-flight count, breaker and
-        health carry over, and requests in flight on it release into the same counters."""
+        health carry over, and requests in flight on it release into the same counters.
+        `clock`: the monotonic clock of the breakers, cool-downs, latency estimates and
+        decision caches (a reload keeps the previous router's)."""
         self._rng = rng if rng is not None else random.Random()
+        clock = previous.clock if previous is not None else clock
+        self.clock: Callable[[], float] = clock
         self.strategy = config.routing.strategy
         routing = config.routing
         self.settings = StrategySettings(
-            policies=routing.policies, slow_latency=config.circuit_breaker.latency_threshold
+            policies=routing.policies,
+            slow_latency=config.circuit_breaker.latency_threshold,
+            clock=clock,
         )
         # One set of decision statistics for the whole gateway; a reload keeps it.
-        self.decisions = previous.decisions if previous is not None else DecisionStats()
+        self.decisions: DecisionStats = (
+            previous.decisions if previous is not None else DecisionStats()
+        )
         self._cache_ttl = routing.cache_ttl
         self._cache_size = routing.cache_size
         kept = {(u.name, u.url): u for u in previous.upstreams} if previous is not None else {}
@@ -60,7 +74,7 @@ class Router:
                 existing.max_concurrent = endpoint.max_concurrent
                 configure_breaker(existing.breaker, config.circuit_breaker)
                 return existing
-            breaker = CircuitBreaker()
+            breaker = CircuitBreaker(clock=clock)
             configure_breaker(breaker, config.circuit_breaker)
             return Upstream(
                 endpoint.name,
@@ -70,6 +84,7 @@ class Router:
                 weight=endpoint.weight,
                 max_concurrent=endpoint.max_concurrent,
                 breaker=breaker,
+                clock=clock,
             )
 
         self.models: dict[str, Pool] = {}
@@ -134,7 +149,11 @@ class Router:
             rng=self._rng,
             settings=self.settings,
             stats=self.decisions,
-            cache=DecisionCache(self._cache_ttl, self._cache_size) if self._cache_ttl else None,
+            cache=(
+                DecisionCache(self._cache_ttl, self._cache_size, self.clock)
+                if self._cache_ttl
+                else None
+            ),
         )
 
     def _on_breaker_change(

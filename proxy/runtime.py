@@ -47,11 +47,26 @@ class GatewayStats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+# Parts a reload hands to the next runtime as they are (see Runtime._carry_over).
+CARRIED_AS_IS = (
+    "telemetry",
+    "stats",
+    "client",
+    "accountant",
+    "spend_offset",
+    "gap_observer",
+    "draining",
+    "_id_prefix",
+    "_ids",
+)
+
+
 class Runtime:
     """Everything one request reads: built once per config, never changed by a request except
     through the counters of its parts."""
 
     __slots__ = (
+        *CARRIED_AS_IS,
         "config",
         "router",
         "clock",
@@ -59,21 +74,12 @@ class Runtime:
         "retry",
         "rate_limiter",
         "shedder",
-        "telemetry",
-        "stats",
-        "client",
-        "accountant",
-        "spend_offset",
-        "gap_observer",
-        "draining",
         "stream_timeouts",
         "request_timeouts",
         "priority_header",
         "models",
         "model_names",
         "models_body",
-        "_id_prefix",
-        "_ids",
     )
 
     def __init__(
@@ -118,7 +124,7 @@ class Runtime:
         self.retry = RetryPolicy(config.retry, clock=clock)
         self.rate_limiter = RateLimiter(config, clock)
         self.shedder = LoadShedder(config.load_shedding, self.admission, self.router, clock)
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(clock)
         self.stats = GatewayStats()
         self.client: UpstreamClient | None = None  # opened by start()
         self.accountant: Accountant | None = None  # set by the app when accounting is on
@@ -145,17 +151,7 @@ class Runtime:
         self.rate_limiter = previous.rate_limiter.reconfigured(config)
         self.shedder = previous.shedder
         self.shedder.reconfigure(config.load_shedding, self.router)
-        for name in (
-            "telemetry",
-            "stats",
-            "client",
-            "accountant",
-            "spend_offset",
-            "gap_observer",
-            "draining",
-            "_id_prefix",
-            "_ids",
-        ):
+        for name in CARRIED_AS_IS:
             setattr(self, name, getattr(previous, name))
 
     def reloaded(self, config: Config, router: Router) -> Runtime:
@@ -229,6 +225,7 @@ def models_list_body(config: Config) -> bytes:
             "owned_by": "request-router",
             "capabilities": list(model.capabilities),
             "specializations": list(model.specializations),
+            "context_length": model.context_length or None,  # 0: not configured
         }
         for model in config.models
     ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Annotated, TypedDict
 from urllib.parse import urlsplit
 
@@ -73,6 +73,7 @@ class Upstream:
         "_base_path",
         "_host",
         "_starts",
+        "_clock",
     )
 
     def __init__(
@@ -85,8 +86,10 @@ class Upstream:
         weight: float = 1.0,
         max_concurrent: int = 100,
         breaker: CircuitBreaker | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self._clock = clock
         self.url = url.rstrip("/")
         self.pool = pool
         self.model = model
@@ -108,7 +111,7 @@ class Upstream:
         self.capabilities: frozenset[str] = frozenset()
         # ...and what real traffic says (see `record`): time to response headers as a
         # peak-EWMA for routing and as a ring for percentiles, and the recent outcomes.
-        self.latency = PeakEwma()
+        self.latency = PeakEwma(clock=clock)
         self.latencies = LatencyRing()
         self.outcomes = OutcomeRing()
         # The transport's connection pool for this backend, bound on first use.
@@ -166,10 +169,10 @@ class Upstream:
 
     def cool_down(self, seconds: float) -> None:
         """No new requests for `seconds` (a 429's Retry-After)."""
-        self.cooldown_until = max(self.cooldown_until, time.monotonic() + seconds)
+        self.cooldown_until = max(self.cooldown_until, self._clock() + seconds)
 
     def _cooled_down(self) -> bool:
-        if time.monotonic() >= self.cooldown_until:
+        if self._clock() >= self.cooldown_until:
             self.cooldown_until = 0.0
             return True
         return False

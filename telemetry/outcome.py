@@ -140,14 +140,14 @@ class SeriesStats:
 
 
 class Telemetry:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.total = 0
         self.successful = 0
         self.failed = 0
         self.latency = LatencyRing()
         self.ttft = LatencyRing()
         self.overhead = LatencyRing()
-        self.rate = RateCounter()
+        self.rate = RateCounter(clock)
         self.backends: dict[str, SeriesStats] = {}
         self.models: dict[str, SeriesStats] = {}
         self.cost_total = 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -155,16 +156,32 @@ class RunningGateway:
 StartGateway = Callable[..., Awaitable[RunningGateway]]
 
 
+class ManualClock:
+    """A monotonic clock that moves only when a test says so: breakers, cool-downs, windows
+    and budgets read it, so a test advances time instead of sleeping."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
 async def start_gateway() -> AsyncIterator[StartGateway]:
     runners: list[web.AppRunner] = []
 
     async def start(
-        document: dict[str, Any] | Config, environ: dict[str, str] | None = None
+        document: dict[str, Any] | Config,
+        environ: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> RunningGateway:
         config = document if isinstance(document, Config) else parse(document, environ or {})
-        router = Router(config)
-        app = build_app(config, router)
+        router = Router(config, clock=clock)
+        app = build_app(config, router, clock=clock)
         runner, port = await serve(app, "127.0.0.1", 0, **RUNNER_OPTIONS)
         runners.append(runner)
         return RunningGateway(f"http://127.0.0.1:{port}", router, config, app[RUNTIME_KEY])

@@ -13,7 +13,8 @@ from balancers.adaptive import AdaptiveWeights
 from balancers.ensemble import EnsembleSettings
 from balancers.prefix_affinity import AffinitySettings
 from config import table
-from config.schema import ENV_OVERRIDES, ConfigError, load, parse
+from config.reader import ConfigError
+from config.schema import ENV_OVERRIDES, load, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "router_config.yaml"

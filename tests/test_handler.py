@@ -270,3 +270,23 @@ def test_json_bodies_take_only_their_own_size() -> None:
     allocated = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     assert allocated / len(bodies) < 256
     assert orjson.loads(bodies[7]) == {"status": "alive", "pid": 7}
+
+
+async def test_a_body_that_cannot_be_rewritten_is_refused_and_gives_its_slot_back(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """orjson reads JSON 1024 levels deep but writes only 254: a "model": "auto" body nested
+    300 deep is accepted, then fails when the chosen model is written into it. That happens
+    with a backend slot held; it must come back (here, two slots and five such requests)."""
+    gateway = await start_gateway(
+        config_document(cluster, routing={"max_concurrent_requests": 2}, queue={"timeout": 1})
+    )
+    deep = {**chat("auto"), "extra": orjson.loads(b"[" * 300 + b"]" * 300)}
+    url = f"{gateway.url}/v1/chat/completions"
+    for _ in range(5):
+        async with http.post(url, json=deep) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "invalid_json"
+    async with http.post(url, json=chat("auto")) as response:
+        assert response.status == 200
+    assert gateway.runtime.admission.in_flight == 0

@@ -7,7 +7,7 @@ import time
 
 from admission.ratelimit import TokenBucket
 from simulator.cluster import Cluster
-from tests.conftest import StartGateway, chat, config_document
+from tests.conftest import ManualClock, StartGateway, chat, config_document
 
 
 async def statuses(http, url: str, bodies: list[dict], headers: dict | None = None) -> list:
@@ -81,13 +81,15 @@ async def test_shed_when_too_much_is_pending(
 async def test_shed_when_the_failure_rate_is_high_then_recover(
     cluster: Cluster, start_gateway: StartGateway, http
 ) -> None:
+    clock = ManualClock()
     gateway = await start_gateway(
         config_document(
             cluster,
             retry={"max_retries": 0},
             circuit_breaker={"threshold": 100},
             load_shedding={"min_requests": 5, "failure_window": 0.5},
-        )
+        ),
+        clock=clock,
     )
     cluster["hermes-2"].behaviour.status = 500
     results = await statuses(http, gateway.url, [chat("hermes-2")] * 5)
@@ -98,7 +100,7 @@ async def test_shed_when_the_failure_rate_is_high_then_recover(
     [(status, _, body)] = await statuses(http, gateway.url, [chat("phi-3-mini")])
     assert status == 503 and body["error"]["code"] == "load_shed"
     cluster["hermes-2"].behaviour.status = 200
-    await asyncio.sleep(1.05)  # two windows later the failures are forgotten
+    clock.advance(1.05)  # two windows later the failures are forgotten
     [(status, _, _)] = await statuses(http, gateway.url, [chat("hermes-2")])
     assert status == 200
     assert gateway.runtime.shedder.shed == 1

@@ -15,7 +15,7 @@ from circuit.breaker import BreakerState
 from config.schema import RetryConfig
 from proxy.retry import RetryBudget, RetryPolicy, retry_after_seconds
 from simulator.cluster import Cluster
-from tests.conftest import StartGateway, chat, config_document
+from tests.conftest import ManualClock, StartGateway, chat, config_document
 
 
 async def test_backend_killed_during_a_burst_costs_no_client_errors(
@@ -57,7 +57,8 @@ async def test_503s_open_the_breaker_then_half_open_probes_close_it(
         circuit_breaker={"threshold": 3, "timeout": 0.5, "half_open_limit": 1},
         retry={"max_retries": 0},
     )
-    gateway = await start_gateway(document)
+    clock = ManualClock()
+    gateway = await start_gateway(document, clock=clock)
     behaviour = cluster["phi-3-mini"].behaviour
     behaviour.status = 503
     url = f"{gateway.url}/v1/chat/completions"
@@ -71,7 +72,7 @@ async def test_503s_open_the_breaker_then_half_open_probes_close_it(
         assert (await response.json())["error"]["code"] == "no_backend_available"
     assert behaviour.requests == 3  # the open circuit kept that one away from the backend
     behaviour.status = 200
-    await asyncio.sleep(0.55)
+    clock.advance(0.55)
     assert breaker.state is BreakerState.HALF_OPEN
     async with http.post(url, json=chat("phi-3-mini")) as response:
         assert response.status == 200
@@ -81,7 +82,8 @@ async def test_503s_open_the_breaker_then_half_open_probes_close_it(
 async def test_429_with_retry_after_is_retried_elsewhere_and_honoured(
     cluster: Cluster, start_gateway: StartGateway, http
 ) -> None:
-    gateway = await start_gateway(config_document(cluster))
+    clock = ManualClock()
+    gateway = await start_gateway(config_document(cluster), clock=clock)
     behaviour = cluster["mixtral-8x7b"].behaviour
     behaviour.status = 429
     behaviour.retry_after = 0.6
@@ -98,7 +100,7 @@ async def test_429_with_retry_after_is_retried_elsewhere_and_honoured(
     assert "mixtral-8x7b" not in seen and behaviour.requests == 1
     mixtral = gateway.router.models["mixtral-8x7b"].upstreams[0]
     assert mixtral.breaker.failure_count == 0  # a 429 is a pause, not a failure
-    await asyncio.sleep(0.6)
+    clock.advance(0.6)
     for _ in range(4):
         async with http.post(url, json=chat()) as response:
             seen[response.headers["x-router-backend"]] += 1

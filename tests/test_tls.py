@@ -100,7 +100,8 @@ async def test_health_probes_verify_with_the_same_ca(
 
 
 def test_a_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
-    from config.schema import ConfigError, parse
+    from config.reader import ConfigError
+    from config.schema import parse
 
     missing = str(tmp_path / "nope.pem")
     with pytest.raises(ConfigError, match=r"connection_pool\.ca_file: no such file"):
