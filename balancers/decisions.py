@@ -34,23 +34,6 @@ class DecisionStats:
         self.by_strategy[strategy] += 1
         self.durations.add(seconds)
 
-    def report(self) -> dict[str, object]:
-        lookups = self.cache_hits + self.cache_misses
-        return {
-            "decisions": self.count,
-            "decisions_per_strategy": dict(self.by_strategy),
-            "decision_time_us": {
-                "mean": round(self.durations.mean() * 1e6, 3),
-                "p50": round(self.durations.percentile(0.5) * 1e6, 3),
-                "p95": round(self.durations.percentile(0.95) * 1e6, 3),
-                "p99": round(self.durations.percentile(0.99) * 1e6, 3),
-            },
-            "cache": {
-                "hits": self.cache_hits,
-                "misses": self.cache_misses,
-                "hit_rate": round(self.cache_hits / lookups, 4) if lookups else 0.0,
-            },
-        }
 
 
 class DecisionCache:

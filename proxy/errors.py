@@ -28,13 +28,32 @@ log = logging.getLogger("request_router")
 
 
 class GatewayError(Exception):
-    """A request the gateway answers itself. The class carries the status, the OpenAI-style
-    error type and code, and the verdict that retry, shedding and telemetry read."""
+    """A request the gateway answers itself. Each class declares, in its header, the status,
+    the OpenAI-style error type and code, and the verdict that retry, shedding and telemetry
+    read; a subclass states only what differs from its parent."""
 
     status = 500
     error_type = "server_error"
     code = "internal_error"
     verdict: Verdict = BACKEND_FAILED
+
+    def __init_subclass__(
+        cls,
+        *,
+        status: int | None = None,
+        error_type: str | None = None,
+        code: str | None = None,
+        verdict: Verdict | None = None,
+    ) -> None:
+        super().__init_subclass__()
+        if status is not None:
+            cls.status = status
+        if error_type is not None:
+            cls.error_type = error_type
+        if code is not None:
+            cls.code = code
+        if verdict is not None:
+            cls.verdict = verdict
 
     def __init__(
         self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
@@ -49,121 +68,120 @@ class GatewayError(Exception):
 # --- the client's doing: 4xx, nothing said about any backend ---------------------------------
 
 
-class InvalidRequest(GatewayError):
-    status = 400
-    error_type = "invalid_request_error"
-    code = "invalid_request"
-    verdict = CLIENT_ERROR
+class InvalidRequest(
+    GatewayError,
+    status=400,
+    error_type="invalid_request_error",
+    code="invalid_request",
+    verdict=CLIENT_ERROR,
+):
+    """Malformed or unacceptable input."""
 
 
-class Unauthorized(InvalidRequest):
-    status = 401
-    error_type = "authentication_error"
-    code = "unauthorized"
+class Unauthorized(
+    InvalidRequest, status=401, error_type="authentication_error", code="unauthorized"
+):
+    """An admin change without the admin token."""
 
 
-class Forbidden(InvalidRequest):
-    status = 403
-    error_type = "permission_error"
-    code = "forbidden"
+class Forbidden(InvalidRequest, status=403, error_type="permission_error", code="forbidden"):
+    """An admin change from a peer that may not make it."""
 
 
-class ChaosDisabled(Forbidden):
-    code = "chaos_disabled"
+class ChaosDisabled(Forbidden, code="chaos_disabled"):
+    """The chaos endpoints are off (chaos.enabled)."""
 
 
-class ModelNotFound(InvalidRequest):
-    status = 404
-    code = "model_not_found"
+class ModelNotFound(InvalidRequest, status=404, code="model_not_found"):
+    """A model the config does not have: never forwarded."""
 
 
-class UnknownBackend(InvalidRequest):
-    status = 404
-    code = "backend_not_found"
+class UnknownBackend(InvalidRequest, status=404, code="backend_not_found"):
+    """An admin request naming a backend the config does not have."""
 
 
-class PayloadTooLarge(InvalidRequest):
-    status = 413
-    code = "payload_too_large"
+class PayloadTooLarge(InvalidRequest, status=413, code="payload_too_large"):
+    """A body over server.max_body_bytes."""
 
 
-class BudgetExhausted(InvalidRequest):
-    status = 402
-    error_type = "insufficient_quota"
-    code = "budget_exhausted"
+class BudgetExhausted(
+    InvalidRequest, status=402, error_type="insufficient_quota", code="budget_exhausted"
+):
+    """The budget is spent and budget.on_exhausted says refuse."""
 
 
-class ConstraintUnsatisfiable(InvalidRequest):
-    status = 422
-    code = "constraint_unsatisfiable"
+class ConstraintUnsatisfiable(InvalidRequest, status=422, code="constraint_unsatisfiable"):
+    """No backend meets the request's routing constraints."""
 
 
-class RateLimited(GatewayError):
-    status = 429
-    error_type = "rate_limit_error"
-    code = "rate_limit_exceeded"
-    verdict = THROTTLED
+class RateLimited(
+    GatewayError,
+    status=429,
+    error_type="rate_limit_error",
+    code="rate_limit_exceeded",
+    verdict=THROTTLED,
+):
+    """A rate limit of ours: come back after Retry-After."""
 
 
 # --- a backend failed: 502 / 504 --------------------------------------------------------------
 
 
-class BadGateway(GatewayError):
-    status = 502
-    error_type = "upstream_error"
-    code = "bad_gateway"
-    verdict = RETRYABLE
+class BadGateway(
+    GatewayError, status=502, error_type="upstream_error", code="bad_gateway", verdict=RETRYABLE
+):
+    """The backend failed before its answer: another backend may take the request."""
 
 
-class UpstreamUnreachable(BadGateway):
+class UpstreamUnreachable(BadGateway, code="backend_unreachable"):
     """Nothing reached the backend, so another backend may safely take the request."""
 
-    code = "backend_unreachable"
+
+class GatewayTimeout(
+    GatewayError,
+    status=504,
+    error_type="upstream_error",
+    code="upstream_timeout",
+    verdict=RETRYABLE,
+):
+    """The backend sent no answer in time."""
 
 
-class GatewayTimeout(GatewayError):
-    status = 504
-    error_type = "upstream_error"
-    code = "upstream_timeout"
-    verdict = RETRYABLE
-
-
-class BrokenResponse(BadGateway):
+class BrokenResponse(BadGateway, verdict=BACKEND_FAILED):
     """The backend's answer broke off after its headers: not retried (it may have acted)."""
 
-    verdict = BACKEND_FAILED
 
-
-class StalledResponse(GatewayTimeout):
+class StalledResponse(GatewayTimeout, verdict=BACKEND_FAILED):
     """The backend went silent in the middle of its answer."""
-
-    verdict = BACKEND_FAILED
 
 
 # --- the gateway protects itself: 503 with Retry-After ----------------------------------------
 
 
-class NoBackendAvailable(GatewayError):
-    status = 503
-    error_type = "service_unavailable"
-    code = "no_backend_available"
-    verdict = GATEWAY_REFUSED
+class NoBackendAvailable(
+    GatewayError,
+    status=503,
+    error_type="service_unavailable",
+    code="no_backend_available",
+    verdict=GATEWAY_REFUSED,
+):
+    """No backend of the pool can serve now (all down, open, cooling down or full)."""
 
 
-class QueueFull(NoBackendAvailable):
-    code = "queue_full"
+class QueueFull(NoBackendAvailable, code="queue_full"):
+    """The admission queue is full."""
 
 
-class QueueTimeout(NoBackendAvailable):
-    code = "queue_timeout"
+class QueueTimeout(NoBackendAvailable, code="queue_timeout"):
+    """No slot came free within queue.timeout."""
 
 
-class Shed(NoBackendAvailable):
-    code = "load_shed"
+class Shed(NoBackendAvailable, code="load_shed"):
+    """Load shedding refused the request."""
 
 
-class AccountingDisabled(NoBackendAvailable):
-    code = "accounting_disabled"
+class AccountingDisabled(NoBackendAvailable, code="accounting_disabled"):
+    """The cost analysis needs accounting, which is off."""
 
 
 def upstream_failure(exc: BaseException, backend: str) -> GatewayError:
