@@ -35,7 +35,6 @@ class DecisionStats:
         self.durations.add(seconds)
 
 
-
 class DecisionCache:
     __slots__ = ("ttl", "size", "_entries", "_clock")
 
