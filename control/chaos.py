@@ -22,7 +22,7 @@ from proxy.errors import ChaosDisabled, InvalidRequest, UnknownBackend
 from proxy.routes import parse_object
 from proxy.runtime import LiveRuntime
 from proxy.upstream import Upstream
-from proxy.verdict import BACKEND_FAILED
+from proxy.verdict import BACKEND_FAILED, OK, SERVER_FAULTS, of_status
 
 BURST_CONCURRENCY = 5
 DEFAULT_BURST = 20
@@ -133,9 +133,12 @@ class Chaos:
                         outcomes.append((time.perf_counter(), 0, None))
 
             await asyncio.gather(*(worker() for _ in range(min(BURST_CONCURRENCY, count))))
-            served_elsewhere = [t for t, s, b in outcomes if s < 400 and b != primary.name]
-            lost = [t for t, s, _ in outcomes if s >= 500 or s == 0]
-            backups = Counter(b for _, s, b in outcomes if s < 400 and b != primary.name)
+            # Read as a client reads them (0: no answer at all).
+            served_elsewhere = [
+                t for t, s, b in outcomes if of_status(s) is OK and b != primary.name
+            ]
+            lost = [t for t, s, _ in outcomes if s == 0 or of_status(s) in SERVER_FAULTS]
+            backups = Counter(b for _, s, b in outcomes if of_status(s) is OK and b != primary.name)
 
             recovery_started = time.perf_counter()
             if simulate:
@@ -145,7 +148,7 @@ class Chaos:
                 method, url, data=body, headers={"Content-Type": "application/json"}
             ) as response:
                 await response.read()
-                recovered = response.status < 400
+                recovered = of_status(response.status) is OK
             recovery_ms = elapsed_ms(recovery_started)
         finally:
             await session.close()

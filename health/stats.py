@@ -14,11 +14,6 @@ from collections.abc import Callable
 SAMPLES = 1024  # per ring: enough for a stable p99 of the recent past
 
 
-def is_failure_status(status: int) -> bool:
-    """5xx says the backend failed; a 4xx is the client's doing and says nothing of health."""
-    return status >= 500
-
-
 class PeakEwma:
     """Peak-sensitive moving average of response time (Finagle / Envoy peak-EWMA): a slower
     sample is taken at once, faster ones pull the average down with decay time `tau`. A

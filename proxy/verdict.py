@@ -54,7 +54,7 @@ SERVER_FAULTS: Final = frozenset({RETRYABLE, BACKEND_FAILED, GATEWAY_REFUSED})
 
 
 def _status_table() -> tuple[Verdict, ...]:
-    table = [OK] * 600
+    table = [BACKEND_FAILED] * 100 + [OK] * 500  # below 100 is no HTTP status at all
     for status in range(400, 500):
         table[status] = CLIENT_ERROR
     for status in range(500, 600):

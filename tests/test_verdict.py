@@ -39,6 +39,7 @@ from proxy.verdict import (
         (599, BACKEND_FAILED),
         (600, BACKEND_FAILED),  # not HTTP: the backend is broken
         (-1, BACKEND_FAILED),
+        (0, BACKEND_FAILED),  # no answer at all
     ],
 )
 def test_each_status_has_one_verdict(status: int, verdict: int) -> None:
