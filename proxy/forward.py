@@ -48,9 +48,8 @@ async def forward(
                 if not try_again(runtime, state):
                     if response is None:
                         raise_final_error(state)
-                    answer = await deliver(runtime, request, upstream, response, state)
                     count_served(runtime, state, upstream)
-                    return answer
+                    return await deliver(runtime, request, upstream, response, state)
                 if response is not None:
                     response.release()  # a retryable answer nobody will read
             finally:
@@ -176,8 +175,9 @@ async def pause_before_retry(runtime: Runtime, state: RequestState, failed: Upst
 
 
 def count_served(runtime: Runtime, state: RequestState, upstream: Upstream) -> None:
-    """A backend served the request: count a failover (another backend than the one that
-    failed) and a fallback (another model than the one asked for)."""
+    """A backend answered and its answer goes to the client: count a failover (another
+    backend than the one that failed, timed to this answer's headers) and a fallback
+    (another model than the one asked for)."""
     stats = runtime.stats
     tried = state.tried
     if tried and upstream is not tried[-1]:
