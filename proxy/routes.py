@@ -20,6 +20,7 @@ from proxy.runtime import LiveRuntime, Runtime
 from proxy.state import RequestState
 
 QDRANT_PREFIX = "/qdrant"
+VECTOR_ROUTE = "/api/v1/vectors/search"
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -116,10 +117,11 @@ class Routes:
             pool,
             path,
             body,
-            document=document if auto else None,
-            stream=bool(stream),
-            fallbacks=() if auto else router.fallbacks.get(pool.name, ()),
-            routing=routing,
+            document if auto else None,  # the chosen backend's model is written into it
+            bool(stream),
+            () if auto else router.fallbacks.get(pool.name, ()),
+            None,
+            routing,
         )
         return await forward(runtime, request, state)
 
@@ -166,11 +168,7 @@ class Routes:
                 search[key] = document[key]
         path = f"/collections/{quote(collection, safe='')}/points/search"
         state = RequestState(
-            rid,
-            runtime.router.qdrant,
-            path,
-            orjson.dumps(search),
-            route="/api/v1/vectors/search",
+            rid, runtime.router.qdrant, path, orjson.dumps(search), None, False, (), VECTOR_ROUTE
         )
         return await forward(runtime, request, state)
 
@@ -182,5 +180,5 @@ class Routes:
         if not path.startswith("/"):
             path = "/" + path
         body = await read_body(request)
-        state = RequestState(rid, runtime.router.qdrant, path, body, route="/qdrant")
+        state = RequestState(rid, runtime.router.qdrant, path, body, None, False, (), QDRANT_PREFIX)
         return await forward(runtime, request, state)

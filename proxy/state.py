@@ -40,13 +40,13 @@ class RequestState:
         "observe_gap",
     )
 
+    # Called with positional arguments on the request path: keywords cost a dict per call.
     def __init__(
         self,
         request_id: str,
         pool: Pool,
         path: str,
         body: bytes,
-        *,
         document: dict[str, Any] | None = None,
         stream: bool = False,
         fallbacks: tuple[Pool, ...] = (),
