@@ -1,23 +1,91 @@
 """Load shedding: refuse early, with 503 + Retry-After, when taking more work would only make
-things worse. Three signals, each cheap to read on the request path:
+things worse. A backend that is down is not overload: its breaker and health checks deal with
+it, and the other pools must keep serving. Three signals, each cheap on the request path:
 
-- requests in flight + queued above `max_pending`;
-- fewer than `min_healthy_backends` healthy backends in the whole gateway;
-- the share of client-visible server faults (proxy.verdict.SERVER_FAULTS, not counting shed
-  requests) over a sliding window above `max_failure_rate`, once the window has
-  `min_requests` outcomes.
+- requests in flight + queued at `max_pending` (the whole gateway is saturated);
+- fewer than `min_healthy_backends` healthy backends in the whole gateway (off by default);
+- per pool, admission control as Envoy's admission_control filter and the client-side
+  throttling of Google's SRE book do it: from the requests of the last `failure_window`
+  seconds that reached a backend, and how many succeeded, a rejection probability
+
+      p = (requests - successes / (1 - max_failure_rate)) / (requests + 1)
+
+  capped at `max_rejection_probability` (never 100%: some traffic always probes recovery)
+  and 0 until the window holds `min_requests`. Only backend answers count (proxy.verdict:
+  OK and CLIENT_ERROR succeed, THROTTLED, RETRYABLE and BACKEND_FAILED fail); the gateway's
+  own fast refusals (no backend, open breaker, queue, shed, rate limit) and clients that
+  left are no evidence of overload. A pool with a half-open breaker is never shed, so its
+  trial requests get through.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
 from admission.queue import Admission
+from circuit.breaker import BreakerState
 from config.schema import LoadSheddingConfig
 from proxy.errors import Shed
 from proxy.router import Router
-from proxy.verdict import SERVER_FAULTS, Verdict
+from proxy.upstream import Pool
+from proxy.verdict import ADMISSION_FAILURES, ADMISSION_SUCCESSES, Verdict
+
+WINDOW_BUCKETS = 10  # the window slides a tenth at a time
+
+
+class PoolWindow:
+    """Requests that reached a backend and those that succeeded, over the last `window`
+    seconds, in WINDOW_BUCKETS buckets: old outcomes leave a tenth at a time, so the rejection
+    probability falls smoothly once a fault ends."""
+
+    __slots__ = ("requests", "successes", "_requests", "_successes", "_width", "_bucket")
+
+    def __init__(self, window: float, now: float) -> None:
+        self.requests = 0
+        self.successes = 0
+        self._requests = [0] * WINDOW_BUCKETS
+        self._successes = [0] * WINDOW_BUCKETS
+        self._width = window / WINDOW_BUCKETS
+        self._bucket = int(now / self._width)
+
+    def add(self, ok: bool, now: float) -> None:
+        index = self._advance(now)
+        self._requests[index] += 1
+        self.requests += 1
+        if ok:
+            self._successes[index] += 1
+            self.successes += 1
+
+    def totals(self, now: float) -> tuple[int, int]:
+        self._advance(now)
+        return self.requests, self.successes
+
+    def _advance(self, now: float) -> int:
+        bucket = int(now / self._width)
+        if bucket != self._bucket:
+            for step in range(1, min(bucket - self._bucket, WINDOW_BUCKETS) + 1):
+                index = (self._bucket + step) % WINDOW_BUCKETS
+                self.requests -= self._requests[index]
+                self.successes -= self._successes[index]
+                self._requests[index] = self._successes[index] = 0
+            self._bucket = bucket
+        return bucket % WINDOW_BUCKETS
+
+
+def rejection_probability(requests: int, successes: int, config: LoadSheddingConfig) -> float:
+    """Envoy's admission-control formula (aggression 1), capped; see the module docstring."""
+    if requests < config.min_requests:
+        return 0.0
+    expected = 1.0 - config.max_failure_rate
+    p = (requests - successes / expected) / (requests + 1)
+    return min(max(p, 0.0), config.max_rejection_probability)
+
+
+def probing(pool: Pool) -> bool:
+    """A backend of the pool is half-open: its trial requests must get through."""
+    return any(u.breaker.state is BreakerState.HALF_OPEN for u in pool.upstreams)
 
 
 class LoadShedder:
@@ -28,11 +96,9 @@ class LoadShedder:
         "max_pending",
         "shed",
         "reason",
-        "requests",
-        "failures",
-        "_previous",
-        "_started",
+        "windows",
         "_clock",
+        "_rng",
     )
 
     def __init__(
@@ -41,6 +107,7 @@ class LoadShedder:
         admission: Admission,
         router: Router,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.admission = admission
@@ -48,41 +115,44 @@ class LoadShedder:
         self.max_pending = config.max_pending or (admission.max_in_flight + admission.queue_size)
         self.shed = 0
         self.reason: str | None = None
-        self.requests = 0
-        self.failures = 0
-        self._previous = (0, 0)
+        self.windows: dict[str, PoolWindow] = {}  # pool name -> its recent outcomes
         self._clock = clock
-        self._started = clock()
+        self._rng = rng if rng is not None else random.Random()
 
     def reconfigure(self, config: LoadSheddingConfig, router: Router) -> None:
-        """A reload's settings and router; the failure window and the counters carry over."""
+        """A reload's settings and router; the windows carry over unless their length
+        changed."""
+        if config.failure_window != self.config.failure_window:
+            self.windows.clear()
         self.config = config
         self.router = router
         admission = self.admission
         self.max_pending = config.max_pending or (admission.max_in_flight + admission.queue_size)
 
-    def record(self, verdict: Verdict) -> None:
-        """A finished request's verdict as the client saw it (not one this shedder refused)."""
-        self.requests += 1
-        if verdict in SERVER_FAULTS:
-            self.failures += 1
-
-    def failure_rate(self) -> float:
+    def record(self, pool: str, verdict: Verdict) -> None:
+        """A finished request that reached a backend, by the pool it asked for."""
+        if verdict in ADMISSION_SUCCESSES:
+            ok = True
+        elif verdict in ADMISSION_FAILURES:
+            ok = False
+        else:
+            return
         now = self._clock()
-        window = self.config.failure_window
-        elapsed = now - self._started
-        if elapsed >= window:
-            recent = elapsed < 2 * window
-            self._previous = (self.requests, self.failures) if recent else (0, 0)
-            self.requests = self.failures = 0
-            self._started = now
-        requests = self.requests + self._previous[0]
-        if requests < self.config.min_requests:
-            return 0.0
-        return (self.failures + self._previous[1]) / requests
+        window = self.windows.get(pool)
+        if window is None:
+            window = self.windows[pool] = PoolWindow(self.config.failure_window, now)
+        window.add(ok, now)
 
-    def should_shed(self) -> str | None:
-        """Why new requests should be refused now, or None."""
+    def pool_rejection(self, pool: str) -> float:
+        """The probability with which new requests for `pool` are refused now."""
+        window = self.windows.get(pool)
+        if window is None:
+            return 0.0
+        requests, successes = window.totals(self._clock())
+        return rejection_probability(requests, successes, self.config)
+
+    def gateway_reason(self) -> str | None:
+        """Why every request should be refused now (the whole gateway is overloaded)."""
         if not self.config.enabled:
             return None
         admission = self.admission
@@ -91,13 +161,27 @@ class LoadShedder:
         minimum = self.config.min_healthy_backends
         if minimum and sum(u.healthy for u in self.router.upstreams) < minimum:
             return f"fewer than {minimum} healthy backends"
-        rate = self.failure_rate()
-        if rate > self.config.max_failure_rate:
-            return f"failure rate {rate:.0%} over the last {self.config.failure_window:g}s"
         return None
 
-    def check(self) -> None:
-        reason = self.should_shed()
+    def should_shed(self) -> str | None:
+        """For the reports: why requests are being refused now (the gateway's reason, else
+        the first pool that sheds), or None."""
+        reason = self.gateway_reason()
+        if reason is not None or not self.config.enabled:
+            return reason
+        for name in self.windows:
+            p = self.pool_rejection(name)
+            if p:
+                return self._pool_reason(name, p)
+        return None
+
+    def check(self, pool: Pool) -> None:
+        """Refuse (raise Shed) or let a request for `pool` through."""
+        reason = self.gateway_reason()
+        if reason is None and self.config.enabled:
+            p = self.pool_rejection(pool.name)
+            if p and self._rng.random() < p and not probing(pool):
+                reason = self._pool_reason(pool.name, p)
         self.reason = reason
         if reason is not None:
             self.shed += 1
@@ -105,3 +189,10 @@ class LoadShedder:
                 f"the gateway is shedding load ({reason}); retry later",
                 headers={"Retry-After": str(self.admission.retry_after())},
             )
+
+    def _pool_reason(self, pool: str, p: float) -> str:
+        requests, successes = self.windows[pool].totals(self._clock())
+        return (
+            f"pool {pool}: failure rate {1 - successes / requests:.0%} over the last"
+            f" {self.config.failure_window:g}s, refusing {p:.0%} of its requests"
+        )

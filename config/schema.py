@@ -179,9 +179,14 @@ class LoadSheddingConfig:
         0, help="in flight + queued; 0 = max_concurrent_requests + queue.size"
     )
     min_healthy_backends: int = setting(0, help="shed when fewer healthy backends remain; 0 = off")
-    max_failure_rate: float = setting(0.10, help="shed while client-visible 5xx exceed this...")
+    max_failure_rate: float = setting(
+        0.10, maximum=0.99, help="per pool: backend failures it takes before shedding starts..."
+    )
     failure_window: float = setting(10.0, minimum=0.1, help="...over this many seconds...")
-    min_requests: int = setting(20, minimum=1, help="...once the window holds this many outcomes")
+    min_requests: int = setting(20, minimum=1, help="...once the window holds this many answers")
+    max_rejection_probability: float = setting(
+        0.8, maximum=1, help="a failing pool's share of requests refused, at most"
+    )
 
 
 @dataclass(frozen=True, slots=True)

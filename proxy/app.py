@@ -3,6 +3,7 @@ routes and background tasks. It decides nothing about a request."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -39,12 +40,14 @@ def build_app(
     router: Router | None = None,
     config_path: str | None = None,
     clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
 ) -> web.Application:
     """`config_path`: the file a reload re-reads; by default the file `config` came from.
     `clock`: the monotonic clock every window, budget, limit and breaker reads (a given
-    `router` brings its own, which should be the same)."""
+    `router` brings its own, which should be the same); `rng`: the random source of load
+    shedding's draws."""
     router = router if router is not None else Router(config, clock=clock)
-    live = LiveRuntime(Runtime(config, router, clock=clock))
+    live = LiveRuntime(Runtime(config, router, clock=clock, rng=rng))
     health = HealthService()
     reloader = Reloader(live, health, config_path or config.source)
     limit = config.server.max_body_bytes

@@ -19,7 +19,7 @@ from admission.constraints import excluded_by_constraints
 from admission.queue import NORMAL_PRIORITY, PRIORITIES
 from balancers.request import RoutingRequest
 from proxy.attempt import deliver, send
-from proxy.errors import BudgetExhausted, GatewayError, NoBackendAvailable, Shed
+from proxy.errors import BudgetExhausted, GatewayError, NoBackendAvailable
 from proxy.headers import upstream_request_headers
 from proxy.runtime import Runtime
 from proxy.state import RequestState
@@ -67,7 +67,7 @@ async def forward(
 
 def refuse_when_overloaded(runtime: Runtime, request: web.Request, state: RequestState) -> None:
     """Load shedding, then rate limits: refused before anything is taken."""
-    runtime.shedder.check()
+    runtime.shedder.check(state.pool)
     limiter = runtime.rate_limiter
     if limiter.active:
         pool = state.pool
@@ -196,7 +196,6 @@ def refused(state: RequestState, exc: GatewayError) -> None:
     outcome = state.outcome
     outcome.status = exc.status
     outcome.verdict = exc.verdict
-    outcome.shed = isinstance(exc, Shed)
     exc.headers = {
         **(exc.headers or {}),
         "x-router-backend": outcome.backend or "none",
@@ -216,8 +215,8 @@ def client_left(runtime: Runtime, state: RequestState) -> None:
 def record(runtime: Runtime, state: RequestState) -> None:
     """After the last byte (or the refusal): the outcome goes to shedding and telemetry."""
     outcome = state.outcome
-    if not outcome.shed:  # shedding's own refusals must not feed its failure rate
-        runtime.shedder.record(outcome.verdict)
+    if state.attempt:  # only requests that reached a backend say anything about overload
+        runtime.shedder.record(state.pool.name, outcome.verdict)
     outcome.duration = time.perf_counter() - state.started
     outcome.attempts = state.attempt
     if not outcome.overhead:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,7 @@ class Runtime:
         "config",
         "router",
         "clock",
+        "rng",
         "admission",
         "retry",
         "rate_limiter",
@@ -88,11 +90,13 @@ class Runtime:
         router: Router,
         *,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
         previous: Runtime | None = None,
     ) -> None:
         self.config = config
         self.router = router
         self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
         if previous is None:
             self._start_fresh(config)
         else:
@@ -123,7 +127,9 @@ class Runtime:
         )
         self.retry = RetryPolicy(config.retry, clock=clock)
         self.rate_limiter = RateLimiter(config, clock)
-        self.shedder = LoadShedder(config.load_shedding, self.admission, self.router, clock)
+        self.shedder = LoadShedder(
+            config.load_shedding, self.admission, self.router, clock, self.rng
+        )
         self.telemetry = Telemetry(clock)
         self.stats = GatewayStats()
         self.client: UpstreamClient | None = None  # opened by start()
@@ -156,7 +162,7 @@ class Runtime:
 
     def reloaded(self, config: Config, router: Router) -> Runtime:
         """The runtime for a reloaded config (see `_carry_over` for what it keeps)."""
-        return Runtime(config, router, clock=self.clock, previous=self)
+        return Runtime(config, router, clock=self.clock, rng=self.rng, previous=self)
 
     async def start(self) -> None:
         pool = self.config.connection_pool

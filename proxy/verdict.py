@@ -49,8 +49,13 @@ VERDICT_NAMES: Final = (
 BACKEND_FAULTS: Final = frozenset({RETRYABLE, BACKEND_FAILED})
 # Verdicts another backend might turn into a success (retry.py decides whether to try).
 WORTH_ANOTHER_TRY: Final = frozenset({THROTTLED, RETRYABLE})
-# What the client saw as a server-side failure: load shedding's failure rate reads these.
+# What the client saw as a server-side failure.
 SERVER_FAULTS: Final = frozenset({RETRYABLE, BACKEND_FAILED, GATEWAY_REFUSED})
+# Admission control (admission.shedding) counts only answers from backends: these succeeded,
+# these are signs the backends cannot keep up. The gateway's own refusals and clients that left
+# are neither.
+ADMISSION_SUCCESSES: Final = frozenset({OK, CLIENT_ERROR})
+ADMISSION_FAILURES: Final = frozenset({THROTTLED, RETRYABLE, BACKEND_FAILED})
 
 
 def _status_table() -> tuple[Verdict, ...]:

@@ -39,7 +39,6 @@ class Outcome:
         "backend",
         "status",
         "verdict",
-        "shed",
         "stream",
         "duration",
         "ttft",
@@ -62,7 +61,6 @@ class Outcome:
         self.backend: str | None = None
         self.status = 0
         self.verdict = 0  # proxy.verdict: what the client got, as one verdict
-        self.shed = False  # refused by load shedding
         self.stream = stream
         self.duration = 0.0
         self.ttft: float | None = None

@@ -78,16 +78,23 @@ async def test_shed_when_too_much_is_pending(
     assert [r[0][0] for r in await asyncio.gather(*slow)] == [200, 200]
 
 
-async def test_shed_when_the_failure_rate_is_high_then_recover(
+async def test_a_failing_pool_sheds_only_its_own_requests_never_all_and_recovers(
     cluster: Cluster, start_gateway: StartGateway, http
 ) -> None:
+    """Issue 11: one model answering 500 used to shed every pool. Now only hermes-2's own
+    requests are refused, at most max_rejection_probability of them, and the window forgets
+    the fault once it ends."""
     clock = ManualClock()
     gateway = await start_gateway(
         config_document(
             cluster,
             retry={"max_retries": 0},
-            circuit_breaker={"threshold": 100},
-            load_shedding={"min_requests": 5, "failure_window": 0.5},
+            circuit_breaker={"threshold": 1000},
+            load_shedding={
+                "min_requests": 5,
+                "failure_window": 0.5,
+                "max_rejection_probability": 0.5,
+            },
         ),
         clock=clock,
     )
@@ -96,14 +103,17 @@ async def test_shed_when_the_failure_rate_is_high_then_recover(
     assert [s for s, _, _ in results] == [500] * 5
     async with http.get(f"{gateway.url}/api/v1/router/state") as response:
         state = await response.json()
-    assert state["should_shed_load"] is True and "failure rate" in state["shed_reason"]
-    [(status, _, body)] = await statuses(http, gateway.url, [chat("phi-3-mini")])
-    assert status == 503 and body["error"]["code"] == "load_shed"
+    assert state["should_shed_load"] is True and "pool hermes-2" in state["shed_reason"]
+    others = await statuses(http, gateway.url, [chat("phi-3-mini"), chat("openchat-3.5")] * 20)
+    assert {s for s, _, _ in others} == {200}  # the other pools are untouched
+    hermes = [s for s, _, _ in await statuses(http, gateway.url, [chat("hermes-2")] * 60)]
+    shed = hermes.count(503)
+    assert 0 < shed < 60 and set(hermes) == {500, 503}  # some still reach the backend
     cluster["hermes-2"].behaviour.status = 200
-    clock.advance(1.05)  # two windows later the failures are forgotten
-    [(status, _, _)] = await statuses(http, gateway.url, [chat("hermes-2")])
-    assert status == 200
-    assert gateway.runtime.shedder.shed == 1
+    clock.advance(0.55)  # the window has slid past the fault
+    results = await statuses(http, gateway.url, [chat("hermes-2")] * 20)
+    assert {s for s, _, _ in results} == {200}
+    assert gateway.runtime.shedder.shed == shed
 
 
 async def test_shed_when_too_few_healthy_backends(

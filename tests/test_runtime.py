@@ -5,6 +5,7 @@ from __future__ import annotations
 from config.schema import parse
 from proxy.router import Router
 from proxy.runtime import Runtime
+from proxy.verdict import OK
 from tests.conftest import ManualClock
 
 
@@ -26,7 +27,7 @@ def test_reload_keeps_the_state_and_retunes_the_limits() -> None:
     config = parse(document(), {})
     runtime = Runtime(config, Router(config, clock=clock), clock=clock)
     runtime.stats.retries = 7
-    runtime.shedder.record(0)
+    runtime.shedder.record("m", OK)
     runtime.retry.budget.requests = 40
     bucket = runtime.rate_limiter.global_bucket
     assert bucket is not None and bucket.take() == 0.0  # one token spent
@@ -37,7 +38,7 @@ def test_reload_keeps_the_state_and_retunes_the_limits() -> None:
     assert after.admission is runtime.admission and after.admission.max_in_flight == 3
     assert after.retry.budget is runtime.retry.budget and after.retry.budget.ratio == 0.5
     assert after.retry.budget.requests == 40
-    assert after.shedder is runtime.shedder and after.shedder.requests == 1
+    assert after.shedder is runtime.shedder and after.shedder.windows["m"].requests == 1
     assert after.stats is runtime.stats and after.stats.retries == 7
     assert after.telemetry is runtime.telemetry
     # Limits unchanged: the same buckets, with the token already spent.
