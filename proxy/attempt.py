@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import time
 
-import orjson
 from aiohttp import web
 
-from proxy.errors import InvalidRequest, broken_response, upstream_failure
+from proxy.errors import broken_response, upstream_failure
 from proxy.headers import client_response_headers
 from proxy.retry import DEFAULT_COOLDOWN, retry_after_seconds
+from proxy.rewrite import ModelTemplate
 from proxy.runtime import Runtime
 from proxy.state import RequestState
 from proxy.streaming import relay
@@ -44,19 +44,14 @@ class ForwardedResponse(web.Response):
 
 def body_for(upstream: Upstream, state: RequestState) -> bytes:
     """The body as this backend must get it: byte for byte, unless the backend serves another
-    model than the body names ("auto", or a fallback), which is written into it."""
-    document = state.document
-    if document is None and state.fallback is None:
-        return state.body
-    if document is None:
-        document = orjson.loads(state.body)
-    try:
-        return orjson.dumps({**document, "model": upstream.model})
-    except orjson.JSONEncodeError as exc:
-        raise InvalidRequest(
-            f"request body cannot be rewritten for model '{upstream.model}': {exc}",
-            code="invalid_json",
-        ) from None
+    model than the body names ("auto", or a fallback), whose name is spliced in."""
+    template = state.template
+    if template is None:
+        if state.fallback is None:
+            return state.body
+        assert state.document is not None  # kept for requests that have a fallback chain
+        template = state.template = ModelTemplate(state.document)
+    return template.with_model(upstream.model)
 
 
 async def send(

@@ -16,6 +16,7 @@ from aiohttp import web
 from admission.constraints import has_constraint_headers, routing_request
 from proxy.errors import REQUEST_ID, InvalidRequest, ModelNotFound
 from proxy.forward import forward
+from proxy.rewrite import ModelTemplate, serialise
 from proxy.runtime import LiveRuntime, Runtime
 from proxy.state import RequestState
 
@@ -111,15 +112,17 @@ class Routes:
             routing = routing_request(request, document, bool(stream))
             if "routing" in document:  # ours, not the backend's: strip it
                 del document["routing"]
-                body = orjson.dumps(document)
+                body = serialise(document)
+        fallbacks = () if auto else router.fallbacks.get(pool.name, ())
         state = RequestState(
             rid,
             pool,
             path,
             body,
-            document if auto else None,  # the chosen backend's model is written into it
+            document if fallbacks else None,
+            ModelTemplate(document) if auto else None,  # refused here if it cannot be written
             bool(stream),
-            () if auto else router.fallbacks.get(pool.name, ()),
+            fallbacks,
             None,
             routing,
         )
@@ -168,7 +171,7 @@ class Routes:
                 search[key] = document[key]
         path = f"/collections/{quote(collection, safe='')}/points/search"
         state = RequestState(
-            rid, runtime.router.qdrant, path, orjson.dumps(search), None, False, (), VECTOR_ROUTE
+            rid, runtime.router.qdrant, path, serialise(search), None, None, False, (), VECTOR_ROUTE
         )
         return await forward(runtime, request, state)
 
@@ -180,5 +183,7 @@ class Routes:
         if not path.startswith("/"):
             path = "/" + path
         body = await read_body(request)
-        state = RequestState(rid, runtime.router.qdrant, path, body, None, False, (), QDRANT_PREFIX)
+        state = RequestState(
+            rid, runtime.router.qdrant, path, body, None, None, False, (), QDRANT_PREFIX
+        )
         return await forward(runtime, request, state)

@@ -9,6 +9,7 @@ from typing import Any
 
 from balancers.request import RoutingRequest
 from proxy.errors import GatewayError
+from proxy.rewrite import ModelTemplate
 from proxy.upstream import Pool, Upstream
 from proxy.verdict import OK
 from telemetry.outcome import Outcome
@@ -25,6 +26,7 @@ class RequestState:
         "path",
         "body",
         "document",
+        "template",
         "stream",
         "routing",
         "started",
@@ -48,6 +50,7 @@ class RequestState:
         path: str,
         body: bytes,
         document: dict[str, Any] | None = None,
+        template: ModelTemplate | None = None,
         stream: bool = False,
         fallbacks: tuple[Pool, ...] = (),
         route: str | None = None,
@@ -58,8 +61,10 @@ class RequestState:
         self.pools = (pool, *fallbacks) if fallbacks else (pool,)  # where a retry could go
         self.path = path
         self.body = body
-        # The parsed body when the chosen backend's model must be written into it ("auto").
+        # The parsed body, kept when a fallback may have to get its own model's name in it,
+        # and the body with a hole for that name ("auto": built before anything is taken).
         self.document = document
+        self.template = template
         self.stream = stream
         self.routing = routing
         self.started = time.perf_counter()

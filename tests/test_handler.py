@@ -290,3 +290,29 @@ async def test_a_body_that_cannot_be_rewritten_is_refused_and_gives_its_slot_bac
     async with http.post(url, json=chat("auto")) as response:
         assert response.status == 200
     assert gateway.runtime.admission.in_flight == 0
+
+
+async def test_a_fallback_body_that_cannot_be_rewritten_is_refused_and_gives_its_slot_back(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """The same body asking for mixtral-8x7b by name is forwarded byte for byte; only when
+    mixtral is down and hermes-2 must serve it does it need rewriting, and fails then."""
+    gateway = await start_gateway(
+        config_document(
+            cluster,
+            routing={"max_concurrent_requests": 2},
+            fallbacks={"mixtral-8x7b": ["hermes-2"]},
+        )
+    )
+    deep = {**chat("mixtral-8x7b"), "extra": orjson.loads(b"[" * 300 + b"]" * 300)}
+    url = f"{gateway.url}/v1/chat/completions"
+    async with http.post(url, json=deep) as response:
+        assert response.status == 200  # forwarded as sent
+    cluster["mixtral-8x7b"].behaviour.drop = True
+    for _ in range(5):
+        async with http.post(url, json=deep) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "invalid_json"
+    async with http.post(url, json=chat("mixtral-8x7b")) as response:
+        assert response.status == 200 and response.headers["x-router-fallback"] == "hermes-2"
+    assert gateway.runtime.admission.in_flight == 0
