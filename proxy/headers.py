@@ -34,6 +34,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-request-id",
 }
+# aiohttp's server decodes request bodies in these codings (its parser's list): the backend gets
+# the decoded bytes, so the coding is not forwarded with them (issue 11, item 3).
+DECODED_BY_SERVER = frozenset({b"gzip", b"deflate", b"br", b"zstd"})
 # Content-Length is recomputed for the body we send; the rest are the gateway's own.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-router-backend", b"x-request-id"}
 
@@ -60,7 +63,9 @@ def upstream_request_headers(request: web.Request, request_id: str) -> bytes:
                 previous_for = value if previous_for is None else previous_for + b", " + value
             elif lowered == b"host" and host is None:
                 host = value
-        elif lowered not in named:
+        elif lowered not in named and not (
+            lowered == b"content-encoding" and value.strip().lower() in DECODED_BY_SERVER
+        ):
             lines += (name, b": ", value, b"\r\n")
     peer = (request.remote or "unknown").encode()
     forwarded_for = previous_for + b", " + peer if previous_for else peer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import gzip
 import tracemalloc
 from collections import Counter
 
@@ -316,3 +317,20 @@ async def test_a_fallback_body_that_cannot_be_rewritten_is_refused_and_gives_its
     async with http.post(url, json=chat("mixtral-8x7b")) as response:
         assert response.status == 200 and response.headers["x-router-fallback"] == "hermes-2"
     assert gateway.runtime.admission.in_flight == 0
+
+
+async def test_a_gzip_body_is_forwarded_decoded_and_without_its_coding(
+    gateway, http, cluster: Cluster
+) -> None:
+    """aiohttp decodes the body; forwarding it still labelled gzip made the backend fail, and
+    five such requests opened its breaker for everybody (issue 11, item 3)."""
+    body = json_bytes(chat("hermes-2"))
+    url = f"{gateway.url}/v1/chat/completions"
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    for _ in range(6):
+        async with http.post(url, data=gzip.compress(body), headers=headers) as response:
+            assert response.status == 200
+    behaviour = cluster["hermes-2"].behaviour
+    assert behaviour.last_body == body
+    assert "Content-Encoding" not in behaviour.last_headers
+    assert gateway.router.models["hermes-2"].upstreams[0].breaker.failure_count == 0
