@@ -49,6 +49,7 @@ def counters(runtime: Runtime) -> dict[str, int]:
     """The request path's counters: each one merges across workers by adding up."""
     return {
         **runtime.stats.as_dict(),
+        "failovers": runtime.telemetry.failovers,
         "shed": runtime.shedder.shed,
         "rate_limited": runtime.rate_limiter.limited,
     }

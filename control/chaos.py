@@ -2,13 +2,16 @@
 
 Disabled unless `chaos.enabled` is set, and admin-protected. They act on live state: the
 breaker test trips the named backend's real breaker with recorded failures, and the failover
-test opens the primary's breaker while a burst of real requests runs through the gateway's own
-listener, measuring what those requests saw.
+test makes the primary unreachable (its connections go to a closed port) while a burst of real
+requests runs through the gateway's own listener: they fail on it, are retried elsewhere and
+counted as failovers as any request would be, and its breaker opens on those real failures.
+A pool's name stands for its first backend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 from typing import Any
@@ -29,6 +32,15 @@ DEFAULT_BURST = 20
 MAX_BURST = 500
 
 
+def dead_port() -> socket.socket:
+    """A local port that is bound but never listens: connecting to it is refused at once
+    (Caddy's tests use a closed port as the dead upstream). Held until closed, so nothing
+    else takes it meanwhile."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def elapsed_ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
 
@@ -38,14 +50,23 @@ class Chaos:
         self.live = live
 
     def _backend(self, document: dict[str, Any], key: str) -> Upstream:
+        """The backend `document[key]` names; a pool's name (the specification's examples
+        name `"qdrant"`) stands for the pool's first backend."""
         if not self.live.runtime.config.chaos.enabled:
             raise ChaosDisabled("chaos endpoints are disabled (set chaos.enabled: true)")
         name = document.get(key)
-        for upstream in self.live.runtime.router.upstreams:
+        router = self.live.runtime.router
+        for upstream in router.upstreams:
             if upstream.name == name:
                 return upstream
-        names = ", ".join(u.name for u in self.live.runtime.router.upstreams)
-        raise UnknownBackend(f"unknown backend {name!r} in '{key}'; backends: {names}")
+        pool = router.pools.get(name) if isinstance(name, str) else None
+        if pool is not None and pool.upstreams:
+            return pool.upstreams[0]
+        names = ", ".join(u.name for u in router.upstreams)
+        pools = ", ".join(router.pools)
+        raise UnknownBackend(
+            f"unknown backend {name!r} in '{key}'; backends: {names}; pools: {pools}"
+        )
 
     def _backup(self, primary: Upstream) -> Upstream | None:
         pool = self.live.runtime.router.pools[primary.pool]
@@ -78,7 +99,8 @@ class Chaos:
         opened = after["state"] == BreakerState.OPEN
         return {
             "circuit_breaker_test": {
-                "backend": upstream.name,
+                "backend": document["backend"],  # as named: a backend, or a pool
+                "target_backend": upstream.name,
                 "test_type": test_type,
                 "initial_state": initial["state"],
                 "failure_threshold": breaker.threshold,
@@ -107,11 +129,16 @@ class Chaos:
             raise InvalidRequest("cannot find the gateway's own listener for the burst")
         url = f"http://127.0.0.1:{sockname[1]}{path}"
         session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        outcomes: list[tuple[float, int, str | None]] = []  # (time, status, backend)
+        # (time, status, backend, attempts) per request, as its client saw it
+        outcomes: list[tuple[float, int, str | None, int]] = []
+        reachable = primary.origin
+        dead = dead_port()
         try:
             injected = time.perf_counter()
-            if simulate:
-                primary.breaker.force_open()
+            if simulate:  # the primary stops answering: connections to it are refused
+                client = self.live.runtime.client
+                assert client is not None  # started with the app
+                primary.origin = client.origin(f"http://127.0.0.1:{dead.getsockname()[1]}")
             queue = list(range(count))
 
             async def worker() -> None:
@@ -122,27 +149,34 @@ class Chaos:
                             method, url, data=body, headers={"Content-Type": "application/json"}
                         ) as response:
                             await response.read()
+                            headers = response.headers
                             outcomes.append(
                                 (
                                     time.perf_counter(),
                                     response.status,
-                                    response.headers.get("x-router-backend"),
+                                    headers.get("x-router-backend"),
+                                    int(headers.get("x-router-attempts", "0")),
                                 )
                             )
                     except aiohttp.ClientError:
-                        outcomes.append((time.perf_counter(), 0, None))
+                        outcomes.append((time.perf_counter(), 0, None, 0))
 
             await asyncio.gather(*(worker() for _ in range(min(BURST_CONCURRENCY, count))))
-            # Read as a client reads them (0: no answer at all).
-            served_elsewhere = [
-                t for t, s, b in outcomes if of_status(s) is OK and b != primary.name
+            # Read as a client reads them (0: no answer at all). A failover is what the
+            # gateway counts as one (failover_events, router_failovers_total): an answer from
+            # another backend after the first attempt failed.
+            failovers = [
+                t for t, s, b, a in outcomes if of_status(s) is OK and a > 1 and b != primary.name
             ]
-            lost = [t for t, s, _ in outcomes if s == 0 or of_status(s) in SERVER_FAULTS]
-            backups = Counter(b for _, s, b in outcomes if of_status(s) is OK and b != primary.name)
+            lost = [t for t, s, _, _ in outcomes if s == 0 or of_status(s) in SERVER_FAULTS]
+            backups = Counter(
+                b for _, s, b, _ in outcomes if of_status(s) is OK and b != primary.name
+            )
 
             recovery_started = time.perf_counter()
-            if simulate:
-                primary.breaker.record_success()  # the primary is back
+            if simulate:  # the primary is back
+                primary.origin = reachable
+                primary.breaker.record_success()
             recovered = False
             async with session.request(
                 method, url, data=body, headers={"Content-Type": "application/json"}
@@ -151,15 +185,18 @@ class Chaos:
                 recovered = of_status(response.status) is OK
             recovery_ms = elapsed_ms(recovery_started)
         finally:
+            primary.origin = reachable
+            dead.close()
             await session.close()
         return {
             "failover_test": {
                 "primary_backend": primary.name,
                 "backup_backend": backups.most_common(1)[0][0] if backups else None,
-                "failure_simulation": "circuit_opened" if simulate else "none",
-                "failover_triggered": bool(served_elsewhere),
-                "failover_time_ms": round((min(served_elsewhere) - injected) * 1000, 3)
-                if served_elsewhere
+                "failure_simulation": "backend_unreachable" if simulate else "none",
+                "failover_triggered": bool(failovers),
+                "failovers": len(failovers),
+                "failover_time_ms": round((min(failovers) - injected) * 1000, 3)
+                if failovers
                 else None,
                 "requests_during_failover": len(outcomes),
                 "requests_lost": len(lost),

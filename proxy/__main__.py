@@ -20,7 +20,7 @@ from aiohttp import web
 from config.reader import ConfigError
 from config.schema import Config, load
 from proxy import __version__
-from proxy.app import PEERS_KEY, RELOADER_KEY, RUNNER_OPTIONS, RUNTIME_KEY, build_app
+from proxy.app import PEERS_KEY, RELOADER_KEY, RUNNER_OPTIONS, RUNTIME_KEY, build_app, make_runner
 
 log = logging.getLogger("request_router")
 
@@ -91,7 +91,7 @@ async def serve(config: Config, demo: bool) -> None:
         cluster = await start_demo_backends(config)
     app = build_app(config)
     live, reloader = app[RUNTIME_KEY], app[RELOADER_KEY]
-    runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_grace, **RUNNER_OPTIONS)
+    runner = make_runner(app, shutdown_timeout=config.server.shutdown_grace, **RUNNER_OPTIONS)
     await runner.setup()
     try:
         peers = app.get(PEERS_KEY)

@@ -20,6 +20,7 @@ from proxy.errors import error_middleware
 from proxy.router import Router
 from proxy.routes import QDRANT_PREFIX, Routes
 from proxy.runtime import LiveRuntime, Runtime
+from proxy.server import GatewayRunner
 from telemetry.accesslog import AccessLog
 from telemetry.accounting import Accountant, store_for
 from telemetry.costs import CostAnalysis
@@ -51,7 +52,7 @@ def build_app(
     health = HealthService()
     reloader = Reloader(live, health, config_path or config.source)
     limit = config.server.max_body_bytes
-    middlewares = [error_middleware(limit)]
+    middlewares = [error_middleware(limit, partial(count_refusal, live))]
     peers = Peers.from_environment() if config.server.workers > 1 else None
     if peers is not None:
         middlewares.insert(0, peers.middleware())
@@ -98,6 +99,18 @@ def build_app(
     )
     attach_sinks(app, live, config)
     return app
+
+
+def count_refusal(live: LiveRuntime, status: int) -> None:
+    """A request answered with an error before routing (the error middleware, or aiohttp's
+    parser through proxy.server): telemetry counts it by status."""
+    live.runtime.telemetry.refused_before_routing(status)
+
+
+def make_runner(app: web.Application, **options: Any) -> web.AppRunner:
+    """The runner to serve a gateway app with: aiohttp's, whose protocol answers requests its
+    parser refuses as JSON and counts them (proxy.server)."""
+    return GatewayRunner(app, count_refusal=partial(count_refusal, app[RUNTIME_KEY]), **options)
 
 
 def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -219,8 +220,10 @@ _AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
-def error_middleware(max_body_bytes: int) -> Middleware:
-    """Every failure leaves as JSON with the right status; no traceback reaches a client."""
+def error_middleware(max_body_bytes: int, count_refusal: Callable[[int], None]) -> Middleware:
+    """Every failure leaves as JSON with the right status; no traceback reaches a client.
+    `count_refusal(status)`: called for each request answered with an error before it reached
+    the forwarding loop (which records its own outcomes)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -230,39 +233,48 @@ def error_middleware(max_body_bytes: int) -> Middleware:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            response = _aiohttp_error(request, exc, max_body_bytes)
+            message = _aiohttp_message(request, exc, max_body_bytes)
+            code = _AIOHTTP_CODES.get(exc.status, "http_error")
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            response = error_response(exc.status, message, "invalid_request_error", code, allow)
         except GatewayError as exc:
+            message = exc.message
             response = error_response(
                 exc.status, exc.message, exc.error_type, exc.code, exc.headers
             )
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            response = error_response(
-                500, "internal gateway error", "server_error", "internal_error"
-            )
+            message = "internal gateway error"
+            response = error_response(500, message, "server_error", "internal_error")
         request_id = request.get(REQUEST_ID)
         headers = response.headers
         if request_id is not None:
             headers["x-request-id"] = request_id
-        # Refused before any backend was chosen: say so in the headers every response has.
-        headers.setdefault("x-router-backend", "none")
-        headers.setdefault("x-router-attempts", "0")
+        if "x-router-attempts" not in headers:
+            # Refused before the forwarding loop (which says how far a request got in these
+            # headers): nothing else records it, so it is counted and logged here.
+            count_refusal(response.status)
+            log.info(
+                "refused before routing: %d %s %s from %s: %s",
+                response.status,
+                request.method,
+                request.path,
+                request.remote,
+                message,
+            )
+            headers["x-router-backend"] = "none"
+            headers["x-router-attempts"] = "0"
         headers.setdefault("x-router-overhead-ms", f"{(time.perf_counter() - started) * 1000:.3f}")
         return response
 
     return middleware
 
 
-def _aiohttp_error(
-    request: web.Request, exc: web.HTTPException, max_body_bytes: int
-) -> web.Response:
-    message = exc.reason
+def _aiohttp_message(request: web.Request, exc: web.HTTPException, max_body_bytes: int) -> str:
     if exc.status == 413:
-        message = f"request body is larger than the limit of {max_body_bytes} bytes"
-    elif exc.status == 404:
-        message = f"no route for {request.method} {request.path}"
-    elif exc.status == 405:
-        message = f"method {request.method} is not allowed on {request.path}"
-    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-    code = _AIOHTTP_CODES.get(exc.status, "http_error")
-    return error_response(exc.status, message, "invalid_request_error", code, headers)
+        return f"request body is larger than the limit of {max_body_bytes} bytes"
+    if exc.status == 404:
+        return f"no route for {request.method} {request.path}"
+    if exc.status == 405:
+        return f"method {request.method} is not allowed on {request.path}"
+    return exc.reason

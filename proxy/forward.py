@@ -178,16 +178,13 @@ def count_served(runtime: Runtime, state: RequestState, upstream: Upstream) -> N
     """A backend answered and its answer goes to the client: count a failover (another
     backend than the one that failed, timed to this answer's headers) and a fallback
     (another model than the one asked for)."""
-    stats = runtime.stats
-    tried = state.tried
-    if tried and upstream is not tried[-1]:
-        stats.failovers += 1
     outcome = state.outcome
+    failed_at = state.failed_at
+    if failed_at is not None and upstream is not state.tried[-1]:
+        outcome.failover_time = time.perf_counter() - failed_at  # Telemetry.record counts it
     if state.fallback is not None:
-        stats.fallbacks += 1
+        runtime.stats.fallbacks += 1
         outcome.fallback = True
-    if state.failed_at is not None:
-        outcome.failover_time = time.perf_counter() - state.failed_at
 
 
 def refused(state: RequestState, exc: GatewayError) -> None:

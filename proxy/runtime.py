@@ -35,11 +35,11 @@ MAX_REQUEST_ID_LENGTH = 200
 class GatewayStats:
     """Counters of what the request path did, for the admin and metrics endpoints."""
 
-    __slots__ = ("retries", "failovers", "fallbacks", "stale_retries", "client_closed")
+    # Failovers are counted once, by Telemetry.record, from the outcome forward marks.
+    __slots__ = ("retries", "fallbacks", "stale_retries", "client_closed")
 
     def __init__(self) -> None:
         self.retries = 0
-        self.failovers = 0
         self.fallbacks = 0
         self.stale_retries = 0
         self.client_closed = 0

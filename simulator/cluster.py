@@ -6,6 +6,7 @@ Written once and used by the demo, the tests and the benchmarks.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,7 +16,7 @@ from aiohttp import web
 from config.schema import Config
 from simulator.behaviour import Behaviour
 from simulator.models import build_model_app
-from simulator.vectors import build_embedding_app, build_qdrant_app
+from simulator.vectors import add_collection, build_embedding_app, build_qdrant_app
 
 
 @dataclass
@@ -58,12 +59,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(
-    app: web.Application, host: str = "127.0.0.1", port: int = 0, **runner_options: Any
+    app: web.Application,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    runner_class: Callable[..., web.AppRunner] = web.AppRunner,
+    **runner_options: Any,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (0 = any free port); returns the runner and the bound port."""
+    """Serve `app` on host:port (0 = any free port) with a runner made by `runner_class`;
+    returns the runner and the bound port."""
     sock = bind_socket(host, port)
     runner_options.setdefault("access_log", None)
-    runner = web.AppRunner(app, handle_signals=False, **runner_options)
+    runner = runner_class(app, handle_signals=False, **runner_options)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner, sock.getsockname()[1]
@@ -92,7 +98,8 @@ async def start_backend(
 
 
 async def start_for_config(config: Config) -> Cluster:
-    """One simulator on each endpoint's own host and port, as the config describes them."""
+    """One simulator on each endpoint's own host and port, as the config describes them (the
+    demo's and `python -m simulator`'s); their Qdrant holds `documents` and `test`."""
     cluster = Cluster()
     try:
         for model in config.models:
@@ -102,9 +109,11 @@ async def start_for_config(config: Config) -> Cluster:
                 )
         for kind, service in (("qdrant", config.qdrant), ("embedding", config.embedding)):
             for endpoint in service.endpoints:
-                await start_backend(
+                backend = await start_backend(
                     cluster, kind, endpoint.name, None, urlsplit(endpoint.url).port or 80
                 )
+                if kind == "qdrant":  # the specification's search examples name `test`
+                    add_collection(backend.runner.app, "test")
     except BaseException:
         await cluster.stop()
         raise

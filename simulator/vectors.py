@@ -61,12 +61,20 @@ def build_embedding_app(name: str, behaviour: Behaviour | None = None) -> web.Ap
     return app
 
 
+COLLECTIONS = web.AppKey("collections", dict[str, dict[str, Any]])
+
+
+def add_collection(app: web.Application, name: str) -> None:
+    """A collection the simulated Qdrant `app` answers for, as PUT /collections/{name} makes."""
+    app[COLLECTIONS][name] = {"vectors": {"size": EMBEDDING_DIMENSIONS}}
+
+
 def build_qdrant_app(name: str, behaviour: Behaviour | None = None) -> web.Application:
     behaviour = behaviour if behaviour is not None else Behaviour()
     app = web.Application(middlewares=[misbehaviour_middleware(behaviour)])
-    collections: dict[str, dict[str, Any]] = {
-        "documents": {"vectors": {"size": EMBEDDING_DIMENSIONS}}
-    }
+    collections: dict[str, dict[str, Any]] = {}
+    app[COLLECTIONS] = collections
+    add_collection(app, "documents")
 
     def ok(result: object) -> web.Response:
         return json_response({"result": result, "status": "ok", "time": 0.0001})

@@ -153,6 +153,10 @@ class Telemetry:
         self.successful_failovers = 0
         self.failover_time_total = 0.0
         self.last_failover: float | None = None
+        # Requests answered with an error before any routing (unparseable, no route, wrong
+        # method, body too large, invalid input, unknown model): status -> count. They never
+        # become an Outcome, so they are counted here.
+        self.refused: dict[int, int] = {}
         self.sinks: list[Callable[[Outcome], None]] = []  # Prometheus, accounting, access log
 
     def record(self, outcome: Outcome, ok: bool) -> None:
@@ -186,6 +190,9 @@ class Telemetry:
                 self.failover_time_total += outcome.failover_time
         for sink in self.sinks:
             sink(outcome)
+
+    def refused_before_routing(self, status: int) -> None:
+        self.refused[status] = self.refused.get(status, 0) + 1
 
 
 def price(model: ModelConfig, requests: int, prompt_tokens: int, completion_tokens: int) -> float:

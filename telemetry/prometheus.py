@@ -71,7 +71,7 @@ class GatewayCollector(Collector):
             "router_retries": ("Retried attempts", stats.retries),
             "router_failovers": (
                 "Requests served by another backend after a failure",
-                stats.failovers,
+                runtime.telemetry.failovers,
             ),
             "router_fallbacks": ("Requests served by a fallback model", stats.fallbacks),
             "router_stale_resends": (
@@ -99,6 +99,15 @@ class GatewayCollector(Collector):
         }
         for name, (documentation, value) in counters.items():
             yield CounterMetricFamily(name, documentation, value=value)
+        refused = CounterMetricFamily(
+            "router_refused_before_routing",
+            "Requests answered with an error before routing (unparseable, no route, wrong"
+            " method, body too large, invalid input, unknown model), by status",
+            labels=["status"],
+        )
+        for status, count in sorted(runtime.telemetry.refused.items()):
+            refused.add_metric([str(status)], count)
+        yield refused
 
 
 class HistogramSeries:

@@ -25,6 +25,7 @@ from proxy.upstream import UpstreamSnapshot
 from telemetry.outcome import SeriesStats, iso
 
 HEALTH_WEIGHTS = (0.5, 0.3, 0.2)  # success rate, latency, spare capacity
+MODEL_BACKENDS = "models"  # the distribution pool of every model backend
 DASHBOARD = Path(__file__).resolve().parent / "static" / "dashboard.html"
 # The metrics spec names the breaker's fields its own way; the values are the snapshot's.
 METRICS_BREAKER_VIEW = {
@@ -77,6 +78,7 @@ METRICS_MERGE = {
     "strategy": Rule.FIRST,
     "backends": {"*": UpstreamSnapshot},
     "failovers": FailoverSnapshot,
+    "refused_before_routing": {"*": Rule.SUM},  # status -> requests
     "counters": {"*": Rule.SUM},  # every counter adds up
     "accounting": ACCOUNTING_MERGE,
 }
@@ -177,13 +179,55 @@ def render_health(snapshot: Snapshot) -> dict[str, Any]:
     }
 
 
+def distribution_pool(upstream: UpstreamSnapshot) -> str:
+    """The backends a strategy balances among, whose shares are compared with each other:
+    every model backend (a request that leaves the model open chooses among all of them),
+    the qdrant pool, the embedding pool."""
+    return MODEL_BACKENDS if upstream["model"] is not None else upstream["pool"]
+
+
+def variance(values: Sequence[float]) -> float:
+    average = mean(values)
+    return mean([(value - average) ** 2 for value in values])
+
+
+def render_distribution(backends: dict[str, UpstreamSnapshot], strategy: str) -> dict[str, Any]:
+    """Each backend's share of its own pool's requests, and how evenly each pool is spread
+    (the variance of its shares, in percentage points squared: 0.0 for a perfect split).
+    `distribution_variance` is the pools' variances weighted by their requests, so traffic
+    on one pool is not compared with the backends of another."""
+    pools: dict[str, dict[str, int]] = {}
+    for name, upstream in backends.items():
+        pools.setdefault(distribution_pool(upstream), {})[name] = upstream["requests"]
+    shares: dict[str, float] = {}
+    per_pool: dict[str, dict[str, Any]] = {}
+    weighted = 0.0
+    for pool, served in pools.items():
+        total = sum(served.values())
+        for name, count in served.items():
+            shares[name] = count / total * 100 if total else 0.0
+        spread = variance([shares[name] for name in served]) if total else 0.0
+        weighted += spread * total
+        per_pool[pool] = {
+            "backends": list(served),
+            "requests": total,
+            "distribution_variance": round(spread, 4),
+        }
+    routed = sum(pool["requests"] for pool in per_pool.values())
+    return {
+        "strategy": strategy,
+        "backend_distribution": {
+            name: {"requests": u["requests"], "percentage": round(shares[name], 2)}
+            for name, u in backends.items()
+        },
+        "distribution_variance": round(weighted / routed, 4) if routed else 0.0,
+        "pools": per_pool,
+    }
+
+
 def render_metrics(snapshot: Snapshot) -> dict[str, Any]:
     backends: dict[str, UpstreamSnapshot] = snapshot["backends"]
-    served = {name: u["requests"] for name, u in backends.items()}
-    total_served = sum(served.values())
-    shares = [count / total_served * 100 for count in served.values()] if total_served else []
-    average = mean(shares)
-    variance = mean([(share - average) ** 2 for share in shares])
+    refused: dict[str, int] = snapshot["refused_before_routing"]
     successful = snapshot["successful_requests"]
     finished = successful + snapshot["failed_requests"]
     failovers: FailoverSnapshot = snapshot["failovers"]
@@ -204,17 +248,7 @@ def render_metrics(snapshot: Snapshot) -> dict[str, Any]:
             "in_flight": admission["in_flight"],
             "queued": admission["queued"],
         },
-        "load_balancing": {
-            "strategy": snapshot["strategy"],
-            "backend_distribution": {
-                name: {
-                    "requests": count,
-                    "percentage": round(count / total_served * 100, 2) if total_served else 0.0,
-                }
-                for name, count in served.items()
-            },
-            "distribution_variance": round(variance, 4),
-        },
+        "load_balancing": render_distribution(backends, snapshot["strategy"]),
         "circuit_breakers": {
             name: view(u["breaker"], METRICS_BREAKER_VIEW) for name, u in backends.items()
         },
@@ -226,6 +260,7 @@ def render_metrics(snapshot: Snapshot) -> dict[str, Any]:
             else 0.0,
             "last_failover": failovers["last"],
         },
+        "refused_before_routing": {"total": sum(refused.values()), "by_status": refused},
         "counters": snapshot["counters"],
         "accounting": snapshot["accounting"],
     }
@@ -313,6 +348,9 @@ class Reports:
                 "successful": telemetry.successful_failovers,
                 "time_total_s": telemetry.failover_time_total,
                 "last": iso(telemetry.last_failover),
+            },
+            "refused_before_routing": {
+                str(status): count for status, count in sorted(telemetry.refused.items())
             },
             "counters": counters(runtime),
             "accounting": runtime.accountant.state() if runtime.accountant else None,

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from config.schema import Config, parse
-from proxy.app import RUNNER_OPTIONS, RUNTIME_KEY, build_app
+from proxy.app import RUNNER_OPTIONS, RUNTIME_KEY, build_app, make_runner
 from proxy.router import Router
 from proxy.runtime import LiveRuntime, Runtime
 from simulator.cluster import Cluster, serve, start_backend
@@ -182,7 +182,7 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
         config = document if isinstance(document, Config) else parse(document, environ or {})
         router = Router(config, clock=clock)
         app = build_app(config, router, clock=clock)
-        runner, port = await serve(app, "127.0.0.1", 0, **RUNNER_OPTIONS)
+        runner, port = await serve(app, "127.0.0.1", 0, make_runner, **RUNNER_OPTIONS)
         runners.append(runner)
         return RunningGateway(f"http://127.0.0.1:{port}", router, config, app[RUNTIME_KEY])
 

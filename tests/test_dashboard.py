@@ -60,6 +60,12 @@ async def test_dashboard_renders_live_numbers_and_switches_strategy(
             hermes = page.locator("tr[data-backend='hermes-2'] td")
             assert await hermes.nth(2).text_content() == "healthy"
             assert int(await hermes.nth(7).text_content()) == 10  # round robin over four
+            # Shares are of the backend's own pool: a quarter of the model traffic, however
+            # quiet the qdrant and embedding pools are; an even split has no spread.
+            assert await hermes.nth(8).text_content() == "25.0%"
+            spread = await page.text_content("#pool-variance")
+            assert spread is not None and "models 0.0 (40 requests)" in spread
+            assert await page.text_content("#refused") == "0"
             assert float(await page.text_content("#rps")) > 0
             for chart in ("chart-rps", "chart-latency", "chart-queue"):
                 points = await page.get_attribute(f"#{chart}", "data-points")
