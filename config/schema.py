@@ -9,6 +9,7 @@ table from them. Precedence: command line > ROUTER_* > file > defaults.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ def known_strategy(name: str, path: str) -> str:
             f"{path}: unknown strategy {name!r} (valid: {', '.join(strategy_names())})"
         )
     return name
+
+
+def networks(value: tuple[str, ...], path: str) -> tuple[str, ...]:
+    for index, item in enumerate(value):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{path}[{index}]: not an address or CIDR: {item!r} ({exc})") from None
+    return value
 
 
 def existing_file(value: str, path: str) -> str:
@@ -75,6 +85,11 @@ class ServerConfig:
     )
     shutdown_grace: float = setting(
         30.0, help="seconds in-flight requests get to finish on SIGTERM"
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        validate=networks,
+        help="addresses or CIDRs whose X-Forwarded-For is kept (others' is replaced)",
     )
 
 

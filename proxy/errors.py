@@ -115,6 +115,12 @@ class ConstraintUnsatisfiable(InvalidRequest, status=422, code="constraint_unsat
     """No backend meets the request's routing constraints."""
 
 
+class UnsupportedCoding(
+    InvalidRequest, status=501, error_type="not_implemented", code="unsupported_coding"
+):
+    """A request transfer coding other than chunked: the body cannot be read as sent."""
+
+
 class RateLimited(
     GatewayError,
     status=429,

@@ -33,7 +33,7 @@ async def forward(
 ) -> web.StreamResponse:
     """Admit -> select -> attempt -> (retry elsewhere) until a backend answers or retries run
     out; the answer is relayed while the slot is held, and the outcome recorded last."""
-    headers = upstream_request_headers(request, state.request_id)
+    headers = upstream_request_headers(request, state.request_id, runtime.trusted_proxies)
     runtime.retry.budget.requests += 1
     try:
         refuse_when_overloaded(runtime, request, state)

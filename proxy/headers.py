@@ -7,6 +7,8 @@ parsers saw: forwarded values are never decoded and re-encoded on the way to the
 
 from __future__ import annotations
 
+import ipaddress
+
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -34,6 +36,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-request-id",
 }
+MAX_KNOWN_PEERS = 4096
 # aiohttp's server decodes request bodies in these codings (its parser's list): the backend gets
 # the decoded bytes, so the coding is not forwarded with them (issue 11, item 3).
 DECODED_BY_SERVER = frozenset({b"gzip", b"deflate", b"br", b"zstd"})
@@ -45,8 +48,39 @@ def _connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(token.strip().lower() for token in value.split(b","))
 
 
-def upstream_request_headers(request: web.Request, request_id: str) -> bytes:
-    """The header lines sent to the backend (each ending in CRLF; no Host, no length)."""
+class TrustedProxies:
+    """Peers whose X-Forwarded-For is kept and extended (Caddy's `trusted_proxies`). From any
+    other peer the header is replaced by the peer's address: a client cannot choose the
+    address the backend sees."""
+
+    __slots__ = ("_networks", "_known")
+
+    def __init__(self, entries: tuple[str, ...] = ()) -> None:
+        self._networks = tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+        self._known: dict[str, bool] = {}  # peer -> trusted, so a peer is parsed once
+
+    def __contains__(self, peer: object) -> bool:
+        if not self._networks or not isinstance(peer, str):
+            return False
+        trusted = self._known.get(peer)
+        if trusted is None:
+            try:
+                address = ipaddress.ip_address(peer.split("%", 1)[0])
+            except ValueError:
+                return False
+            trusted = any(address in network for network in self._networks)
+            if len(self._known) >= MAX_KNOWN_PEERS:
+                self._known.clear()
+            self._known[peer] = trusted
+        return trusted
+
+
+def upstream_request_headers(
+    request: web.Request, request_id: str, trusted: TrustedProxies
+) -> bytes:
+    """The header lines sent to the backend (each ending in CRLF; no Host, no length).
+    Headers whose names hold an underscore are dropped, as Envoy's edge defaults do: proxies
+    and frameworks disagree on whether `X_Api_Key` is `X-Api-Key`."""
     connection = request.headers.getall("Connection", ())
     named = (
         _connection_tokens(",".join(connection).encode("utf-8", "surrogateescape"))
@@ -58,6 +92,8 @@ def upstream_request_headers(request: web.Request, request_id: str) -> bytes:
     lines: list[bytes] = []
     for name, value in request.raw_headers:
         lowered = name.lower()
+        if b"_" in lowered:
+            continue
         if lowered in _REQUEST_DROP:
             if lowered == b"x-forwarded-for":
                 previous_for = value if previous_for is None else previous_for + b", " + value
@@ -67,8 +103,12 @@ def upstream_request_headers(request: web.Request, request_id: str) -> bytes:
             lowered == b"content-encoding" and value.strip().lower() in DECODED_BY_SERVER
         ):
             lines += (name, b": ", value, b"\r\n")
-    peer = (request.remote or "unknown").encode()
-    forwarded_for = previous_for + b", " + peer if previous_for else peer
+    remote = request.remote
+    peer = (remote or "unknown").encode()
+    if previous_for and remote in trusted:
+        forwarded_for = previous_for + b", " + peer
+    else:
+        forwarded_for = peer
     if host is None:
         host = request.host.encode("idna")
     lines += (

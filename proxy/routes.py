@@ -7,6 +7,7 @@ change them (a model chosen for `"model": "auto"`, a vector search translated fo
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import quote
 
@@ -14,13 +15,14 @@ import orjson
 from aiohttp import web
 
 from admission.constraints import has_constraint_headers, routing_request
-from proxy.errors import REQUEST_ID, InvalidRequest, ModelNotFound
+from proxy.errors import REQUEST_ID, InvalidRequest, ModelNotFound, UnsupportedCoding
 from proxy.forward import forward
 from proxy.rewrite import ModelTemplate, serialise
 from proxy.runtime import LiveRuntime, Runtime
 from proxy.state import RequestState
 
 QDRANT_PREFIX = "/qdrant"
+ROUTING_KEYS = ("model", "stream")
 VECTOR_ROUTE = "/api/v1/vectors/search"
 
 
@@ -28,6 +30,10 @@ async def read_body(request: web.Request) -> bytes:
     """The request body, up to the body size limit. Not `request.read()`: that copies the body
     twice and keeps it on the request, which aiohttp keeps alive with its connection until
     the next request arrives (an idle client would hold its last upload)."""
+    coding = request.headers.get("Transfer-Encoding")
+    if coding is not None and coding.strip().lower() != "chunked":
+        # aiohttp reads `gzip, chunked` as plain chunked: the body would pass still coded.
+        raise UnsupportedCoding(f"Transfer-Encoding {coding!r} is not supported; use chunked")
     content = request.content
     limit = request.client_max_size
     if content.is_eof():  # all of it came with the headers: the usual small JSON request
@@ -64,6 +70,27 @@ def parse_object(body: bytes) -> dict[str, Any]:
     return document
 
 
+def repeated_routing_key(body: bytes) -> str | None:
+    """A routing key ("model", "stream") given twice at the top level, or None. orjson keeps
+    the last, a backend may read the first: the request is refused rather than guessed. The
+    byte count is the cheap test; only a body naming a key twice anywhere is parsed again."""
+    suspects = [key for key in ROUTING_KEYS if body.count(b'"%s"' % key.encode()) > 1]
+    if not suspects:
+        return None
+    top: list[list[str]] = []
+
+    def keys_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        top.append([key for key, _ in pairs])  # innermost first: the last is the top level
+        return dict(pairs)
+
+    try:
+        json.loads(body, object_pairs_hook=keys_of)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("request body nests too deeply", code="invalid_json") from None
+    names = top[-1] if top else []
+    return next((key for key in suspects if names.count(key) > 1), None)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -89,6 +116,9 @@ class Routes:
         rid = request_id(runtime, request)
         body = await read_body(request)
         document = parse_object(body)
+        repeated = repeated_routing_key(body)
+        if repeated is not None:
+            raise InvalidRequest(f"'{repeated}' is given twice", code="duplicate_key")
         stream = document.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise InvalidRequest(f"'stream' must be a boolean, got {stream!r}", code="invalid_type")

@@ -20,6 +20,7 @@ from admission.queue import Admission
 from admission.ratelimit import RateLimiter
 from admission.shedding import LoadShedder
 from config.schema import Config, ModelConfig
+from proxy.headers import TrustedProxies
 from proxy.jsonbody import json_bytes
 from proxy.retry import RetryPolicy
 from proxy.router import Router
@@ -79,6 +80,7 @@ class Runtime:
         "stream_timeouts",
         "request_timeouts",
         "priority_header",
+        "trusted_proxies",
         "models",
         "model_names",
         "models_body",
@@ -115,6 +117,7 @@ class Runtime:
             total=routing.request_timeout,
         )
         self.priority_header = config.queue.priority_header
+        self.trusted_proxies = TrustedProxies(config.server.trusted_proxies)
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.model_names = ", ".join(self.models)
         self.models_body = models_list_body(config)

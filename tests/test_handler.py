@@ -208,7 +208,8 @@ async def test_forwarding_headers(gateway, http, cluster: Cluster) -> None:
         assert response.headers["x-router-backend"] == "hermes-2"
     seen = {k.lower(): v for k, v in cluster["hermes-2"].behaviour.last_headers.items()}
     assert seen["x-request-id"] == "req-abc-123"
-    assert seen["x-forwarded-for"] == "198.51.100.7, 127.0.0.1"
+    # The peer is no trusted proxy: the client's own X-Forwarded-For is replaced (issue 11).
+    assert seen["x-forwarded-for"] == "127.0.0.1"
     assert seen["x-forwarded-proto"] == "http"
     assert seen["authorization"] == "Bearer sk-client"
     assert "x-secret-hop" not in seen
@@ -334,3 +335,58 @@ async def test_a_gzip_body_is_forwarded_decoded_and_without_its_coding(
     assert behaviour.last_body == body
     assert "Content-Encoding" not in behaviour.last_headers
     assert gateway.router.models["hermes-2"].upstreams[0].breaker.failure_count == 0
+
+
+async def test_forwarded_for_is_kept_only_from_a_trusted_proxy(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    gateway = await start_gateway(
+        config_document(cluster, server={"trusted_proxies": ["127.0.0.0/8"]})
+    )
+    headers = {"X-Forwarded-For": "198.51.100.7"}
+    url = f"{gateway.url}/v1/chat/completions"
+    async with http.post(url, json=chat("hermes-2"), headers=headers) as response:
+        assert response.status == 200
+    seen = {k.lower(): v for k, v in cluster["hermes-2"].behaviour.last_headers.items()}
+    assert seen["x-forwarded-for"] == "198.51.100.7, 127.0.0.1"
+
+
+async def test_headers_with_underscores_are_not_forwarded(gateway, http, cluster: Cluster) -> None:
+    headers = {"X_Api_Key": "spoofed", "X-Api-Key": "real"}
+    url = f"{gateway.url}/v1/chat/completions"
+    async with http.post(url, json=chat("hermes-2"), headers=headers) as response:
+        assert response.status == 200
+    seen = {k.lower(): v for k, v in cluster["hermes-2"].behaviour.last_headers.items()}
+    assert seen["x-api-key"] == "real" and "x_api_key" not in seen
+
+
+async def test_a_routing_key_given_twice_is_refused(gateway, http, cluster: Cluster) -> None:
+    url = f"{gateway.url}/v1/chat/completions"
+    twice = b'{"model": "hermes-2", "messages": [], "model": "phi-3-mini"}'
+    headers = {"Content-Type": "application/json"}
+    async with http.post(url, data=twice, headers=headers) as response:
+        assert response.status == 400
+        body = await response.json()
+        assert body["error"]["code"] == "duplicate_key" and "'model'" in body["error"]["message"]
+    nested = b'{"model": "hermes-2", "messages": [], "tools": [{"model": "x"}]}'
+    async with http.post(url, data=nested, headers=headers) as response:
+        assert response.status == 200  # a nested key of the same name is the backend's business
+    assert cluster["hermes-2"].behaviour.requests == 1
+
+
+async def test_a_transfer_coding_other_than_chunked_is_refused(gateway) -> None:
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = gzip.compress(json_bytes(chat("hermes-2")))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+        + b"%x\r\n" % len(payload)
+        + payload
+        + b"\r\n0\r\n\r\n"
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 501")
