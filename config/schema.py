@@ -86,6 +86,15 @@ class ServerConfig:
     shutdown_grace: float = setting(
         30.0, help="seconds in-flight requests get to finish on SIGTERM"
     )
+    header_timeout: float = setting(
+        10.0, help="seconds a request head may take to arrive (then 408); 0 = off"
+    )
+    body_timeout: float = setting(
+        30.0, help="seconds a request body may go silent (then 408); 0 = off"
+    )
+    max_connections_per_client: int = setting(
+        0, help="connections one address may hold (more get 429); 0 = no cap"
+    )
     trusted_proxies: tuple[str, ...] = setting(
         (),
         validate=networks,

@@ -20,7 +20,7 @@ from proxy.errors import error_middleware
 from proxy.router import Router
 from proxy.routes import QDRANT_PREFIX, Routes
 from proxy.runtime import LiveRuntime, Runtime
-from proxy.server import GatewayRunner
+from proxy.server import ClientLimits, GatewayRunner
 from telemetry.accesslog import AccessLog
 from telemetry.accounting import Accountant, store_for
 from telemetry.costs import CostAnalysis
@@ -31,6 +31,7 @@ from telemetry.reports import Reports
 # cancelled too instead of running on for nobody.
 RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": True}
 
+LINGERING_SECONDS = 2.0
 RUNTIME_KEY = web.AppKey("runtime", LiveRuntime)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)
@@ -109,8 +110,16 @@ def count_refusal(live: LiveRuntime, status: int) -> None:
 
 def make_runner(app: web.Application, **options: Any) -> web.AppRunner:
     """The runner to serve a gateway app with: aiohttp's, whose protocol answers requests its
-    parser refuses as JSON and counts them (proxy.server)."""
-    return GatewayRunner(app, count_refusal=partial(count_refusal, app[RUNTIME_KEY]), **options)
+    parser refuses as JSON and counts them, and guards against slow and greedy clients
+    (proxy.server; restart to change its limits)."""
+    live = app[RUNTIME_KEY]
+    server = live.runtime.config.server
+    limits = ClientLimits(server.header_timeout, server.max_connections_per_client)
+    # After an early error (413, 408) aiohttp reads on what the client still sends, so the
+    # client sees the answer rather than a reset; 2 s instead of its 10 bounds how long a
+    # silent client holds the connection after its 408.
+    options.setdefault("lingering_time", LINGERING_SECONDS)
+    return GatewayRunner(app, count_refusal=partial(count_refusal, live), limits=limits, **options)
 
 
 def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> None:

@@ -37,6 +37,7 @@ class GatewayError(Exception):
     error_type = "server_error"
     code = "internal_error"
     verdict: Verdict = BACKEND_FAILED
+    closes_connection = False  # the connection cannot serve another request after this one
 
     def __init_subclass__(
         cls,
@@ -119,6 +120,12 @@ class UnsupportedCoding(
     InvalidRequest, status=501, error_type="not_implemented", code="unsupported_coding"
 ):
     """A request transfer coding other than chunked: the body cannot be read as sent."""
+
+
+class RequestTimeout(InvalidRequest, status=408, code="request_timeout"):
+    """The request body went silent for server.body_timeout: the connection is closed."""
+
+    closes_connection = True
 
 
 class RateLimited(
@@ -248,6 +255,8 @@ def error_middleware(max_body_bytes: int, count_refusal: Callable[[int], None]) 
             response = error_response(
                 exc.status, exc.message, exc.error_type, exc.code, exc.headers
             )
+            if exc.closes_connection:
+                response.force_close()
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             message = "internal gateway error"

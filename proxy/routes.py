@@ -7,15 +7,22 @@ change them (a model chosen for `"model": "auto"`, a vector search translated fo
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 from urllib.parse import quote
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from admission.constraints import has_constraint_headers, routing_request
-from proxy.errors import REQUEST_ID, InvalidRequest, ModelNotFound, UnsupportedCoding
+from proxy.errors import (
+    REQUEST_ID,
+    InvalidRequest,
+    ModelNotFound,
+    RequestTimeout,
+    UnsupportedCoding,
+)
 from proxy.forward import forward
 from proxy.rewrite import ModelTemplate, serialise
 from proxy.runtime import LiveRuntime, Runtime
@@ -26,7 +33,19 @@ ROUTING_KEYS = ("model", "stream")
 VECTOR_ROUTE = "/api/v1/vectors/search"
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_some(content: StreamReader, timeout: float) -> bytes:
+    """The next part of a body that did not come whole with its head; 408 (and the connection
+    closed) when the client goes silent for `timeout` seconds (nginx's client_body_timeout)."""
+    if not timeout:
+        return await content.readany()
+    try:
+        async with asyncio.timeout(timeout):
+            return await content.readany()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body went silent for {timeout:g}s") from None
+
+
+async def read_body(request: web.Request, body_timeout: float = 0.0) -> bytes:
     """The request body, up to the body size limit. Not `request.read()`: that copies the body
     twice and keeps it on the request, which aiohttp keeps alive with its connection until
     the next request arrives (an idle client would hold its last upload)."""
@@ -42,7 +61,7 @@ async def read_body(request: web.Request) -> bytes:
     else:
         chunks = []
         size = 0
-        while chunk := await content.readany():
+        while chunk := await read_some(content, body_timeout):
             size += len(chunk)
             if size > limit:
                 break
@@ -114,7 +133,7 @@ class Routes:
         """POST /v1/chat/completions and /v1/completions (registered with their path bound)."""
         runtime = self.live.runtime
         rid = request_id(runtime, request)
-        body = await read_body(request)
+        body = await read_body(request, runtime.config.server.body_timeout)
         document = parse_object(body)
         repeated = repeated_routing_key(body)
         if repeated is not None:
@@ -161,7 +180,7 @@ class Routes:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         runtime = self.live.runtime
         rid = request_id(runtime, request)
-        body = await read_body(request)
+        body = await read_body(request, runtime.config.server.body_timeout)
         document = parse_object(body)
         if "input" not in document:
             raise InvalidRequest("'input' is required", code="missing_field")
@@ -177,7 +196,7 @@ class Routes:
         """`{"query_vector", "collection", "limit"}` -> Qdrant's points/search on the pool."""
         runtime = self.live.runtime
         rid = request_id(runtime, request)
-        document = parse_object(await read_body(request))
+        document = parse_object(await read_body(request, runtime.config.server.body_timeout))
         vector = document.get("query_vector")
         if not isinstance(vector, list) or not vector or not all(map(_is_number, vector)):
             raise InvalidRequest(
@@ -212,7 +231,7 @@ class Routes:
         path = request.raw_path[len(QDRANT_PREFIX) :] or "/"
         if not path.startswith("/"):
             path = "/" + path
-        body = await read_body(request)
+        body = await read_body(request, runtime.config.server.body_timeout)
         state = RequestState(
             rid, runtime.router.qdrant, path, body, None, None, False, (), QDRANT_PREFIX
         )

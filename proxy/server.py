@@ -16,14 +16,16 @@ Only the error path differs: the request path never reaches this code.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 
 from proxy.errors import error_response
+from proxy.jsonbody import json_bytes
 
 log = logging.getLogger("request_router")
 
@@ -35,14 +37,145 @@ DUPLICATE_CONTENT_TYPE_HINT = (
 )
 
 
+class ClientLimits(NamedTuple):
+    """What a client connection may take (server.header_timeout, max_connections_per_client;
+    0 turns either off)."""
+
+    header_timeout: float = 0.0
+    max_per_client: int = 0
+
+
+class SlowClientGuard:
+    """Slow and greedy clients (issue 11, item 4): a request head must arrive whole within
+    `header_timeout` of its first byte, or of the connection for the first request (HAProxy's
+    `timeout http-request`, nginx's `client_header_timeout`), else the client gets 408 and the
+    connection closes; and one address holds at most `max_per_client` connections (nginx's
+    `limit_conn`), beyond which a new one gets 429 and is closed. Bodies have their own idle
+    deadline where they are read (proxy.routes.read_body).
+
+    Heads are checked by a sweep every fraction of the timeout rather than a timer per
+    request: the request path pays only a comparison per read."""
+
+    __slots__ = ("limits", "count_refusal", "connections", "per_client", "_sweep")
+
+    def __init__(self, limits: ClientLimits, count_refusal: RefusalCounter) -> None:
+        self.limits = limits
+        self.count_refusal = count_refusal
+        self.connections: set[GatewayRequestHandler] = set()
+        self.per_client: dict[str | None, int] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def opened(self, handler: GatewayRequestHandler, transport: asyncio.BaseTransport) -> None:
+        self.connections.add(handler)
+        peer = handler.peer
+        count = self.per_client.get(peer, 0) + 1
+        self.per_client[peer] = count
+        cap = self.limits.max_per_client
+        if cap and count > cap:
+            log.warning("refused a connection from %s: %d open, the cap is %d", peer, count, cap)
+            self._refuse(
+                handler,
+                transport,
+                429,
+                "Too Many Requests",
+                "too_many_connections",
+                f"this address already holds {cap} connections",
+            )
+            return
+        if self.limits.header_timeout and self._sweep is None:
+            self._schedule()
+
+    def closed(self, handler: GatewayRequestHandler) -> None:
+        if handler in self.connections:
+            self.connections.discard(handler)
+            left = self.per_client.get(handler.peer, 1) - 1
+            if left:
+                self.per_client[handler.peer] = left
+            else:
+                self.per_client.pop(handler.peer, None)
+
+    def stop(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _schedule(self) -> None:
+        interval = min(1.0, self.limits.header_timeout / 4)
+        self._sweep = asyncio.get_running_loop().call_later(interval, self._check_heads)
+
+    def _check_heads(self) -> None:
+        self._sweep = None
+        if not self.connections:
+            return  # the next connection schedules the sweep again
+        deadline = asyncio.get_running_loop().time() - self.limits.header_timeout
+        for handler in [h for h in self.connections if (h.head_since or deadline) < deadline]:
+            transport = handler.transport
+            if transport is not None and not transport.is_closing():
+                log.info("408 to %s: no complete request head in time", handler.peer)
+                self._refuse(
+                    handler,
+                    transport,
+                    408,
+                    "Request Timeout",
+                    "request_timeout",
+                    "the request head did not arrive in time",
+                )
+            handler.head_since = None
+        self._schedule()
+
+    def _refuse(
+        self,
+        handler: GatewayRequestHandler,
+        transport: asyncio.BaseTransport,
+        status: int,
+        reason: str,
+        code: str,
+        message: str,
+    ) -> None:
+        """Answer outside aiohttp's request cycle (no request was parsed) and close."""
+        body = json_bytes(
+            {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+        )
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+            "x-router-backend: none\r\nx-router-attempts: 0\r\n\r\n"
+        ).encode()
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(head + body)
+        handler.force_close()
+        transport.close()
+        self.count_refusal(status)
+
+
 class GatewayRequestHandler(web.RequestHandler):
     """One client connection. `handle_error` is aiohttp's own hook for the answers its
     protocol gives itself (unparseable requests; a handler that fails outside the error
     middleware): JSON like every other error of ours, and counted."""
 
-    __slots__ = ("count_refusal",)
+    __slots__ = ("count_refusal", "head_since", "peer", "guard")
 
     count_refusal: RefusalCounter
+    guard: SlowClientGuard
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer: str | None = peer[0] if isinstance(peer, tuple) else None
+        self.head_since: float | None = self._loop.time()  # the first head is awaited
+        self.guard.opened(self, transport)
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:
+            self.head_since = None  # a request's head is complete
+        elif self.head_since is None and not self._request_in_progress:
+            self.head_since = self._loop.time()  # the first bytes of the next head
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.guard.closed(self)
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -81,27 +214,45 @@ class GatewayRequestHandler(web.RequestHandler):
 class GatewayServer(web.Server):
     """aiohttp's low-level server, making our protocol for each connection."""
 
-    def __init__(self, *args: Any, count_refusal: RefusalCounter, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        count_refusal: RefusalCounter,
+        limits: ClientLimits,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.count_refusal = count_refusal
+        self.guard = SlowClientGuard(limits, count_refusal)
 
     def __call__(self) -> web.RequestHandler:
         handler = GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.count_refusal = self.count_refusal
+        handler.guard = self.guard
         return handler
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        self.guard.stop()
+        await super().shutdown(timeout)
 
 
 class GatewayRunner(web.AppRunner):
     """web.AppRunner serving the app through GatewayServer. aiohttp builds the Server inside
     the Application; this takes the same handler, request factory and options over."""
 
-    __slots__ = ("_count_refusal",)
+    __slots__ = ("_count_refusal", "_limits")
 
     def __init__(
-        self, app: web.Application, *, count_refusal: RefusalCounter, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        count_refusal: RefusalCounter,
+        limits: ClientLimits | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._count_refusal = count_refusal
+        self._limits = limits if limits is not None else ClientLimits()
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -111,5 +262,6 @@ class GatewayRunner(web.AppRunner):
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
             count_refusal=self._count_refusal,
+            limits=self._limits,
             **server._kwargs,
         )
