@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from proxy.errors import broken_response, upstream_failure
+from proxy.errors import SHOULD_RETRY, add_retry_after_ms, broken_response, upstream_failure
 from proxy.headers import client_response_headers
 from proxy.retry import DEFAULT_COOLDOWN, retry_after_seconds
 from proxy.rewrite import ModelTemplate
@@ -24,7 +25,15 @@ from proxy.transport import (
     UpstreamResponse,
 )
 from proxy.upstream import Upstream
-from proxy.verdict import BACKEND_FAILED, CLIENT_GONE, THROTTLED, of_status
+from proxy.verdict import (
+    BACKEND_FAILED,
+    BACKEND_FAULTS,
+    CLIENT_GONE,
+    OK,
+    THROTTLED,
+    Verdict,
+    of_status,
+)
 from telemetry.outcome import account_usage, usage_from_body
 
 # Bodies up to this size that arrive with a Content-Length are read whole and sent with one
@@ -114,6 +123,8 @@ async def deliver(
     headers["x-router-attempts"] = str(state.attempt)
     if state.fallback is not None:
         headers["x-router-fallback"] = state.fallback
+    if state.verdict is not OK:
+        tell_client_about_retries(headers, state.verdict)
     try:
         length = response.content_length
         if length is not None and length <= BUFFER_LIMIT:
@@ -145,6 +156,15 @@ async def deliver(
         return relayed
     finally:
         response.release()
+
+
+def tell_client_about_retries(headers: CIMultiDict[str], verdict: Verdict) -> None:
+    """The backend's failure, passed on once the gateway's own retries are spent: the openai
+    SDK would otherwise retry it twice more (`x-should-retry: false`); a Retry-After also
+    gets OpenAI's `retry-after-ms`."""
+    if verdict in BACKEND_FAULTS:
+        headers[SHOULD_RETRY] = "false"
+    add_retry_after_ms(headers)
 
 
 def overhead_ms(state: RequestState) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 from aiohttp import web
 
@@ -198,6 +198,21 @@ class AccountingDisabled(NoBackendAvailable, code="accounting_disabled"):
     """The cost analysis needs accounting, which is off."""
 
 
+# OpenAI's answer headers that its SDKs read before retrying on their own.
+SHOULD_RETRY = "x-should-retry"
+RETRY_AFTER_MS = "retry-after-ms"
+
+
+def add_retry_after_ms(headers: MutableMapping[str, str]) -> None:
+    """Every Retry-After in delta-seconds also as `retry-after-ms` (the openai SDK prefers it)."""
+    value = headers.get("Retry-After")
+    if value is not None and RETRY_AFTER_MS not in headers:
+        try:
+            headers[RETRY_AFTER_MS] = str(round(float(value) * 1000))
+        except ValueError:
+            pass  # an HTTP-date: left as it is
+
+
 def upstream_failure(exc: BaseException, backend: str) -> GatewayError:
     """A transport error before the backend's answer, as the error the client would get.
     All three are RETRYABLE: the backend sent nothing the client has seen."""
@@ -265,6 +280,7 @@ def error_middleware(max_body_bytes: int, count_refusal: Callable[[int], None]) 
         headers = response.headers
         if request_id is not None:
             headers["x-request-id"] = request_id
+        add_retry_after_ms(headers)
         if "x-router-attempts" not in headers:
             # Refused before the forwarding loop (which says how far a request got in these
             # headers): nothing else records it, so it is counted and logged here.

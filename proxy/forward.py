@@ -19,12 +19,12 @@ from admission.constraints import excluded_by_constraints
 from admission.queue import NORMAL_PRIORITY, PRIORITIES
 from balancers.request import RoutingRequest
 from proxy.attempt import deliver, send
-from proxy.errors import BudgetExhausted, GatewayError, NoBackendAvailable
+from proxy.errors import SHOULD_RETRY, BudgetExhausted, GatewayError, NoBackendAvailable
 from proxy.headers import upstream_request_headers
 from proxy.runtime import Runtime
 from proxy.state import RequestState
 from proxy.upstream import Pool, Upstream
-from proxy.verdict import CLIENT_GONE, OK
+from proxy.verdict import BACKEND_FAULTS, CLIENT_GONE, OK
 from telemetry.outcome import account_usage, price, usage_from_stream
 
 
@@ -193,12 +193,14 @@ def refused(state: RequestState, exc: GatewayError) -> None:
     outcome = state.outcome
     outcome.status = exc.status
     outcome.verdict = exc.verdict
-    exc.headers = {
+    headers = exc.headers = {
         **(exc.headers or {}),
         "x-router-backend": outcome.backend or "none",
         "x-router-attempts": str(state.attempt),
         "x-router-overhead-ms": f"{state.overhead() * 1000:.3f}",
     }
+    if exc.verdict in BACKEND_FAULTS:
+        headers[SHOULD_RETRY] = "false"
 
 
 def client_left(runtime: Runtime, state: RequestState) -> None:

@@ -390,3 +390,38 @@ async def test_a_transfer_coding_other_than_chunked_is_refused(gateway) -> None:
     writer.close()
     await writer.wait_closed()
     assert head.startswith(b"HTTP/1.1 501")
+
+
+async def test_what_the_openai_sdk_reads_before_retrying_on_its_own(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """Once the gateway's retries are spent, a backend failure says x-should-retry: false (the
+    SDK would retry it twice more); every Retry-After comes with retry-after-ms (issue 12)."""
+    gateway = await start_gateway(
+        config_document(cluster, load_shedding={"max_pending": 1}, retry={"max_retries": 1})
+    )
+    url = f"{gateway.url}/v1/chat/completions"
+    phi = cluster["phi-3-mini"].behaviour
+    phi.status, phi.retry_after = 503, 2
+    async with http.post(url, json=chat("phi-3-mini")) as response:
+        assert response.status == 503  # the backend's own answer, after the retry
+        assert response.headers["x-should-retry"] == "false"
+        assert response.headers["retry-after-ms"] == "2000"
+    phi.status, phi.retry_after, phi.drop = 200, None, True
+    async with http.post(url, json=chat("phi-3-mini")) as response:
+        assert response.status == 502 and response.headers["x-should-retry"] == "false"
+    phi.drop = False
+    phi.status, phi.retry_after = 429, 3
+    async with http.post(url, json=chat("phi-3-mini")) as response:
+        assert response.status == 429  # a pause, not a failure: the SDK may come back
+        assert "x-should-retry" not in response.headers
+        assert response.headers["retry-after-ms"] == "3000"
+    cluster["openchat-3.5"].behaviour.latency = 0.3
+    slow = asyncio.ensure_future(http.post(url, json=chat("openchat-3.5")))
+    await asyncio.sleep(0.1)  # one request in flight: max_pending reached
+    async with http.post(url, json=chat("hermes-2")) as response:
+        assert response.status == 503 and (await response.json())["error"]["code"] == "load_shed"
+        seconds = int(response.headers["Retry-After"])
+        assert response.headers["retry-after-ms"] == str(seconds * 1000)
+        assert "x-should-retry" not in response.headers
+    (await slow).release()
