@@ -137,7 +137,9 @@ class Peers:
 
     async def _merged(self, request: web.Request, report: MergedReport) -> web.Response:
         snapshots = [report.snapshot()]
-        answers = await self.ask_all("GET", request.path_qs, b"", {})
+        # The token, when reads need it (admin.reads: token), is the siblings' to check too.
+        credentials = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        answers = await self.ask_all("GET", request.path_qs, b"", credentials)
         snapshots += [orjson.loads(a[1]) for a in answers if a is not None and a[0] == 200]
         return report.respond(
             report.merged(snapshots),

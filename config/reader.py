@@ -179,6 +179,26 @@ def _weighted_names(value: Any, path: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+def _named_strings(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """A mapping of names to non-empty strings, kept in the order written; from an environment
+    variable, `name=value,name=value`."""
+    if isinstance(value, str):
+        entries = [item.partition("=") for item in value.split(",") if item.strip()]
+        if not all(separator and name.strip() for name, separator, _ in entries):
+            raise ConfigError(f"{path}: expected name=value,name=value, got {value!r}")
+        value = {name.strip(): text.strip() for name, _, text in entries}
+    section = Section(value, path)
+    pairs = []
+    for name in list(section.data):
+        text = section.take(name)
+        if not isinstance(text, str) or not text:
+            raise ConfigError(
+                f"{section.key(str(name))}: expected a non-empty string, got {text!r}"
+            )
+        pairs.append((str(name), text))
+    return tuple(pairs)
+
+
 def _converter(hint: Any) -> Callable[[Any, str], Any]:
     simple: dict[Any, Callable[[Any, str], Any]] = {
         str: _string,
@@ -189,7 +209,7 @@ def _converter(hint: Any) -> Callable[[Any, str], Any]:
     if hint in simple:
         return simple[hint]
     if _is_pairs(hint):
-        return _weighted_names
+        return _named_strings if typing.get_args(hint)[0] == tuple[str, str] else _weighted_names
     if typing.get_origin(hint) is tuple and typing.get_args(hint) == (str, ...):
         return _strings
     raise TypeError(f"no reader for settings of type {hint!r}")
@@ -211,11 +231,12 @@ def _is_section(hint: Any) -> bool:
 
 
 def _is_pairs(hint: Any) -> bool:
-    """tuple[tuple[str, float], ...]: a mapping of names to weights, in the order written."""
+    """tuple[tuple[str, float | str], ...]: a mapping of names to weights (or to strings), in
+    the order written."""
     args = typing.get_args(hint)
     return (
         typing.get_origin(hint) is tuple
         and len(args) == 2
         and args[1] is Ellipsis
-        and typing.get_args(args[0]) == (str, float)
+        and typing.get_args(args[0]) in ((str, float), (str, str))
     )

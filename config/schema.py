@@ -220,7 +220,7 @@ class RateLimitConfig:
     rps: float = setting(0.0, help="gateway-wide requests per second; 0 = off")
     burst: float = setting(0.0, help="bucket size; 0 = same as rps")
     per_client_rps: float = setting(
-        0.0, help="per bearer token / X-API-Key / peer address; 0 = off"
+        0.0, help="per client (auth.api_keys) or else per peer address; 0 = off"
     )
     per_client_burst: float = setting(0.0, help="per-client bucket size; 0 = same as the rate")
 
@@ -258,6 +258,75 @@ class BudgetConfig:
         "cheapest",
         choices=("cheapest", "refuse"),
         help="cost-aware strategies then use the cheapest model, or refuse (402)",
+    )
+
+
+def listen_address(value: str, path: str) -> str:
+    """`host:port` (`[v6]:port`), or a Unix socket: `unix:/path` or an absolute path."""
+    if value.startswith(("unix:", "/")):
+        if not value.removeprefix("unix:").startswith("/"):
+            raise ValueError(f"{path}: a Unix socket needs an absolute path, got {value!r}")
+        return value
+    try:
+        parts = urlsplit(f"//{value}")
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid address {value!r} ({exc})") from None
+    if not parts.hostname or port is None:
+        raise ValueError(f"{path}: expected host:port or unix:/path, got {value!r}")
+    return value
+
+
+def distinct_keys(value: tuple[tuple[str, str], ...], path: str) -> tuple[tuple[str, str], ...]:
+    """Each key names one client: a key given twice could not say which."""
+    seen: dict[str, str] = {}
+    for name, key in value:
+        if key in seen:
+            raise ValueError(f"{path}.{name}: the same key as {path}.{seen[key]}")
+        seen[key] = name
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """Who may use the admin plane, and where (README: Admin access). The admin token itself
+    is server.admin_token (ROUTER_ADMIN_TOKEN)."""
+
+    listen: str | None = setting(
+        None,
+        env="ROUTER_ADMIN_LISTEN",
+        validate=listen_address,
+        help="the admin plane's own listener, host:port or unix:/path; the main port then"
+        " answers admin requests only to loopback peers and token holders",
+    )
+    reads: str = setting(
+        "open",
+        choices=("open", "local", "token"),
+        env="ROUTER_ADMIN_READS",
+        help="who may read admin state and reports: anyone, loopback peers and token holders,"
+        " or token holders only (loopback when no token is set)",
+    )
+    hosts: tuple[str, ...] = setting(
+        (),
+        help="names besides localhost and the listen address a Host header may give when"
+        " admin access is granted by the peer's place",
+    )
+    max_token_failures: int = setting(
+        5, help="bad admin tokens a peer may send in a minute; then 429 for the minute; 0 = off"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Client authentication for the proxied API (README: Client keys)."""
+
+    api_keys: tuple[tuple[str, str], ...] = setting(
+        (),
+        env="ROUTER_API_KEYS",
+        validate=distinct_keys,
+        shown="none",
+        help="{client name: key}: when set, proxied requests need one of these keys (Bearer or"
+        " X-API-Key; 401 otherwise) and per-client limits key on the client's name",
     )
 
 
@@ -351,6 +420,8 @@ class Config:
     load_shedding: LoadSheddingConfig = setting(LoadSheddingConfig(), help="early refusals")
     rate_limit: RateLimitConfig = setting(RateLimitConfig(), help="token buckets")
     chaos: ChaosConfig = setting(ChaosConfig(), help="fault injection")
+    admin: AdminConfig = setting(AdminConfig(), help="admin plane access")
+    auth: AuthConfig = setting(AuthConfig(), help="client keys")
     accounting: AccountingConfig = setting(AccountingConfig(), help="per-request rows")
     budget: BudgetConfig = setting(BudgetConfig(), help="spend limit")
     logging: LoggingConfig = setting(LoggingConfig(), help="access and audit logs")

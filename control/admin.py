@@ -1,15 +1,13 @@
 """Admin API: strategy read and swap, backend state, and the health endpoints.
 
-Mutations are protected: with an admin token they need `Authorization: Bearer <token>`
-(compared in constant time); without one they are accepted from loopback peers only.
+Who may call which of these is decided before any handler runs (control.access): the routes
+say only which kind each is (`public_routes`, `read_routes`, `write_routes`).
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +21,7 @@ from config.reader import ConfigError
 from control.audit import AuditLog
 from control.chaos import Chaos
 from control.reload import Reloader
-from proxy.errors import Forbidden, GatewayError, InvalidRequest, Unauthorized
+from proxy.errors import GatewayError, InvalidRequest
 from proxy.jsonbody import json_bytes
 from proxy.router import Router
 from proxy.routes import parse_object
@@ -107,34 +105,19 @@ def health_status(document: dict[str, Any]) -> int:
     return 503 if document["status"] == "unhealthy" else 200
 
 
-def authorize(request: web.Request, token: str | None) -> None:
-    if token:
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
-            raise Unauthorized(
-                "admin endpoints need 'Authorization: Bearer <ROUTER_ADMIN_TOKEN>'",
-                headers={"WWW-Authenticate": 'Bearer realm="request-router admin"'},
-            )
-        return
-    peer = request.remote
-    if not peer:  # a Unix socket (None or ""): local by construction
-        return
-    try:
-        loopback = ipaddress.ip_address(peer.split("%", 1)[0]).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise Forbidden(
-            "admin changes are accepted only from loopback when no ROUTER_ADMIN_TOKEN is set"
-        )
-
-
 class AdminApi:
-    def __init__(self, live: LiveRuntime, reloader: Reloader) -> None:
+    def __init__(
+        self,
+        live: LiveRuntime,
+        reloader: Reloader,
+        audit: AuditLog,
+        data_port: Callable[[web.Request], int | None],
+    ) -> None:
+        """`data_port(request)`: the port the proxied API answers on (the chaos burst's)."""
         self.live = live
         self.reloader = reloader
-        self.chaos = Chaos(live)
-        self.audit = AuditLog(live.runtime.config.logging.audit_log)
+        self.chaos = Chaos(live, data_port)
+        self.audit = audit
         self.backends = MergedReport(self.backends_snapshot, render_backends, BACKENDS_MERGE)
         self.health = MergedReport(
             self.health_snapshot, render_service_health, HEALTH_MERGE, health_status
@@ -163,9 +146,6 @@ class AdminApi:
     def router(self) -> Router:
         return self.live.runtime.router  # the current one: a reload replaces it
 
-    def authorize(self, request: web.Request) -> None:
-        authorize(request, self.live.runtime.config.server.admin_token)
-
     async def get_strategy(self, request: web.Request) -> web.Response:
         return json_response(
             {
@@ -180,7 +160,6 @@ class AdminApi:
             return await self._put_strategy(request, audit)
 
     async def _put_strategy(self, request: web.Request, audit: dict[str, Any]) -> web.Response:
-        self.authorize(request)
         document = parse_object(await request.read())
         strategy = document.get("strategy")
         audit["new"] = {"strategy": strategy, "pool": document.get("pool")}
@@ -236,7 +215,6 @@ class AdminApi:
 
     async def reload(self, request: web.Request) -> web.Response:
         with self.audited(request, "reload", self.live.runtime.config.source) as audit:
-            self.authorize(request)
             try:
                 config, ignored = await self.reloader.reload()
             except ConfigError as exc:
@@ -258,7 +236,6 @@ class AdminApi:
 
     async def circuit_breaker_test(self, request: web.Request) -> web.Response:
         with self.audited(request, "chaos.circuit_breaker_test", None) as audit:
-            self.authorize(request)
             result = await self.chaos.circuit_breaker_test(request)
             test = result["circuit_breaker_test"]
             audit.update(
@@ -272,7 +249,6 @@ class AdminApi:
 
     async def failover_test(self, request: web.Request) -> web.Response:
         with self.audited(request, "chaos.failover_test", None) as audit:
-            self.authorize(request)
             result = await self.chaos.failover_test(request)
             audit["new"] = {"primary_backend": result["failover_test"]["primary_backend"]}
             return json_response(result)
@@ -298,16 +274,31 @@ class AdminApi:
             ],
         }
 
-    def routes(self) -> list[web.RouteDef]:
+    def public_routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/api/v1/router/strategy", self.get_strategy),
-            web.put("/api/v1/router/strategy", self.put_strategy),
-            web.get("/api/v1/router/backends", self.backends.handle),
             web.get("/health", self.health.handle),
             web.get("/health/live", self.liveness),
             web.get("/health/ready", self.ready),
-            web.post("/api/v1/router/reload", self.reload),
+        ]
+
+    def read_routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/v1/router/strategy", self.get_strategy),
+            web.get("/api/v1/router/backends", self.backends.handle),
             web.get("/api/v1/router/state", self.state.handle),
-            web.post("/api/v1/router/circuit-breaker/test", self.circuit_breaker_test),
-            web.post("/api/v1/router/failover/test", self.failover_test),
+        ]
+
+    def write_routes(self) -> list[web.RouteDef]:
+        """Named as the audit log names their action."""
+        return [
+            web.put("/api/v1/router/strategy", self.put_strategy, name="strategy"),
+            web.post("/api/v1/router/reload", self.reload, name="reload"),
+            web.post(
+                "/api/v1/router/circuit-breaker/test",
+                self.circuit_breaker_test,
+                name="chaos.circuit_breaker_test",
+            ),
+            web.post(
+                "/api/v1/router/failover/test", self.failover_test, name="chaos.failover_test"
+            ),
         ]

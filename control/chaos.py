@@ -14,6 +14,7 @@ import asyncio
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -46,8 +47,9 @@ def elapsed_ms(since: float) -> float:
 
 
 class Chaos:
-    def __init__(self, live: LiveRuntime) -> None:
+    def __init__(self, live: LiveRuntime, data_port: Callable[[web.Request], int | None]) -> None:
         self.live = live
+        self.data_port = data_port
 
     def _backend(self, document: dict[str, Any], key: str) -> Upstream:
         """The backend `document[key]` names; a pool's name (the specification's examples
@@ -124,10 +126,10 @@ class Chaos:
             raise InvalidRequest(f"'requests' must be an integer from 1 to {MAX_BURST}")
         simulate = document.get("simulate_failure", True)
         method, path, body = self._probe_request(primary)
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        if not sockname:
+        port = self.data_port(request)
+        if port is None:
             raise InvalidRequest("cannot find the gateway's own listener for the burst")
-        url = f"http://127.0.0.1:{sockname[1]}{path}"
+        url = f"http://127.0.0.1:{port}{path}"
         session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         # (time, status, backend, attempts) per request, as its client saw it
         outcomes: list[tuple[float, int, str | None, int]] = []

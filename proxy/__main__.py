@@ -20,7 +20,16 @@ from aiohttp import web
 from config.reader import ConfigError
 from config.schema import Config, load
 from proxy import __version__
-from proxy.app import PEERS_KEY, RELOADER_KEY, RUNNER_OPTIONS, RUNTIME_KEY, build_app, make_runner
+from proxy.app import (
+    PEERS_KEY,
+    RELOADER_KEY,
+    RUNNER_OPTIONS,
+    RUNTIME_KEY,
+    build_app,
+    make_runner,
+    serving_on,
+    start_admin_listener,
+)
 
 log = logging.getLogger("request_router")
 
@@ -103,6 +112,12 @@ async def serve(config: Config, demo: bool) -> None:
             reuse_port=peers is not None,
         )
         await site.start()
+        for address in runner.addresses:
+            serving_on(app, address, config.server.host)
+        if peers is None or peers.index == 0:  # one worker answers it; it asks the others
+            admin = await start_admin_listener(runner)
+            if admin is not None:
+                log.info("admin listener on %s", admin)
         settle_garbage_collector()
         if peers is not None:  # the siblings' private channel
             await web.UnixSite(runner, peers.socket_path(peers.index)).start()

@@ -8,12 +8,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from cluster.peers import Peers
 from config.schema import Config
+from control.access import AccessControl, Kind
 from control.admin import AdminApi
+from control.audit import AuditLog
 from control.reload import HealthService, Reloader
 from control.routing_api import RoutingApi
 from proxy.errors import error_middleware
@@ -35,6 +38,7 @@ LINGERING_SECONDS = 2.0
 RUNTIME_KEY = web.AppKey("runtime", LiveRuntime)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)
+ACCESS_KEY = web.AppKey("access", AccessControl)
 
 
 def build_app(
@@ -53,13 +57,16 @@ def build_app(
     health = HealthService()
     reloader = Reloader(live, health, config_path or config.source)
     limit = config.server.max_body_bytes
-    middlewares = [error_middleware(limit, partial(count_refusal, live))]
+    access = AccessControl(live, AuditLog(config.logging.audit_log), clock)
+    # Access is decided before the workers' coordination answers a merged report.
+    middlewares = [error_middleware(limit, partial(count_refusal, live)), access.middleware()]
     peers = Peers.from_environment() if config.server.workers > 1 else None
     if peers is not None:
-        middlewares.insert(0, peers.middleware())
+        middlewares.append(peers.middleware())
     app = web.Application(middlewares=middlewares, client_max_size=limit)
     app[RUNTIME_KEY] = live
     app[RELOADER_KEY] = reloader
+    app[ACCESS_KEY] = access
     if peers is not None:
         app[PEERS_KEY] = peers
 
@@ -81,7 +88,9 @@ def build_app(
     app.cleanup_ctx.append(health_checks)
 
     routes = Routes(live)
-    app.add_routes(
+    access.add(
+        app,
+        Kind.DATA,
         [
             # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
             web.post(
@@ -92,14 +101,53 @@ def build_app(
             web.get("/v1/models", routes.list_models),
             web.post("/api/v1/vectors/search", routes.vector_search),
             web.route("*", QDRANT_PREFIX + "/{tail:.*}", routes.qdrant_passthrough),
-            *AdminApi(live, reloader).routes(),
-            *Reports(live).routes(),
-            *CostAnalysis(live).routes(),
-            *RoutingApi(live).routes(),
-        ]
+        ],
     )
+    admin = AdminApi(live, reloader, access.audit, access.data_port)
+    reports = Reports(live)
+    access.add(app, Kind.PUBLIC, admin.public_routes())
+    access.add(
+        app,
+        Kind.READ,
+        [
+            *admin.read_routes(),
+            *reports.routes(),
+            *CostAnalysis(live).routes(),
+            *RoutingApi(live).routes(),  # its POSTs ask questions, they change nothing
+        ],
+    )
+    access.add(app, Kind.PAGE, reports.page_routes())
+    access.add(app, Kind.WRITE, admin.write_routes())
     attach_sinks(app, live, config)
     return app
+
+
+async def start_admin_listener(runner: web.AppRunner) -> str | None:
+    """The admin plane's own listener (admin.listen), on the gateway's runner: it answers the
+    admin routes, health and metrics, not the proxied API. None when not configured."""
+    app = runner.app
+    config = app[RUNTIME_KEY].runtime.config
+    listen = config.admin.listen
+    if not listen:
+        return None
+    before = set(runner.addresses)
+    site: web.BaseSite
+    if listen.startswith(("unix:", "/")):
+        path = listen.removeprefix("unix:")
+        site, host = web.UnixSite(runner, path), ""
+    else:
+        parts = urlsplit(f"//{listen}")
+        host = parts.hostname or ""
+        site = web.TCPSite(runner, host, parts.port)
+    await site.start()
+    for address in set(runner.addresses) - before:
+        app[ACCESS_KEY].listening(address, admin=True, host=host)
+    return site.name
+
+
+def serving_on(app: web.Application, address: Any, host: str) -> None:
+    """The main listener's address, once bound (chaos bursts and Host checks use its port)."""
+    app[ACCESS_KEY].listening(address, admin=False, host=host)
 
 
 def count_refusal(live: LiveRuntime, status: int) -> None:
@@ -152,4 +200,4 @@ def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> Non
         metrics = PrometheusMetrics(live)
         runtime.telemetry.sinks.append(metrics.observe)
         runtime.gap_observer = metrics.gap_observer
-        app.router.add_get("/metrics", metrics.handler)
+        app[ACCESS_KEY].add(app, Kind.PUBLIC, [web.get("/metrics", metrics.handler)])

@@ -70,7 +70,7 @@ echo "  ok"
 
 step "unknown strategy -> 400"
 code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT "$BASE/api/v1/router/strategy" "${AUTH[@]}" \
-            -d '{"strategy": "telepathy"}')
+            -H 'Content-Type: application/json' -d '{"strategy": "telepathy"}')
 [[ "$code" == "400" ]] || fail "expected 400, got $code"
 echo "  ok"
 

@@ -379,5 +379,8 @@ class Reports:
             web.get("/api/v1/router/metrics", self.metrics.handle),
             web.get("/models/status", self.models.handle),
             web.get("/v1/admin/models/stats", self.models.handle),
-            web.get("/dashboard", self.dashboard),
         ]
+
+    def page_routes(self) -> list[web.RouteDef]:
+        """The dashboard's page: it holds no state, it reads the routes above."""
+        return [web.get("/dashboard", self.dashboard)]

@@ -16,6 +16,8 @@ from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document
 from tests.process import gateway_process
 
+JSON = {"Content-Type": "application/json"}  # an admin change without a body says so
+
 
 async def read_stream(http: aiohttp.ClientSession, url: str, model: str) -> list[str]:
     async with http.post(f"{url}/v1/chat/completions", json=chat(model, stream=True)) as r:
@@ -90,7 +92,7 @@ async def test_reload_endpoint_swaps_config_and_keeps_backend_state(
     document["models"].pop("openchat-3.5")
     document["routing"] = {"strategy": "weighted"}
     path.write_text(yaml.safe_dump(document, sort_keys=False))
-    async with http.post(f"{gateway.url}/api/v1/router/reload") as response:
+    async with http.post(f"{gateway.url}/api/v1/router/reload", headers=JSON) as response:
         assert response.status == 200
         result = await response.json()
     assert result["reloaded"] is True and result["strategy"] == "weighted"
@@ -104,7 +106,7 @@ async def test_reload_endpoint_swaps_config_and_keeps_backend_state(
         assert (await response.json())["strategy"] == "weighted"
 
     path.write_text("models: {x: {weight: -1, url: 'http://127.0.0.1:1'}}\n")
-    async with http.post(f"{gateway.url}/api/v1/router/reload") as response:
+    async with http.post(f"{gateway.url}/api/v1/router/reload", headers=JSON) as response:
         assert response.status == 400
         error = (await response.json())["error"]
     assert error["code"] == "invalid_config" and "models.x.weight" in error["message"]
@@ -112,6 +114,6 @@ async def test_reload_endpoint_swaps_config_and_keeps_backend_state(
 
 
 async def test_reload_without_a_file_is_refused(gateway, http) -> None:
-    async with http.post(f"{gateway.url}/api/v1/router/reload") as response:
+    async with http.post(f"{gateway.url}/api/v1/router/reload", headers=JSON) as response:
         assert response.status == 400
         assert "no config file" in (await response.json())["error"]["message"]
