@@ -51,7 +51,10 @@ class PoolWindow:
         self._bucket = int(now / self._width)
 
     def add(self, ok: bool, now: float) -> None:
-        index = self._advance(now)
+        bucket = int(now / self._width)
+        if bucket != self._bucket:
+            self._advance(now)
+        index = bucket % WINDOW_BUCKETS
         self._requests[index] += 1
         self.requests += 1
         if ok:
@@ -95,7 +98,6 @@ class LoadShedder:
         "router",
         "max_pending",
         "shed",
-        "reason",
         "windows",
         "_clock",
         "_rng",
@@ -114,7 +116,6 @@ class LoadShedder:
         self.router = router
         self.max_pending = config.max_pending or (admission.max_in_flight + admission.queue_size)
         self.shed = 0
-        self.reason: str | None = None
         self.windows: dict[str, PoolWindow] = {}  # pool name -> its recent outcomes
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -176,13 +177,28 @@ class LoadShedder:
         return None
 
     def check(self, pool: Pool) -> None:
-        """Refuse (raise Shed) or let a request for `pool` through."""
+        """Refuse (raise Shed) or let a request for `pool` through. The usual case, a gateway
+        below max_pending and a pool with no failure in its window, costs a few reads (expiry
+        can only remove failures, so a window without one needs no advancing)."""
+        config = self.config
+        if not config.enabled:
+            return
+        admission = self.admission
+        if (
+            admission.in_flight + admission.queued < self.max_pending
+            and not config.min_healthy_backends
+        ):
+            window = self.windows.get(pool.name)
+            if window is None or window.requests == window.successes:
+                return
+        self._decide(pool)
+
+    def _decide(self, pool: Pool) -> None:
         reason = self.gateway_reason()
         if reason is None and self.config.enabled:
             p = self.pool_rejection(pool.name)
             if p and self._rng.random() < p and not probing(pool):
                 reason = self._pool_reason(pool.name, p)
-        self.reason = reason
         if reason is not None:
             self.shed += 1
             raise Shed(

@@ -93,9 +93,10 @@ def repeated_routing_key(body: bytes) -> str | None:
     """A routing key ("model", "stream") given twice at the top level, or None. orjson keeps
     the last, a backend may read the first: the request is refused rather than guessed. The
     byte count is the cheap test; only a body naming a key twice anywhere is parsed again."""
-    suspects = [key for key in ROUTING_KEYS if body.count(b'"%s"' % key.encode()) > 1]
-    if not suspects:
+    count = body.count
+    if count(b'"model"') < 2 and count(b'"stream"') < 2:
         return None
+    suspects = [key for key in ROUTING_KEYS if count(b'"%s"' % key.encode()) > 1]
     top: list[list[str]] = []
 
     def keys_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
