@@ -2,19 +2,31 @@
 """Benchmark the gateway against the simulated backends and print one table.
 
     python scripts/bench.py                 # 10 s per load phase
-    python scripts/bench.py --smoke         # 2 s phases, for CI: keeps the script working
+    python scripts/bench.py --replicas 4    # also one model on 4 replicas, as the peers get it
+    python scripts/bench.py --replicas 4 --compare-vllm-router   # and vllm-router beside us
+    python scripts/bench.py --smoke         # 1 s phases, for CI: keeps the script working
 
 What it does, all on 127.0.0.1:
 1. starts the simulators (one process) and measures them directly: the ceiling;
 2. starts the gateway (`python -m proxy`, full request path: queue, balancer, breakers,
-   metrics, accounting) pinned to core 0, simulators and load generators on the other core;
+   metrics, accounting) pinned to core 0, simulators and load generators (this process
+   included) on the other core;
 3. drives non-streamed chat completions with wrk (installed from Debian if missing, else a
    Python keep-alive load generator) at 50 connections;
-4. measures the bare aiohttp pass-through (scripts/passthrough.py) the same way: the reference;
-5. drives SSE streams with a Python load generator and counts the chunks relayed;
+4. drives SSE streams two ways and counts the chunks relayed: unpaced (200 tokens with no
+   delay, so one read and one write carry many chunks: "coalesced"), and paced as a real model
+   emits them (200 concurrent streams of 32 tokens 10 ms apart, each token its own read and
+   write);
+5. measures the bare aiohttp pass-through (scripts/passthrough.py) the same ways, non-streamed
+   and paced: the reference, with ratios from the same run;
 6. measures time to first byte, direct and through the gateway, and memory: RSS idle and
-   per 1,000 idle keep-alive connections.
-Gateway CPU comes from /proc (utime + stime of the gateway process and its children).
+   per 1,000 idle keep-alive connections;
+7. with `--replicas N`: one model on N simulators, round robin, no concurrency cap below the
+   load (the work a peer router such as vllm-router does), the gateway, the bare pass-through
+   (round robin over the same replicas) and, with `--compare-vllm-router`, vllm-router
+   (`pip install vllm-router`; `--worker-urls ... --policy round_robin`), each non-streamed and
+   paced, one after the other.
+Target CPU comes from /proc (utime + stime of the process, its threads and its children).
 """
 
 from __future__ import annotations
@@ -31,16 +43,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import uvloop
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
 MODEL = "phi-3-mini"
 BODY = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "Hello"}]}'
+STREAM_BODY = (
+    b'{"model": "' + MODEL.encode() + b'", "stream": true,'
+    b' "messages": [{"role": "user", "content": "Hi"}]}'
+)
+PLAIN = {"tokens": 8, "token_delay": 0}  # the simulator's defaults: non-streamed phases, TTFB
 
 
 def free_port() -> int:
@@ -208,6 +228,91 @@ async def stream_load(url: str, streams: int, seconds: float) -> tuple[int, int]
     return completed, events
 
 
+@dataclass
+class StreamResult:
+    streams: int = 0
+    chunks: int = 0
+    errors: int = 0
+    durations_ms: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # of the target, over the phase
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.durations_ms) if self.durations_ms else 0.0
+
+    @property
+    def per_chunk(self) -> float:
+        return self.cpu_seconds / max(1, self.chunks)
+
+    @property
+    def per_stream(self) -> float:
+        return self.cpu_seconds / max(1, self.streams)
+
+
+async def read_events(reader: asyncio.StreamReader, head: bytes) -> tuple[int, bool]:
+    """Read one response body after `head`: (SSE events in it, connection reusable)."""
+    lowered = head.lower()
+    length = re.search(rb"\r\ncontent-length: *(\d+)", lowered)
+    if length:
+        return (await reader.readexactly(int(length.group(1)))).count(b"data: "), True
+    if not re.search(rb"\r\ntransfer-encoding: *chunked", lowered):
+        return (await reader.read()).count(b"data: "), False
+    events, tail, ending = 0, b"", b""
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionResetError("stream ended before its last chunk")
+        window = tail + data  # a "data: " split across reads is counted once
+        events += window.count(b"data: ")
+        tail = window[-5:]
+        ending = (ending + data)[-7:]
+        if ending == b"\r\n0\r\n\r\n":
+            return events, b"connection: close" not in lowered
+
+
+async def paced_load(url: str, streams: int, seconds: float) -> StreamResult:
+    """`streams` keep-alive connections, each asking for one SSE stream after another until
+    `seconds` have passed, counting the events received. Raw sockets: this load generator
+    shares its core with the simulators, and must not be what limits the rate."""
+    host, port, path = re.match(r"http://([^:/]+):(\d+)(/.*)", url).groups()
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(STREAM_BODY)}\r\n\r\n"
+    ).encode() + STREAM_BODY
+    result = StreamResult()
+    deadline = time.perf_counter() + seconds
+
+    async def connection() -> None:
+        writer: asyncio.StreamWriter | None = None
+        while time.perf_counter() < deadline:
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                started = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                events, reusable = await read_events(reader, head)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                result.errors += 1
+                reusable = False
+                await asyncio.sleep(0.01)
+            else:
+                if head.startswith(b"HTTP/1.1 200"):
+                    result.streams += 1
+                    result.chunks += events
+                    result.durations_ms.append((time.perf_counter() - started) * 1000)
+                else:
+                    result.errors += 1
+            if not reusable and writer is not None:
+                writer.close()
+                writer = None
+        if writer is not None:
+            writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(streams)))
+    return result
+
+
 async def ttfb_ms(url: str, samples: int) -> float:
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
     times = []
@@ -301,13 +406,232 @@ def config_for(ports: dict[str, int], data: Path, accounting: bool = True) -> di
     }
 
 
+def replicas_config(ports: list[int], data: Path, accounting: bool, cap: int) -> dict[str, Any]:
+    """One model on several replicas, round robin, no concurrency cap below the load: the
+    work vllm-router does with `--worker-urls ... --policy round_robin`."""
+    return {
+        "server": {"host": "127.0.0.1"},
+        "routing": {"strategy": "round_robin", "max_concurrent_requests": cap},
+        "accounting": {"enabled": accounting, "sqlite_path": str(data / "replicas.db")},
+        "logging": {"audit_log": str(data / "replicas-audit.jsonl")},
+        "models": {
+            MODEL: {
+                "max_concurrent": cap,
+                "endpoints": [{"url": f"http://127.0.0.1:{port}"} for port in ports],
+            }
+        },
+    }
+
+
+def start(command: list[str], core: int | None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        pinned(core, command), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def stop(*processes: subprocess.Popen[bytes]) -> None:
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def set_behaviours(urls: list[str], knobs: Mapping[str, float]) -> None:
+    for url in urls:
+        await set_behaviour(url, **knobs)
+
+
+@dataclass
+class Target:
+    """One router's costs in one run: non-streamed requests under wrk, then paced streams."""
+
+    name: str
+    load: LoadResult
+    request_cpu: float  # seconds per request
+    paced: StreamResult
+
+
+class Bench:
+    """The run's settings and load generators, shared by every phase."""
+
+    def __init__(self, args: argparse.Namespace, wrk: str | None, load_core: int | None):
+        self.args = args
+        self.wrk = wrk
+        self.load_core = load_core
+        self.paced_knobs = {"tokens": args.paced_tokens, "token_delay": args.token_delay / 1000}
+
+    async def load(self, url: str) -> LoadResult:
+        args = self.args
+        if self.wrk:
+            return run_wrk(self.wrk, url, args.connections, args.duration, self.load_core)
+        return await python_load(url, args.connections, args.duration)
+
+    async def request_cost(self, pid: int, url: str) -> tuple[LoadResult, float]:
+        cpu_before = cpu_seconds(pid)
+        result = await self.load(url)
+        return result, (cpu_seconds(pid) - cpu_before) / max(1, result.requests)
+
+    async def paced_cost(self, pid: int, url: str, backends: list[str]) -> StreamResult:
+        await set_behaviours(backends, self.paced_knobs)
+        try:
+            cpu_before = cpu_seconds(pid)
+            result = await paced_load(url, self.args.paced_streams, self.args.duration)
+            result.cpu_seconds = cpu_seconds(pid) - cpu_before
+        finally:
+            await set_behaviours(backends, PLAIN)
+        return result
+
+    async def target(
+        self, name: str, process: subprocess.Popen[bytes], url: str, backends: list[str]
+    ) -> Target:
+        load, request_cpu = await self.request_cost(process.pid, url)
+        paced = await self.paced_cost(process.pid, url, backends)
+        return Target(name, load, request_cpu, paced)
+
+
+async def replicas_mode(bench: Bench, gateway_core: int | None) -> list[Target]:
+    """The gateway, the bare pass-through and (opt-in) vllm-router on one model served by
+    `--replicas` simulators, one after the other, on the same cores."""
+    args = bench.args
+    python = sys.executable
+    ports = [free_port() for _ in range(args.replicas)]
+    backends = [f"http://127.0.0.1:{port}" for port in ports]
+    cap = max(1000, 2 * (args.paced_streams + args.connections))
+    targets = []
+    with tempfile.TemporaryDirectory(prefix="router-bench-replicas-") as tmp:
+        data = Path(tmp)
+        config_path = data / "replicas.yaml"
+        config = replicas_config(ports, data, not args.no_accounting, cap)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        sims = start([python, "-m", "simulator", "--config", str(config_path)], bench.load_core)
+        try:
+            for backend in backends:
+                await wait_up(f"{backend}/health", sims)
+
+            port = free_port()
+            gateway = start(
+                [python, "-m", "proxy", "--config", str(config_path), "--port", str(port)],
+                gateway_core,
+            )
+            try:
+                await wait_up(f"http://127.0.0.1:{port}/health/live", gateway)
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                targets.append(await bench.target("request-router", gateway, url, backends))
+            finally:
+                stop(gateway)
+
+            port = free_port()
+            bare = start(
+                [python, str(ROOT / "scripts" / "passthrough.py"), str(port), *backends],
+                gateway_core,
+            )
+            try:
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                await wait_up_post(url, bare)
+                targets.append(await bench.target("bare aiohttp pass-through", bare, url, backends))
+            finally:
+                stop(bare)
+
+            if args.compare_vllm_router:
+                if not args.vllm_router:
+                    print("vllm-router not found (pip install vllm-router): skipped", flush=True)
+                else:
+                    port = free_port()
+                    router = start(
+                        [
+                            args.vllm_router,
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(port),
+                            "--worker-urls",
+                            *backends,
+                            "--policy",
+                            "round_robin",
+                        ],
+                        gateway_core,
+                    )
+                    try:
+                        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                        await wait_up_post(url, router)
+                        targets.append(await bench.target("vllm-router", router, url, backends))
+                    finally:
+                        stop(router)
+        finally:
+            stop(sims)
+    return targets
+
+
+def ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}" if theirs else "-"
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+
+def print_replicas(targets: list[Target], args: argparse.Namespace) -> None:
+    print(
+        f"\nreplicas mode: {MODEL} on {args.replicas} simulators, round robin, no concurrency"
+        f" cap below the load; {args.connections} connections (wrk) and {args.paced_streams}"
+        f" paced streams; same run, one target after the other"
+    )
+    header = ("target", "req/s", "p50 / p99", "CPU/request", "CPU/paced chunk", "CPU/stream")
+    lines = [header]
+    for t in targets:
+        lines.append(
+            (
+                t.name,
+                f"{t.load.rps:,.0f} ({t.load.errors} errors)",
+                f"{t.load.p50_ms or 0:.2f} / {t.load.p99_ms or 0:.2f} ms",
+                f"{t.request_cpu * 1e6:,.1f} µs",
+                f"{t.paced.per_chunk * 1e6:,.1f} µs ({t.paced.errors} errors)",
+                f"{t.paced.per_stream * 1e6:,.0f} µs",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    ours = targets[0]
+    for other in targets[1:]:
+        print(
+            f"{ours.name} / {other.name}: per request"
+            f" {ratio(ours.request_cpu, other.request_cpu)}, per paced chunk"
+            f" {ratio(ours.paced.per_chunk, other.paced.per_chunk)}, per paced stream"
+            f" {ratio(ours.paced.per_stream, other.paced.per_stream)}"
+        )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load phase")
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--streams", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=200, help="SSE chunks per stream")
-    parser.add_argument("--smoke", action="store_true", help="2 s phases, small samples")
+    parser.add_argument("--streams", type=int, default=20, help="unpaced SSE streams")
+    parser.add_argument("--tokens", type=int, default=200, help="SSE chunks per unpaced stream")
+    parser.add_argument("--paced-streams", type=int, default=200, help="concurrent paced streams")
+    parser.add_argument("--paced-tokens", type=int, default=32, help="tokens per paced stream")
+    parser.add_argument("--token-delay", type=float, default=10.0, help="ms between paced tokens")
+    parser.add_argument(
+        "--replicas", type=int, default=0, help="also measure one model on N replicas (0: off)"
+    )
+    parser.add_argument(
+        "--compare-vllm-router",
+        action="store_true",
+        help="with --replicas: run vllm-router against the same replicas",
+    )
+    parser.add_argument(
+        "--vllm-router",
+        default=os.environ.get("VLLM_ROUTER") or shutil.which("vllm-router"),
+        help="the vllm-router command (default: $VLLM_ROUTER, else on PATH)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="1 s phases, small samples")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument(
         "--no-accounting",
@@ -316,11 +640,13 @@ async def main() -> None:
     )
     args = parser.parse_args()
     if args.smoke:
-        args.duration, args.tokens = 2.0, 50
+        args.duration, args.tokens, args.paced_streams = 1.0, 50, 50
     cores = os.cpu_count() or 1
     can_pin = not args.no_pin and cores >= 2 and shutil.which("taskset") is not None
     gateway_core, load_core = (0, 1) if can_pin else (None, None)
-    wrk = ensure_wrk()
+    if load_core is not None:
+        os.sched_setaffinity(0, {load_core})  # the Python load generators are this process
+    bench = Bench(args, ensure_wrk(), load_core)
 
     names = [
         "mixtral-8x7b",
@@ -335,25 +661,18 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp:
         data = Path(tmp)
         config_path = data / "bench.yaml"
-        config_path.write_text(
-            yaml.safe_dump(
-                config_for(ports, data, accounting=not args.no_accounting), sort_keys=False
-            )
-        )
+        config = config_for(ports, data, accounting=not args.no_accounting)
+        # The paced streams must not queue behind a concurrency cap: that would measure the
+        # queue, not the relay.
+        cap = max(100, args.paced_streams + args.connections)
+        config["routing"] = {"max_concurrent_requests": cap}
+        config["models"][MODEL]["max_concurrent"] = cap
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         python = sys.executable
-        sims = subprocess.Popen(
-            pinned(load_core, [python, "-m", "simulator", "--config", str(config_path)]),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-        )
-        gateway = subprocess.Popen(
-            pinned(
-                gateway_core,
-                [python, "-m", "proxy", "--config", str(config_path), "--port", str(gateway_port)],
-            ),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        sims = start([python, "-m", "simulator", "--config", str(config_path)], load_core)
+        gateway = start(
+            [python, "-m", "proxy", "--config", str(config_path), "--port", str(gateway_port)],
+            gateway_core,
         )
         try:
             direct = f"http://127.0.0.1:{ports[MODEL]}"
@@ -364,46 +683,33 @@ async def main() -> None:
             chat_gateway = f"{base}/v1/chat/completions"
             idle_rss = rss_mb(gateway.pid)
 
-            async def load(url: str) -> LoadResult:
-                if wrk:
-                    return run_wrk(wrk, url, args.connections, args.duration, load_core)
-                return await python_load(url, args.connections, args.duration)
-
-            await load(chat_gateway) if args.smoke else None  # warm up connection pools
-            ceiling = await load(chat_direct)
-            cpu_before = cpu_seconds(gateway.pid)
-            through = await load(chat_gateway)
-            cpu_request_us = (cpu_seconds(gateway.pid) - cpu_before) / max(1, through.requests)
+            await bench.load(chat_gateway) if args.smoke else None  # warm up connection pools
+            ceiling = await bench.load(chat_direct)
+            through, cpu_request = await bench.request_cost(gateway.pid, chat_gateway)
 
             await set_behaviour(direct, tokens=args.tokens, token_delay=0)
             cpu_before = cpu_seconds(gateway.pid)
             _, events = await stream_load(chat_gateway, args.streams, args.duration)
-            cpu_chunk_us = (cpu_seconds(gateway.pid) - cpu_before) / max(1, events)
+            cpu_chunk = (cpu_seconds(gateway.pid) - cpu_before) / max(1, events)
+            await set_behaviour(direct, **PLAIN)
 
-            await set_behaviour(direct, tokens=8, token_delay=0)
+            paced = await bench.paced_cost(gateway.pid, chat_gateway, [direct])
+
             samples = 50 if args.smoke else 300
             ttfb_direct = await ttfb_ms(chat_direct, samples)
             ttfb_gateway = await ttfb_ms(chat_gateway, samples)
 
             bare_port = free_port()
-            bare = subprocess.Popen(
-                pinned(
-                    gateway_core,
-                    [python, str(ROOT / "scripts" / "passthrough.py"), str(bare_port), direct],
-                ),
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            bare_process = start(
+                [python, str(ROOT / "scripts" / "passthrough.py"), str(bare_port), direct],
+                gateway_core,
             )
             try:
                 bare_url = f"http://127.0.0.1:{bare_port}/v1/chat/completions"
-                await wait_up_post(bare_url, bare)
-                cpu_before = cpu_seconds(bare.pid)
-                reference = await load(bare_url)
-                bare_us = (cpu_seconds(bare.pid) - cpu_before) / max(1, reference.requests)
+                await wait_up_post(bare_url, bare_process)
+                bare = await bench.target("bare", bare_process, bare_url, [direct])
             finally:
-                bare.send_signal(signal.SIGTERM)
-                bare.wait(timeout=15)
+                stop(bare_process)
 
             before_hold = rss_mb(gateway.pid)
             held = await hold_connections(base, 1000)
@@ -412,46 +718,72 @@ async def main() -> None:
             for writer in held:
                 writer.close()
         finally:
-            for process in (gateway, sims):
-                process.send_signal(signal.SIGTERM)
-            for process in (gateway, sims):
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop(gateway, sims)
 
-    generator = "wrk" if wrk else "python"
+    replicas = await replicas_mode(bench, gateway_core) if args.replicas else []
+
+    generator = "wrk" if bench.wrk else "python"
     pinning = "unpinned" if gateway_core is None else "gateway on core 0, load + backends on core 1"
-    rows = [
-        ("load generator", f"{generator}, {args.connections} connections, {pinning}"),
-        (
-            "request path",
-            "queue, balancer, breakers, metrics"
-            + ("" if args.no_accounting else ", SQLite accounting"),
-        ),
-        ("direct ceiling (one simulator)", f"{ceiling.rps:,.0f} req/s"),
-        ("gateway requests/s", f"{through.rps:,.0f} req/s ({through.errors} errors)"),
-        ("ratio to direct ceiling", f"{through.rps / ceiling.rps:.2f}" if ceiling.rps else "-"),
-        (
-            "gateway latency p50 / p99",
-            f"{through.p50_ms or 0:.2f} ms / {through.p99_ms or 0:.2f} ms",
-        ),
-        ("gateway CPU per request", f"{cpu_request_us * 1e6:,.1f} µs"),
-        (
-            "bare aiohttp pass-through (same run)",
-            f"{reference.rps:,.0f} req/s, {bare_us * 1e6:,.1f} µs CPU per request",
-        ),
-        ("gateway CPU per SSE chunk", f"{cpu_chunk_us * 1e6:,.1f} µs ({events:,} chunks)"),
-        ("TTFB p50 direct / gateway", f"{ttfb_direct:.3f} ms / {ttfb_gateway:.3f} ms"),
-        ("added TTFB p50", f"{ttfb_gateway - ttfb_direct:.3f} ms"),
-        ("RSS idle", f"{idle_rss:.1f} MB"),
-        ("RSS per 1,000 idle keep-alive connections", f"{per_thousand:.1f} MB"),
-    ]
-    width = max(len(label) for label, _ in rows)
+    chunks_each = args.paced_tokens + 2  # the tokens, the finish chunk and [DONE]
     print()
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
+    print_rows(
+        [
+            ("load generator", f"{generator}, {args.connections} connections, {pinning}"),
+            (
+                "request path",
+                "queue, balancer, breakers, metrics"
+                + ("" if args.no_accounting else ", SQLite accounting"),
+            ),
+            ("direct ceiling (one simulator)", f"{ceiling.rps:,.0f} req/s"),
+            ("gateway requests/s", f"{through.rps:,.0f} req/s ({through.errors} errors)"),
+            ("ratio to direct ceiling", ratio(through.rps, ceiling.rps)),
+            (
+                "gateway latency p50 / p99",
+                f"{through.p50_ms or 0:.2f} ms / {through.p99_ms or 0:.2f} ms",
+            ),
+            ("gateway CPU per request", f"{cpu_request * 1e6:,.1f} µs"),
+            (
+                "bare aiohttp pass-through (same run)",
+                f"{bare.load.rps:,.0f} req/s, {bare.request_cpu * 1e6:,.1f} µs CPU per request",
+            ),
+            (
+                "gateway CPU per SSE chunk, unpaced (coalesced)",
+                f"{cpu_chunk * 1e6:,.1f} µs ({events:,} chunks, {args.streams} streams of"
+                f" {args.tokens} tokens, no delay)",
+            ),
+            (
+                "paced streams",
+                f"{args.paced_streams} concurrent, {args.paced_tokens} tokens"
+                f" {args.token_delay:g} ms apart ({chunks_each} SSE chunks each)",
+            ),
+            (
+                "gateway CPU per paced SSE chunk",
+                f"{paced.per_chunk * 1e6:,.1f} µs ({paced.chunks:,} chunks,"
+                f" {paced.streams:,} streams, {paced.errors} errors,"
+                f" stream p50 {paced.p50_ms:.0f} ms)",
+            ),
+            ("gateway CPU per paced stream", f"{paced.per_stream * 1e6:,.0f} µs"),
+            (
+                "bare pass-through CPU per paced chunk",
+                f"{bare.paced.per_chunk * 1e6:,.1f} µs ({bare.paced.chunks:,} chunks,"
+                f" {bare.paced.errors} errors, stream p50 {bare.paced.p50_ms:.0f} ms),"
+                f" {bare.paced.per_stream * 1e6:,.0f} µs per stream",
+            ),
+            (
+                "ratio gateway / bare",
+                f"per request {ratio(cpu_request, bare.request_cpu)}, per paced chunk"
+                f" {ratio(paced.per_chunk, bare.paced.per_chunk)}, per paced stream"
+                f" {ratio(paced.per_stream, bare.paced.per_stream)}",
+            ),
+            ("TTFB p50 direct / gateway", f"{ttfb_direct:.3f} ms / {ttfb_gateway:.3f} ms"),
+            ("added TTFB p50", f"{ttfb_gateway - ttfb_direct:.3f} ms"),
+            ("RSS idle", f"{idle_rss:.1f} MB"),
+            ("RSS per 1,000 idle keep-alive connections", f"{per_thousand:.1f} MB"),
+        ]
+    )
+    if replicas:
+        print_replicas(replicas, args)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())

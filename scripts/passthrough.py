@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The reference the gateway is measured against: a bare aiohttp + uvloop + orjson
-pass-through with no gateway logic (no balancing, queue, breakers, metrics or accounting).
+pass-through with no gateway logic (no queue, breakers, metrics or accounting), round robin
+over its upstreams, streams relayed as they arrive.
 
-    python scripts/passthrough.py PORT UPSTREAM_URL
+    python scripts/passthrough.py PORT UPSTREAM_URL [UPSTREAM_URL ...]
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import AsyncIterator
 
@@ -27,20 +29,30 @@ async def session(app: web.Application) -> AsyncIterator[None]:
 
 
 def main() -> None:
-    port, upstream = int(sys.argv[1]), sys.argv[2].rstrip("/")
+    port = int(sys.argv[1])
+    upstreams = itertools.cycle([url.rstrip("/") for url in sys.argv[2:]])
 
-    async def chat(request: web.Request) -> web.Response:
+    async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        orjson.loads(body)  # the one parse a router needs (the model name)
+        stream = orjson.loads(body).get("stream")  # the one parse a router needs
         async with request.app[SESSION].post(
-            upstream + "/v1/chat/completions",
+            next(upstreams) + "/v1/chat/completions",
             data=body,
             headers={"Content-Type": "application/json"},
         ) as response:
-            payload = await response.read()
-            return web.Response(
-                status=response.status, body=payload, content_type="application/json"
+            if not stream:
+                payload = await response.read()
+                return web.Response(
+                    status=response.status, body=payload, content_type="application/json"
+                )
+            relay = web.StreamResponse(
+                status=response.status, headers={"Content-Type": "text/event-stream"}
             )
+            await relay.prepare(request)
+            async for data in response.content.iter_any():
+                await relay.write(data)
+            await relay.write_eof()
+            return relay
 
     app = web.Application()
     app.cleanup_ctx.append(session)

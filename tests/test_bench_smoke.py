@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(240)
 def test_benchmark_smoke_run_prints_its_table() -> None:
     result = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--smoke"],
+        [sys.executable, "scripts/bench.py", "--smoke", "--replicas", "2"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -24,10 +25,17 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
     for row in (
         "gateway requests/s",
         "gateway CPU per request",
-        "gateway CPU per SSE chunk",
+        "gateway CPU per SSE chunk, unpaced (coalesced)",
+        "gateway CPU per paced SSE chunk",
+        "bare pass-through CPU per paced chunk",
+        "ratio gateway / bare",
         "bare aiohttp pass-through",
         "added TTFB p50",
         "RSS idle",
+        "replicas mode: phi-3-mini on 2 simulators",
+        "request-router / bare aiohttp pass-through: per request",
     ):
         assert row in result.stdout, row
-    assert "(0 errors)" in result.stdout
+    # Every request and stream of every phase and target was answered.
+    errors = re.findall(r"(\d+) errors", result.stdout)
+    assert len(errors) >= 6 and set(errors) == {"0"}, errors
