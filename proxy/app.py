@@ -59,7 +59,7 @@ def build_app(
     limit = config.server.max_body_bytes
     access = AccessControl(live, AuditLog(config.logging.audit_log), clock)
     # Access is decided before the workers' coordination answers a merged report.
-    middlewares = [error_middleware(limit, partial(count_refusal, live)), access.middleware()]
+    middlewares = [error_middleware(limit, partial(count_refusal, live), access.check)]
     peers = Peers.from_environment() if config.server.workers > 1 else None
     if peers is not None:
         middlewares.append(peers.middleware())

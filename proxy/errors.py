@@ -248,15 +248,23 @@ _AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
-def error_middleware(max_body_bytes: int, count_refusal: Callable[[int], None]) -> Middleware:
+def error_middleware(
+    max_body_bytes: int,
+    count_refusal: Callable[[int], None],
+    check_access: Callable[[web.Request], None] | None = None,
+) -> Middleware:
     """Every failure leaves as JSON with the right status; no traceback reaches a client.
     `count_refusal(status)`: called for each request answered with an error before it reached
-    the forwarding loop (which records its own outcomes)."""
+    the forwarding loop (which records its own outcomes). `check_access(request)`: who may use
+    the route (control.access), raising its refusal; run here rather than as a middleware of
+    its own to spare every request a coroutine frame."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         try:
+            if check_access is not None:
+                check_access(request)
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
