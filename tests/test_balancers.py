@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from balancers import registry
-from balancers.base import Balancer
+from balancers.adaptive import AdaptiveWeights
+from balancers.base import Balancer, best_by, least_loaded, spare_capacity
+from balancers.power_of_two import less_loaded
+from balancers.prefix_affinity import AffinitySettings
 from balancers.registry import (
     STRATEGIES,
     UnknownStrategyError,
@@ -181,3 +184,58 @@ def test_the_registry_imports_no_strategy() -> None:
         "balancers.base",
         "balancers.request",
     }
+
+
+def test_best_by_ties_within_the_tolerance_and_least_loaded_reads_capacity() -> None:
+    a, b, c = pool(1, 1, 1)
+    scores = {"a": 1.0, "b": 0.95, "c": 0.5}
+    seen = {best_by([a, b, c], lambda x: scores[x.name], random.Random(s), 0.05) for s in range(20)}
+    assert {x.name for x in seen if x} == {"a", "b"}
+    seen = {best_by([a, b, c], lambda x: scores[x.name], random.Random(s)) for s in range(20)}
+    assert {x.name for x in seen if x} == {"a"}
+    assert best_by([], lambda x: 0.0, random.Random(0)) is None
+    a.max_concurrent, a.active = 10, 5  # half full
+    b.max_concurrent, b.active = 100, 40  # less than half
+    c.max_concurrent, c.active = 4, 3
+    assert spare_capacity(a) == -0.5
+    assert least_loaded([a, b, c], random.Random(0)) is b
+
+
+def test_power_of_two_keeps_the_first_sample_on_a_tie() -> None:
+    a, b = pool(1, 1)
+    assert less_loaded(a, b) is a and less_loaded(b, a) is b
+    b.active = 1
+    assert less_loaded(b, a) is a
+
+
+def test_smooth_weighted_gives_a_zero_weight_the_smallest_share_and_skips_excluded() -> None:
+    backends = pool(1, 0, 1)
+    chosen = picks("weighted", backends, 2001)
+    assert Counter(chosen)["b"] == 1  # 1 of 2001: scaled to at least one thousandth
+    backends = pool(1, 2, 1)
+    balancer = create_balancer("weighted", backends, random.Random(0))
+    chosen = [balancer.select(backends, (backends[0],)).name for _ in range(30)]
+    assert Counter(chosen) == {"b": 20, "c": 10}  # the weights of those left, exactly
+
+
+def test_round_robin_continues_after_the_last_pick_and_wraps() -> None:
+    backends = pool(1, 1, 1)
+    balancer = create_balancer("round_robin", backends, random.Random(0))
+    assert balancer.select(backends, (backends[0],)).name == "b"
+    assert balancer.select(backends).name == "c"
+    assert balancer.select(backends, (backends[0],)).name == "b"
+
+
+def test_registering_a_name_twice_is_refused_and_aliases_list_after_their_name() -> None:
+    with pytest.raises(ValueError, match="'round_robin' registered twice"):
+        registry.register("round_robin", order=99)(type("Other", (Balancer,), {}))
+    assert registry.register("round_robin", order=1)(STRATEGIES["round_robin"])  # same: fine
+    names = strategy_names()
+    assert names.index("weighted_round_robin") == names.index("weighted") + 1
+    assert names[:3] == ["round_robin", "weighted", "weighted_round_robin"]
+    settings = registry.policy_settings()
+    assert len(settings) == len(set(settings))  # each declared once, though aliases share
+    assert (None, AffinitySettings) in settings and (
+        "adaptive_weights",
+        AdaptiveWeights,
+    ) in settings

@@ -154,3 +154,91 @@ def test_snapshot_counts_slow_requests_in_the_window() -> None:
     assert breaker.snapshot()["slow_requests"] == 2
     clock.now += 61
     assert breaker.snapshot()["slow_requests"] == 0
+
+
+def test_every_half_open_period_admits_its_trials_again() -> None:
+    """The second cycle: a failed trial reopens the breaker, and when it turns half-open again
+    it lets a trial through again (with half_open_limit 1 it would otherwise stay shut)."""
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, recovery_time=10, half_open_limit=1, clock=clock)
+    breaker.record_failure()
+    for open_for in (10, 20, 40):
+        assert breaker.open_for == open_for and breaker.is_open() and not breaker.allows()
+        clock.now += open_for
+        assert breaker.allows() and not breaker.is_open()
+        breaker.on_dispatch()
+        assert not breaker.allows()  # one trial at a time
+        breaker.record_failure()  # the trial failed
+    clock.now += 80
+    assert breaker.allows()
+    breaker.on_dispatch()
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED and breaker.allows()
+    for _ in range(5):
+        breaker.on_dispatch()  # closed: nothing is counted as a trial
+    breaker.record_failure()
+    clock.now += 10
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.allows()
+
+
+def test_open_time_doubles_up_to_eight_times_the_recovery_time_by_default() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, recovery_time=10, clock=clock)
+    breaker.record_failure()
+    seen = []
+    for _ in range(5):
+        clock.now += breaker.open_for
+        breaker.record_failure()
+        seen.append(breaker.open_for)
+    assert seen == [20, 40, 80, 80, 80]
+    assert breaker.trips == 6
+
+
+def test_a_failure_while_open_does_not_extend_the_open_period() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=2, recovery_time=10, clock=clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    clock.now += 5
+    breaker.record_failure()  # a request that was in flight when it opened
+    assert breaker.trips == 1 and breaker.open_for == 10
+    clock.now += 5
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_slowness_counts_strictly_above_the_threshold_within_the_window() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(
+        clock=clock, latency_threshold=2.0, slow_request_limit=2, slow_window=60
+    )
+    breaker.record_latency(2.0)  # at the threshold: not slow
+    breaker.record_latency(2.01)
+    assert breaker.slow_requests == 1
+    clock.now += 60
+    assert breaker.slow_requests == 1  # exactly a window old: still counted
+    breaker.record_latency(3.0)
+    assert breaker.state is BreakerState.CLOSED  # two slow requests: at the limit, not above
+    clock.now += 0.5
+    assert breaker.slow_requests == 1  # the first has left the window
+    breaker.record_latency(3.0)
+    breaker.record_latency(3.0)
+    assert breaker.state is BreakerState.OPEN and breaker.trips == 1
+    assert breaker.slow_requests == 0  # opening starts a fresh count
+    clock.now += 60
+    breaker.record_success()
+    for _ in range(2):
+        breaker.record_latency(5.0)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_the_listener_hears_each_change_once() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, recovery_time=5, clock=clock)
+    seen: list[str] = []
+    breaker.on_change = lambda _breaker, state: seen.append(state.value)
+    breaker.force_open()
+    breaker.force_open()
+    breaker.record_success()
+    breaker.record_success()
+    assert seen == ["open", "closed"]
+    assert breaker.trips == 2 and repr(breaker) == "<CircuitBreaker closed failures=0>"

@@ -5,7 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from admission.ratelimit import TokenBucket
+import pytest
+from aiohttp import web
+
+from admission import ratelimit
+from admission.ratelimit import RateLimiter, TokenBucket
+from config.schema import parse
+from proxy.errors import RateLimited
 from simulator.cluster import Cluster
 from tests.conftest import ManualClock, StartGateway, chat, config_document
 
@@ -129,3 +135,110 @@ async def test_shed_when_too_few_healthy_backends(
     gateway.router.models["phi-3-mini"].upstreams[0].healthy = False
     [(status, _, body)] = await statuses(http, gateway.url, [chat()])
     assert status == 503 and "healthy backends" in body["error"]["message"]
+
+
+def test_token_bucket_counts_each_refill_once_and_holds_at_most_its_capacity() -> None:
+    clock = ManualClock(0.0)
+    bucket = TokenBucket(rate=1.0, capacity=2.0, clock=clock)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 1.0]
+    clock.advance(0.5)
+    assert bucket.take() == 0.5  # half a token has come back, not yet a whole one
+    assert bucket.take() == 0.5  # and it was counted once
+    clock.advance(100.0)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 1.0]  # full, not 100 tokens
+
+
+def limiter(clock: ManualClock, rpm: int = 6, **limits: float) -> RateLimiter:
+    config = parse(
+        {
+            "models": {"m": {"endpoints": [{"url": "http://127.0.0.1:9"}], "rpm": rpm}},
+            "rate_limit": limits,
+        },
+        {},
+    )
+    return RateLimiter(config, clock)
+
+
+class Asking(dict[object, object]):
+    """What the limiter reads of a request: its peer, and the client control.access verified."""
+
+    def __init__(self, remote: str | None = "10.0.0.1", client: str | None = None) -> None:
+        super().__init__()
+        self.remote = remote
+        if client is not None:
+            self[ratelimit.CLIENT] = client
+
+
+def request(remote: str | None = "10.0.0.1", client: str | None = None) -> web.Request:
+    return Asking(remote, client)  # type: ignore[return-value]
+
+
+def refused(limits: RateLimiter, asking: web.Request, model: str | None = None) -> str | None:
+    try:
+        limits.check(asking, model)
+    except RateLimited as error:
+        return error.headers["Retry-After"]
+    return None
+
+
+def test_each_client_has_its_own_bucket_and_the_least_recent_is_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ratelimit, "MAX_CLIENT_BUCKETS", 2)
+    clock = ManualClock()
+    limits = limiter(clock, per_client_rps=0.5, per_client_burst=1)
+    alice, bob = request(client="alice"), request(remote="10.0.0.2")
+    assert refused(limits, alice) is None
+    assert refused(limits, request(remote="10.0.0.9", client="alice")) == "2"  # same client
+    assert refused(limits, bob) is None  # bob's bucket is his own
+    assert refused(limits, request(remote="10.0.0.3")) is None  # a third client: alice is
+    assert refused(limits, bob) == "2"  # the least recently seen, bob is kept
+    assert refused(limits, alice) is None  # alice's bucket was forgotten: a full one again
+    assert limits.limited == 2 and list(limits.clients) == ["peer:10.0.0.2", "client:alice"]
+    assert refused(limits, request(remote=None)) is None
+    assert "peer:unknown" in limits.clients
+
+
+def test_the_global_and_model_limits_and_their_retry_after() -> None:
+    clock = ManualClock()
+    limits = limiter(clock, rps=2, burst=1)
+    someone = request()
+    assert refused(limits, someone) is None
+    assert refused(limits, someone) == "1"  # 0.5 s: rounded up to whole seconds
+    clock.advance(0.5)
+    assert refused(limits, someone, "m") is None  # the global bucket: one per 0.5 s
+    for _ in range(5):
+        clock.advance(0.5)
+        assert refused(limits, someone, "m") is None
+    clock.advance(0.5)
+    # 6 rpm: a burst of 6, then a token every 10 s; a quarter of one is back: 7.5 s to wait
+    assert refused(limits, someone, "m") == "8"
+    clock.advance(0.5)
+    assert refused(limits, someone, "other") is None  # a model with no limit
+    assert limits.active and not limiter(clock, rpm=0).active
+    assert limiter(clock, rpm=0, per_client_rps=1).active
+
+
+def test_a_reload_keeps_the_buckets_unless_a_limit_changed() -> None:
+    clock = ManualClock()
+    limits = limiter(clock, per_client_rps=1)
+    limits.check(request(), None)
+    assert refused(limits, request()) == "1"
+    same = parse(
+        {
+            "models": {"m": {"endpoints": [{"url": "http://127.0.0.1:9"}], "rpm": 6}},
+            "rate_limit": {"per_client_rps": 1},
+        },
+        {},
+    )
+    assert limits.reconfigured(same) is limits
+    changed = parse(
+        {
+            "models": {"m": {"endpoints": [{"url": "http://127.0.0.1:9"}], "rpm": 7}},
+            "rate_limit": {"per_client_rps": 1},
+        },
+        {},
+    )
+    fresh = limits.reconfigured(changed)
+    assert fresh is not limits and fresh.limited == 1
+    assert refused(fresh, request()) is None

@@ -14,6 +14,16 @@ import pytest
 from circuit.breaker import BreakerState
 from config.schema import RetryConfig
 from proxy.retry import RetryBudget, RetryPolicy, retry_after_seconds
+from proxy.upstream import Pool, Upstream
+from proxy.verdict import (
+    BACKEND_FAILED,
+    CLIENT_ERROR,
+    CLIENT_GONE,
+    GATEWAY_REFUSED,
+    OK,
+    RETRYABLE,
+    THROTTLED,
+)
 from simulator.cluster import Cluster
 from tests.conftest import ManualClock, StartGateway, chat, config_document
 
@@ -238,3 +248,57 @@ def test_retry_after_parsing(value, expected) -> None:
 def test_retry_after_http_date() -> None:
     seconds = retry_after_seconds(formatdate(time.time() + 30, usegmt=True))
     assert seconds is not None and 28 <= seconds <= 30
+
+
+def one_backend_pool() -> Pool:
+    return Pool("a", [Upstream("a", "http://127.0.0.1:9", "a", model="a")], "round_robin")
+
+
+def test_should_retry_only_what_another_backend_may_fix_while_attempts_and_budget_last() -> None:
+    clock = Clock()
+    policy = RetryPolicy(RetryConfig(max_retries=2, budget_ratio=0.5, budget_min=0), clock=clock)
+    policy.budget.requests = 6  # room for 3 retries
+    pools = (one_backend_pool(),)
+    assert policy.max_attempts == 3
+    for verdict in (OK, CLIENT_ERROR, BACKEND_FAILED, CLIENT_GONE, GATEWAY_REFUSED):
+        assert not policy.should_retry(verdict, 1, pools)
+    assert policy.budget.retries == 0  # nothing withdrawn for a refusal
+    assert policy.should_retry(THROTTLED, 1, pools) and policy.should_retry(RETRYABLE, 2, pools)
+    assert not policy.should_retry(RETRYABLE, 3, pools)  # the third attempt was the last
+    assert policy.budget.retries == 2
+    pools[0].upstreams[0].breaker.force_open()
+    assert not policy.should_retry(RETRYABLE, 1, pools)  # nowhere live to go
+    assert policy.should_retry(RETRYABLE, 1, (pools[0], one_backend_pool()))  # a fallback
+    assert policy.budget.retries == 3
+    assert not policy.should_retry(RETRYABLE, 1, (one_backend_pool(),))  # 3 of 3 used
+
+
+def test_a_reload_keeps_the_retry_budget_and_retunes_it() -> None:
+    clock = Clock()
+    first = RetryPolicy(RetryConfig(budget_ratio=0.2, budget_min=1), clock=clock)
+    first.budget.requests = 100
+    second = RetryPolicy(RetryConfig(budget_ratio=0.5, budget_min=2), first.budget)
+    assert second.budget is first.budget and second.budget.requests == 100
+    assert (second.budget.ratio, second.budget.min_per_second) == (0.5, 2)
+    assert sum(second.budget.try_withdraw() for _ in range(100)) == 2 * 10 + 50
+
+
+def test_the_budget_forgets_a_window_that_is_two_windows_old() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=0.5, min_per_second=0, window=10, clock=clock)
+    budget.requests = 40
+    assert sum(budget.try_withdraw() for _ in range(30)) == 20
+    clock.now = 19  # a new window: the previous one still counts, 20 used of 0.5 x 40
+    assert not budget.try_withdraw()
+    budget.requests = 10
+    clock.now = 39  # two windows after this one began: its history is forgotten too
+    assert sum(budget.try_withdraw() for _ in range(30)) == 0
+
+
+def test_backoff_waits_for_a_retry_on_the_same_backend_and_is_capped() -> None:
+    random.seed(5)
+    policy = RetryPolicy(RetryConfig(max_retries=5, delay=1.0, max_delay=3.0))
+    assert policy.backoff(1, other_backend=True) == 0.0
+    assert 1.0 <= policy.backoff(1, other_backend=False) <= 2.0  # the same backend: wait
+    assert 2.0 <= policy.backoff(2, other_backend=True) <= 3.0  # not the first retry: wait
+    assert policy.backoff(3, other_backend=False) == 3.0

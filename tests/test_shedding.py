@@ -114,3 +114,69 @@ def test_saturation_sheds_every_pool() -> None:
     shed.admission.in_flight = 2
     assert refused(shed, router.models["b"], 10) == 10
     assert "2 requests pending" in (shed.should_shed() or "")
+
+
+def test_judged_from_exactly_min_requests_and_the_reason_names_the_pool() -> None:
+    assert rejection_probability(10, 5, CONFIG) == pytest.approx((10 - 5 / 0.9) / 11)
+    assert rejection_probability(10, 9, CONFIG) == 0.0  # 10% failed: allowed
+    clock = ManualClock()
+    shed, router = shedder(clock, max_rejection_probability=0.5)
+    assert shed.pool_rejection("a") == 0.0 and shed.should_shed() is None
+    for verdict in [OK] * 5 + [BACKEND_FAILED] * 15:
+        shed.record("a", verdict)
+    reason = "pool a: failure rate 75% over the last 10s, refusing 50% of its requests"
+    assert shed.should_shed() == reason
+    with pytest.raises(Shed) as refusal:
+        for _ in range(20):
+            shed.check(router.models["a"])
+    assert reason in str(refusal.value) and shed.shed == 1
+    assert refusal.value.headers["Retry-After"] == "1"
+    shed.check(router.models["b"])  # the other pool: let through
+
+
+def test_the_window_slides_by_buckets_over_a_long_quiet_spell() -> None:
+    window = PoolWindow(10.0, now=3.0)
+    window.add(False, 3.0)
+    window.add(True, 8.5)
+    assert window.totals(12.9) == (2, 1)
+    assert window.totals(13.0) == (1, 1)  # the bucket of second 3 has left, not that of 8
+    assert window.totals(17.9) == (1, 1)
+    assert window.totals(18.0) == (0, 0)
+    window.add(False, 1000.0)  # far later: every old bucket is empty, counts are exact
+    assert window.totals(1000.0) == (1, 0)
+
+
+def test_pending_counts_in_flight_and_queued_and_healthy_backends_are_counted() -> None:
+    clock = ManualClock()
+    shed, router = shedder(clock, max_pending=3, min_healthy_backends=2)
+    shed.admission.in_flight, shed.admission.queued = 1, 1
+    assert shed.gateway_reason() is None
+    shed.admission.queued = 2
+    assert shed.gateway_reason() == "3 requests pending"
+    shed.admission.queued = 0
+    router.models["a"].upstreams[0].healthy = False
+    assert shed.gateway_reason() == "fewer than 2 healthy backends"
+    assert refused(shed, router.models["b"], 3) == 3
+
+
+def test_disabled_it_never_sheds() -> None:
+    clock = ManualClock()
+    shed, router = shedder(clock, enabled=False, max_pending=1, max_rejection_probability=1.0)
+    shed.admission.in_flight = 5
+    for _ in range(40):
+        shed.record("a", BACKEND_FAILED)
+    assert shed.should_shed() is None and shed.gateway_reason() is None
+    assert refused(shed, router.models["a"], 50) == 0
+
+
+def test_a_reload_keeps_the_window_unless_its_length_changed() -> None:
+    clock = ManualClock()
+    shed, router = shedder(clock)
+    for _ in range(20):
+        shed.record("a", BACKEND_FAILED)
+    assert shed.max_pending == 200  # max_in_flight + queue size
+    same = LoadSheddingConfig(min_requests=10, max_pending=7)
+    shed.reconfigure(same, router)
+    assert shed.pool_rejection("a") > 0 and shed.max_pending == 7 and shed.config is same
+    shed.reconfigure(LoadSheddingConfig(min_requests=10, failure_window=5.0), router)
+    assert shed.pool_rejection("a") == 0.0 and shed.max_pending == 200

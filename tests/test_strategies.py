@@ -7,15 +7,21 @@ import random
 from collections import Counter
 
 import orjson
+import pytest
 
+from balancers.adaptive import Adaptive
+from balancers.by_model_traits import BalancedWeights, _inverse
 from balancers.classify import classify
+from balancers.decisions import DecisionCache, DecisionStats
 from balancers.ensemble import EnsembleSettings
+from balancers.latency import LatencyAware, neutral_latency
 from balancers.prefix_affinity import PrefixAffinity
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
+from circuit.breaker import CircuitBreaker
 from health.stats import PeakEwma
 from simulator.cluster import Cluster
-from tests.conftest import StartGateway, chat, config_document
+from tests.conftest import ManualClock, StartGateway, chat, config_document
 from tests.test_balancers import Backend
 
 
@@ -134,12 +140,47 @@ def test_prefix_affinity_keeps_a_session_and_respects_its_bound() -> None:
 
 
 def test_prefix_affinity_shares_a_prompt_prefix() -> None:
+    """Prompts that share their first affinity_prefix_chars land on the backend that prefix
+    hashes to, whatever the seed; prompts that differ within it spread."""
     backends = models_pool()
+    system = "You are a helpful assistant for ACME. " * 10  # longer than the 256 hashed
+    home = PrefixAffinity(backends, random.Random(0)).home(backends, RoutingRequest(content=system))
+    for seed in range(5):
+        balancer = PrefixAffinity(backends, random.Random(seed))
+        chosen = {
+            balancer.select(backends, (), RoutingRequest(content=system + f"question {i}")).name
+            for i in range(10)
+        }
+        assert chosen == {home.name}
     balancer = PrefixAffinity(backends, random.Random(0))
-    system = "You are a helpful assistant for ACME. " * 10
-    first = balancer.select(backends, (), RoutingRequest(content=system + "question one"))
-    second = balancer.select(backends, (), RoutingRequest(content=system + "another one"))
-    assert first is second
+    spread = Counter(
+        balancer.select(backends, (), RoutingRequest(content=f"{i} {system}")).name
+        for i in range(40)
+    )
+    assert len(spread) == 4
+
+
+def test_prefix_affinity_serves_at_its_bound_and_spills_along_the_ring() -> None:
+    backends = models_pool()
+    session = RoutingRequest(affinity_key="session-42")
+    home = PrefixAffinity(backends, random.Random(0)).home(backends, session)
+    assert home is not None
+    for backend in backends:
+        backend.active = 1  # bound: ceil(1.25 x (4 + 1) / 4) = 2, and home would be at 2
+    assert PrefixAffinity(backends, random.Random(0)).select(backends, (), session) is home
+    home.active = 2  # 3 would be above the bound: the next backend on the ring serves
+    spilled = {
+        PrefixAffinity(backends, random.Random(seed)).select(backends, (), session).name
+        for seed in range(8)
+    }
+    assert len(spilled) == 1 and home.name not in spilled  # the ring's next, not a random one
+    home.active = 1
+    excluded = {
+        PrefixAffinity(backends, random.Random(seed)).select(backends, (home,), session).name
+        for seed in range(8)
+    }
+    assert excluded == spilled  # a backend already tried: the same next one
+    assert PrefixAffinity(backends, random.Random(0)).select(backends, (), None) is not None
 
 
 def test_adaptive_avoids_failing_and_skips_open_circuits() -> None:
@@ -289,3 +330,124 @@ def test_latency_probes_a_once_slow_backend_again_after_a_while() -> None:
     now[0] = 100.0  # ten decay times without a sample: as good as the best again
     picks = Counter(latency.select(backends).name for _ in range(400))
     assert picks["hermes-2"] > 30
+
+
+def test_adaptive_scores_health_times_load_latency_and_success() -> None:
+    clock = ManualClock()
+    backend = Backend("a", max_concurrent=100, active=25, breaker=CircuitBreaker(clock=clock))
+    backend.outcomes.add(True)
+    backend.outcomes.add(False)
+    adaptive = Adaptive([backend], random.Random(0), StrategySettings(clock=clock))
+    # health 50 x (0.4 x 0.75 spare + 0.4 x 0.5 unmeasured + 0.2 x 0.5 success)
+    assert adaptive.score(backend, clock()) == pytest.approx(30.0)
+    backend.latencies.add(1.5)  # p95 1.5 s of the 2 s slow threshold: 0.25
+    assert adaptive.score(backend, clock()) == pytest.approx(50 * (0.3 + 0.1 + 0.1))
+    backend.latencies.add(4.0)  # slower than slow: 0, not negative (p95 read once a second)
+    assert adaptive.score(backend, clock() + 1) == pytest.approx(50 * (0.3 + 0.0 + 0.1))
+    backend.breaker.force_open()
+    clock.advance(60)  # half-open: its health counts half
+    assert adaptive.score(backend, clock()) == pytest.approx(25 * (0.3 + 0.0 + 0.1))
+
+
+def test_balanced_normalises_each_term_across_the_candidates() -> None:
+    assert [_inverse(v, 1.0, 3.0) for v in (1.0, 2.0, 3.0)] == [1.0, 0.5, 0.0]
+    assert _inverse(5.0, 5.0, 5.0) == 1.0
+    cheap = Backend("cheap", cost=1.0, quality=0.5)
+    dear = Backend("dear", cost=3.0, quality=0.5)
+    unmeasured = Backend("unmeasured", cost=2.0, quality=0.5)
+    cheap.latency.observe(0.3)
+    dear.latency.observe(0.1)
+    backends = [cheap, dear, unmeasured]
+    # cheap: 0.3 cost + 0 latency; dear: 0 + 0.3; unmeasured: 0.15 + 0.15 (the average)
+    weights = BalancedWeights(cost=0.3, latency=0.3, quality=0.0, load=0.0)
+    settings = StrategySettings(policies=(weights,))
+    chosen = Counter(
+        create_balancer("balanced", backends, random.Random(s), settings).select(backends).name
+        for s in range(30)
+    )
+    assert set(chosen) == {"cheap", "dear", "unmeasured"}  # a three-way tie
+    cheap.active = 50  # load counts: 0.1 x 0.5 spare for cheap, 0.1 x 1 for the others
+    loaded = StrategySettings(policies=(BalancedWeights(0.3, 0.3, 0.0, 0.1),))
+    chosen = Counter(
+        create_balancer("balanced", backends, random.Random(s), loaded).select(backends).name
+        for s in range(30)
+    )
+    assert set(chosen) == {"dear", "unmeasured"}
+    assert create_balancer("balanced", [dear], random.Random(0)).select([dear]) is dear
+
+
+def test_by_trait_the_least_loaded_replica_of_the_chosen_model_serves() -> None:
+    backends = models_pool() + [Backend("phi-b", model="phi-3-mini", cost=0.0004, quality=0.6)]
+    backends[3].active = 3
+    backends[4].active = 1
+    assert pick("cost_optimized", backends) == "phi-b"
+    backends[4].active = 5
+    assert pick("cost_optimized", backends) == "phi-3-mini"
+
+
+def test_ensemble_ties_go_to_the_heaviest_voter() -> None:
+    backends = models_pool()
+    # cost picks phi (0.4); quality and priority both pick mixtral (0.2 + 0.2): a tie
+    voters = (("quality_optimized", 0.2), ("cost_optimized", 0.4), ("priority", 0.2))
+    settings = StrategySettings(policies=(EnsembleSettings(ensemble=voters),))
+    ensemble = create_balancer("ensemble", backends, random.Random(0), settings)
+    assert ensemble.select(backends).name == "phi-3-mini"
+    heavier = (("quality_optimized", 0.21), ("cost_optimized", 0.4), ("priority", 0.2))
+    settings = StrategySettings(policies=(EnsembleSettings(ensemble=heavier),))
+    ensemble = create_balancer("ensemble", backends, random.Random(0), settings)
+    assert ensemble.select(backends).name == "mixtral-8x7b"
+    assert ensemble.select(backends, tuple(backends)) is None
+
+
+def test_classification_thresholds() -> None:
+    assert classify(RoutingRequest(content="hi " + "x" * 76)) == "chat"  # 79 characters
+    assert classify(RoutingRequest(content="hi " + "x" * 77)) != "chat"  # 80
+    assert classify(RoutingRequest(content="y" * 199, stream=True)) == "streaming"
+    assert classify(RoutingRequest(content="y" * 200, stream=True)) == "general"
+    assert classify(RoutingRequest(content="y" * 39)) == "fast"
+    assert classify(RoutingRequest(content="y" * 40)) == "general"
+    assert classify(RoutingRequest(content="y " * 1000 + "def f(): pass")) == "general"
+    assert classify(RoutingRequest(request_type="Code")) == "coding"
+    assert classify(RoutingRequest(request_type="nonsense", content="2+2?")) == "fast"
+
+
+def test_decision_cache_expires_and_evicts_the_least_recently_used() -> None:
+    clock = ManualClock()
+    cache = DecisionCache(ttl=5.0, size=2, clock=clock)
+    cache.put(("a",), "m1")
+    cache.put(("b",), "m2")
+    clock.advance(4.9)
+    assert cache.get(("a",)) == "m1"  # now the most recently used
+    cache.put(("c",), "m3")  # evicts b
+    assert cache.get(("b",)) is None and cache.get(("c",)) == "m3"
+    clock.advance(0.1)
+    assert cache.get(("a",)) is None  # 5 s old: expired
+    assert cache.get(("c",)) == "m3"
+    stats = DecisionStats()
+    stats.record("latency", 0.001)
+    stats.record("latency", 0.003)
+    stats.invalidate()
+    assert (stats.count, stats.by_strategy["latency"], stats.generation) == (2, 2, 1)
+    assert stats.durations.mean() == pytest.approx(0.002)
+
+
+def test_latency_compares_its_pair_by_latency_times_load_within_a_tolerance() -> None:
+    fast, slow, new = Backend("fast"), Backend("slow"), Backend("new")
+    balancer = LatencyAware([fast, slow, new], random.Random(0))
+    assert balancer.better(fast, slow, [fast, slow]) is fast  # nothing measured: a tie
+    slow.active = 1
+    assert balancer.better(fast, slow, [fast, slow]) is fast  # then the less loaded
+    assert balancer.better(slow, fast, [fast, slow]) is fast
+    fast.latency.observe(0.1)
+    slow.latency.observe(0.104)
+    slow.active = 0
+    assert balancer.better(slow, fast, [fast, slow]) is slow  # within 5%: the first of the pair
+    slow.latency.reset()
+    slow.latency.observe(0.2)
+    assert balancer.better(slow, fast, [fast, slow]) is fast
+    fast.active = 2  # 0.1 x 3 against 0.2 x 1
+    assert balancer.better(fast, slow, [fast, slow]) is slow
+    # unmeasured: scored at the average of the measured (0.15) x (0 + 1)
+    assert balancer.better(new, fast, [fast, slow, new]) is new
+    assert neutral_latency([fast, slow, new]) == pytest.approx(0.15)
+    assert neutral_latency([new]) is None

@@ -11,6 +11,7 @@ from proxy.verdict import (
     BACKEND_FAULTS,
     CLIENT_ERROR,
     CLIENT_GONE,
+    GATEWAY_REFUSED,
     OK,
     RETRYABLE,
     SERVER_FAULTS,
@@ -25,6 +26,9 @@ from proxy.verdict import (
 @pytest.mark.parametrize(
     ("status", "verdict"),
     [
+        (99, BACKEND_FAILED),  # below 100 is no HTTP status
+        (100, OK),
+        (199, OK),
         (200, OK),
         (204, OK),
         (304, OK),
@@ -54,6 +58,27 @@ def test_the_consumers_read_the_same_sets() -> None:
     assert CLIENT_GONE not in BACKEND_FAULTS | WORTH_ANOTHER_TRY | SERVER_FAULTS
     assert BACKEND_FAULTS <= SERVER_FAULTS
     assert len(VERDICT_NAMES) == len(set(VERDICT_NAMES)) == 7
+
+
+def test_reports_name_each_verdict() -> None:
+    verdicts = (
+        OK,
+        CLIENT_ERROR,
+        THROTTLED,
+        RETRYABLE,
+        BACKEND_FAILED,
+        CLIENT_GONE,
+        GATEWAY_REFUSED,
+    )
+    assert [VERDICT_NAMES[v] for v in verdicts] == [
+        "ok",
+        "client_error",
+        "throttled",
+        "retryable",
+        "backend_failed",
+        "client_gone",
+        "gateway_refused",
+    ]
 
 
 def test_health_probes_fail_on_what_the_request_path_counts_as_a_backend_fault() -> None:
