@@ -332,7 +332,9 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class ChaosConfig:
-    enabled: bool = setting(False, help="the admin API's chaos test endpoints (--demo: on)")
+    enabled: bool = setting(
+        False, env="ROUTER_CHAOS_ENABLED", help="the admin API's chaos test endpoints (--demo: on)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

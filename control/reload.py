@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,11 +55,34 @@ class HealthService:
         await self.stop()
 
 
+def keep_runtime_strategies(router: Router, previous: Router) -> None:
+    """The strategies set through the admin API (the whole router's and any pool's) carry into
+    a reloaded router whose file did not change the strategy."""
+    if previous.strategy != router.strategy:
+        router.set_strategy(previous.strategy)
+    for name, pool in router.pools.items():
+        before = previous.pools.get(name)
+        if before is not None and before.strategy != pool.strategy:
+            router.set_strategy(before.strategy, name)
+
+
 class Reloader:
-    def __init__(self, live: LiveRuntime, health: HealthService, path: str | None) -> None:
+    def __init__(
+        self,
+        live: LiveRuntime,
+        health: HealthService,
+        path: str | None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """`environ`: the ROUTER_* variables the file is read with, the command line's and
+        --demo's included (proxy.__main__), so a reload keeps them."""
         self.live = live
         self.health = health
         self.path = path
+        self.environ = environ
+        # The strategy the file (with the environment) asked for when last read: a reload
+        # keeps strategies set at runtime through the admin API unless the file changes it.
+        self.file_strategy = live.runtime.config.routing.strategy
         self._lock = asyncio.Lock()  # two reloads at once would race on the health checker
 
     async def reload(self) -> tuple[Config, list[str]]:
@@ -68,7 +91,7 @@ class Reloader:
         if self.path is None or not Path(self.path).is_file():
             raise ConfigError("no config file to reload (the gateway was not started from one)")
         async with self._lock:
-            loaded = await asyncio.to_thread(load, self.path)
+            loaded = await asyncio.to_thread(load, self.path, self.environ)
             running = self.live.runtime.config
             ignored = [
                 f"server.{key} (restart to apply)"
@@ -90,6 +113,9 @@ class Reloader:
             )
             runtime = self.live.runtime
             router = Router(config, previous=runtime.router)
+            if config.routing.strategy == self.file_strategy:
+                keep_runtime_strategies(router, runtime.router)
+            self.file_strategy = config.routing.strategy
             self.live.swap(runtime.reloaded(config, router))
             await self.health.restart(router, config)
         log.info(

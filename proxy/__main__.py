@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from aiohttp import web
@@ -60,15 +60,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def with_cli_overrides(config: Config, args: argparse.Namespace) -> Config:
-    server = config.server
+def environment_with(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """The command line and --demo as the ROUTER_* variables they stand for: they then go
+    through the same validation as the file and the environment (a --port of 99999 is refused
+    with its key), and a reload re-applies them instead of losing them."""
+    overrides = dict(environ)
     if args.host:
-        server = replace(server, host=args.host)
+        overrides["ROUTER_HOST"] = args.host
     if args.port is not None:
-        server = replace(server, port=args.port)
+        overrides["ROUTER_PORT"] = str(args.port)
     if args.workers is not None:
-        server = replace(server, workers=max(1, args.workers))
-    return replace(config, server=server)
+        overrides["ROUTER_WORKER_THREADS"] = str(args.workers)
+    if args.demo:
+        # Simulated backends: the chaos endpoints are for the walk-through, and the demo,
+        # with those endpoints on, listens on loopback unless told otherwise.
+        overrides["ROUTER_CHAOS_ENABLED"] = "true"
+        overrides.setdefault("ROUTER_HOST", "127.0.0.1")
+    return overrides
 
 
 def settle_garbage_collector() -> None:
@@ -92,13 +100,13 @@ def install_uvloop() -> bool:
     return True
 
 
-async def serve(config: Config, demo: bool) -> None:
+async def serve(config: Config, demo: bool, environ: Mapping[str, str]) -> None:
     cluster = None
     if demo:
         from simulator.demo import print_instructions, start_demo_backends
 
         cluster = await start_demo_backends(config)
-    app = build_app(config)
+    app = build_app(config, environ=environ)
     live, reloader = app[RUNTIME_KEY], app[RELOADER_KEY]
     runner = make_runner(app, shutdown_timeout=config.server.shutdown_grace, **RUNNER_OPTIONS)
     await runner.setup()
@@ -169,13 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    environ = environment_with(args, os.environ)
     try:
-        config = with_cli_overrides(load(args.config), args)
+        config = load(args.config, environ)
     except ConfigError as exc:
         print(f"request-router: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    if args.demo:  # simulated backends: let the walk-through exercise the chaos endpoints
-        config = replace(config, chaos=replace(config.chaos, enabled=True))
     if args.check_config:
         print(config.summary())
         print("configuration OK")
@@ -189,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return supervise(arguments, config.server.workers)
     install_uvloop()
     try:
-        asyncio.run(serve(config, args.demo))
+        asyncio.run(serve(config, args.demo, environ))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,15 +47,17 @@ def build_app(
     config_path: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> web.Application:
     """`config_path`: the file a reload re-reads; by default the file `config` came from.
     `clock`: the monotonic clock every window, budget, limit and breaker reads (a given
     `router` brings its own, which should be the same); `rng`: the random source of load
-    shedding's draws."""
+    shedding's draws; `environ`: the ROUTER_* variables (with the command line's) a reload
+    reads the file with, by default the process's."""
     router = router if router is not None else Router(config, clock=clock)
     live = LiveRuntime(Runtime(config, router, clock=clock, rng=rng))
     health = HealthService()
-    reloader = Reloader(live, health, config_path or config.source)
+    reloader = Reloader(live, health, config_path or config.source, environ)
     limit = config.server.max_body_bytes
     access = AccessControl(live, AuditLog(config.logging.audit_log), clock)
     # Access is decided before the workers' coordination answers a merged report.

@@ -89,9 +89,17 @@ async def start_backend(
     behaviour = Behaviour()
     # Cancelling the handler when the peer goes away is how real model servers (vLLM, TGI)
     # stop generating, and lets tests see that the gateway really closed the upstream.
-    runner, bound = await serve(
-        _app(kind, model or name, behaviour), "127.0.0.1", port, handler_cancellation=True
-    )
+    try:
+        runner, bound = await serve(
+            _app(kind, model or name, behaviour), "127.0.0.1", port, handler_cancellation=True
+        )
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot start the simulated {name} on 127.0.0.1:{port}: {exc.strerror or exc}"
+            " (the demo uses the ports of the config's endpoints: point --config at a copy"
+            " with other ports to move them)",
+        ) from None
     backend = SimulatedBackend(name, kind, f"http://127.0.0.1:{bound}", behaviour, runner)
     cluster.backends[name] = backend
     return backend

@@ -27,7 +27,8 @@ request-router demo: simulated backends are up and the gateway is listening on {
        -d '{{"model": "hermes-2", "stream": true,
             "messages": [{{"role": "user", "content": "Hi"}}]}}'
 
-  curl -s -X PUT {base}/api/v1/router/strategy -d '{{"strategy": "least_connections"}}'
+  curl -s -X PUT {base}/api/v1/router/strategy -H 'Content-Type: application/json' \\
+       -d '{{"strategy": "least_connections"}}'
 
   pip install openai   # once, for the SDK example below
   python - <<'PY'

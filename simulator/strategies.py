@@ -251,7 +251,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="arrivals per virtual second")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error(f"--requests must be at least 1, got {args.requests}")
+    if not args.rate > 0:
+        parser.error(f"--rate must be above 0, got {args.rate:g}")
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    if not strategies:
+        parser.error(f"--strategies names none; valid: {', '.join(strategy_names())}")
     unknown = [name for name in strategies if name not in strategy_names()]
     if unknown:
         print(

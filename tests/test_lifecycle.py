@@ -12,6 +12,10 @@ import yaml
 
 from circuit.breaker import BreakerState
 from config.schema import load
+from control.reload import HealthService, Reloader
+from proxy.__main__ import environment_with, main, parse_args
+from proxy.router import Router
+from proxy.runtime import LiveRuntime, Runtime
 from simulator.cluster import Cluster
 from tests.conftest import StartGateway, chat, config_document
 from tests.process import gateway_process
@@ -117,3 +121,50 @@ async def test_reload_without_a_file_is_refused(gateway, http) -> None:
     async with http.post(f"{gateway.url}/api/v1/router/reload", headers=JSON) as response:
         assert response.status == 400
         assert "no config file" in (await response.json())["error"]["message"]
+
+
+async def test_a_reload_keeps_runtime_strategies_and_command_line_settings(
+    cluster: Cluster, tmp_path
+) -> None:
+    """Issue 12: a reload in demo mode turned chaos off, reset the strategy set through the
+    admin API and reported a host change that was the command line's. Now the command line and
+    --demo are ROUTER_* variables a reload reads the file with, and a strategy set at runtime
+    stays unless the file changes the strategy."""
+    path = tmp_path / "router.yaml"
+    document = config_document(cluster)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    args = parse_args(["--demo", "--port", "0", "--config", str(path)])
+    environ = environment_with(args, {})
+    config = load(path, environ)
+    assert config.chaos.enabled and config.server.host == "127.0.0.1"
+    live = LiveRuntime(Runtime(config, Router(config)))
+    reloader = Reloader(live, HealthService(), str(path), environ)
+    live.runtime.router.set_strategy("least_connections")
+    live.runtime.router.set_strategy("random", "qdrant")
+
+    reloaded, ignored = await reloader.reload()
+    assert ignored == [] and reloaded.chaos.enabled and reloaded.server.host == "127.0.0.1"
+    router = live.runtime.router
+    assert router.strategy == "least_connections" and router.qdrant.strategy == "random"
+
+    document["routing"] = {"strategy": "weighted"}  # the file changes it: the file wins
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    await reloader.reload()
+    assert live.runtime.router.strategy == "weighted"
+    assert live.runtime.router.qdrant.strategy == "weighted"
+
+
+def test_command_line_values_are_validated_like_the_file(tmp_path, capsys) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("{}\n")
+    assert main(["--port", "99999", "--check-config", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "server.port" in error and "99999" in error
+
+
+def test_simulate_refuses_arguments_that_mean_nothing(capsys) -> None:
+    for arguments in (["--rate", "0"], ["--requests", "-5"], ["--strategies", ""]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["simulate", *arguments])
+        assert exit_.value.code == 2
+        assert arguments[0] in capsys.readouterr().err
