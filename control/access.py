@@ -222,6 +222,7 @@ class AccessControl:
         self.audit = audit
         self.failures = TokenFailures(clock)
         self.kinds: dict[tuple[str, str], Kind] = {}
+        self.route_kinds: dict[object, Kind] = {}  # the same, by route object: one lookup
         self.listeners: dict[str | int, Listener] = {}
         self.main_port: int | None = None  # where the proxied API is served, once known
         self.admin_listening = False  # a separate admin listener is open
@@ -231,6 +232,7 @@ class AccessControl:
         """Register `routes` on `app` as routes of `kind`."""
         for route in routes:
             for registered in route.register(app.router):
+                self.route_kinds[registered] = kind
                 method = registered.method
                 self.kinds[(registered.resource.canonical, method)] = kind  # type: ignore[union-attr]
                 if method == "GET":
@@ -266,8 +268,11 @@ class AccessControl:
         return listener.port if not listener.admin and listener.port else self.main_port
 
     def kind(self, request: web.BaseRequest) -> Kind:
-        info = request.match_info  # type: ignore[attr-defined]
-        resource = info.route.resource
+        route = request.match_info.route  # type: ignore[attr-defined]
+        kind = self.route_kinds.get(route)
+        if kind is not None:  # a route registered here (not aiohttp's implicit HEAD of a GET)
+            return kind
+        resource = route.resource
         if resource is None:  # no route: 404 or 405, answered by aiohttp
             return Kind.PUBLIC
         return self.kinds.get((resource.canonical, request.method), Kind.DATA)

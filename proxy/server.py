@@ -167,7 +167,7 @@ class GatewayRequestHandler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         heads = self._request_count
-        super().data_received(data)
+        web.RequestHandler.data_received(self, data)  # (not super(): one object less per read)
         if self._request_count != heads:
             self.head_since = None  # a request's head is complete
         elif self.head_since is None and not self._request_in_progress:
