@@ -68,7 +68,7 @@ STATE_MERGE = {
     "pools_failing_open": Rule.UNION,
 }
 # A model serves while every worker can serve it: one that cannot fails its share of requests.
-HEALTH_MERGE = {"serving": {"*": Rule.ALL}, "strategy": Rule.FIRST}
+HEALTH_MERGE = {"serving": {"*": Rule.ALL}, "strategy": Rule.FIRST, "starting": Rule.ANY}
 
 
 def render_backends(snapshot: Snapshot) -> dict[str, Any]:
@@ -82,9 +82,11 @@ def render_backends(snapshot: Snapshot) -> dict[str, Any]:
 
 def render_service_health(snapshot: Snapshot) -> dict[str, Any]:
     """ "healthy" while every model can be served, "degraded" when some cannot; "unhealthy"
-    (503) when none."""
+    (503) when none; "starting" (503) until the health checks have probed every backend."""
     serving = snapshot["serving"]
-    if all(serving.values()):
+    if snapshot["starting"]:  # no backend probed yet: nothing is known of them
+        status = "starting"
+    elif all(serving.values()):
         status = "healthy"
     elif any(serving.values()):
         status = "degraded"
@@ -102,7 +104,7 @@ def render_service_health(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def health_status(document: dict[str, Any]) -> int:
-    return 503 if document["status"] == "unhealthy" else 200
+    return 503 if document["status"] in ("unhealthy", "starting") else 200
 
 
 class AdminApi:
@@ -202,15 +204,19 @@ class AdminApi:
                 for name, pool in self.router.models.items()
             },
             "strategy": self.router.strategy,
+            "starting": self.reloader.health.starting(),
         }
 
     async def liveness(self, request: web.Request) -> web.Response:
         return json_response({"status": "alive", "pid": os.getpid()})
 
     async def ready(self, request: web.Request) -> web.Response:
-        """Ready while serving; 503 once draining, so load balancers stop sending traffic."""
+        """Ready while serving; 503 until the first health-check round is done, and once
+        draining, so load balancers send traffic only to a gateway that can route it."""
         if self.live.runtime.draining:
             return json_response({"status": "draining"}, status=503)
+        if self.reloader.health.starting():
+            return json_response({"status": "starting"}, status=503)
         return json_response({"status": "ready", "config": self.live.runtime.config.source})
 
     async def reload(self, request: web.Request) -> web.Response:

@@ -44,6 +44,10 @@ class HealthService:
             )
             self.checker.start()
 
+    def starting(self) -> bool:
+        """Health checks are on and have not yet probed every backend once."""
+        return self.checker is not None and not self.checker.first_round_done()
+
     async def stop(self) -> None:
         if self.checker is not None:
             await self.checker.stop()

@@ -42,20 +42,23 @@ class ProbedPool(Protocol):
 
 log = logging.getLogger("request_router.health")
 
+FIRST_ROUND = 1.0  # seconds
 JITTER = 0.1  # +-10% of the interval, so probes of many backends do not fire in lockstep
 
 
 class ProbeState:
-    __slots__ = ("upstream", "path", "passes", "fails")
+    __slots__ = ("upstream", "path", "passes", "fails", "checked")
 
     def __init__(self, upstream: Probed, path: str) -> None:
         self.upstream = upstream
         self.path = path
         self.passes = 0
         self.fails = 0
+        self.checked = False  # probed at least once
 
     def record(self, ok: bool, fall: int, rise: int) -> bool:
         """Count a probe result; True when the backend's health verdict changed."""
+        self.checked = True
         upstream = self.upstream
         if ok:
             self.passes += 1
@@ -132,10 +135,16 @@ class ActiveHealthChecker:
             self._on_change()
         return ok
 
+    def first_round_done(self) -> bool:
+        """Every backend has been probed once: until then the gateway knows nothing of them
+        and says "starting" (control.admin)."""
+        return all(probe.checked for probe in self.probes.values())
+
     async def _loop(self, probe: ProbeState) -> None:
         interval = self.config.interval
-        # Start at a random point of the first interval to spread the probes out.
-        await asyncio.sleep(self._rng.uniform(0, interval))
+        # The first round spread over at most FIRST_ROUND seconds (so "starting" is short),
+        # later ones jittered around the interval so probes do not fire in lockstep.
+        await asyncio.sleep(self._rng.uniform(0, min(interval, FIRST_ROUND)))
         while True:
             await self.check(probe)
             await asyncio.sleep(interval * self._rng.uniform(1 - JITTER, 1 + JITTER))

@@ -19,7 +19,7 @@ from health.stats import SAMPLES, LatencyRing, OutcomeRing, PeakEwma
 from proxy.router import Router
 from proxy.verdict import fails_backend
 from simulator.cluster import Cluster
-from tests.conftest import ManualClock, chat, config_document
+from tests.conftest import ManualClock, StartGateway, chat, config_document
 from tests.process import free_port
 
 
@@ -154,7 +154,8 @@ async def test_the_checker_probes_on_its_own_schedule_and_reports_each_change(
         await checker.stop()
     assert behaviour.requests >= 3
     schedule = random.Random(3)
-    expected = [schedule.uniform(0, 10)]  # a random start within the first interval
+    # a random start within the first round (at most FIRST_ROUND seconds: "starting" is short)
+    expected = [schedule.uniform(0, min(10, active.FIRST_ROUND))]
     expected += [10 * schedule.uniform(0.9, 1.1) for _ in clock.sleeps[1:]]
     assert clock.sleeps == pytest.approx(expected)
     assert upstream.last_response_ms is not None and upstream.last_response_ms > 0
@@ -228,3 +229,27 @@ def test_outcome_ring_keeps_the_last_samples() -> None:
     for index in range(SAMPLES):
         ring.add(index % 4 != 0)
     assert ring.success_rate() == 0.75 and ring.successes == 3 * SAMPLES // 4
+
+
+async def test_health_says_starting_until_every_backend_was_probed_once(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """Issue 12: a gateway with nothing behind it said "healthy" for the first ~90 s. Until the
+    first round of checks (spread over at most a second) it says "starting", with 503."""
+    gateway = await start_gateway(
+        config_document(cluster, health_check={"enabled": True, "interval": 30})
+    )
+    async with http.get(f"{gateway.url}/health") as response:
+        assert response.status == 503 and (await response.json())["status"] == "starting"
+    async with http.get(f"{gateway.url}/health/ready") as response:
+        assert response.status == 503 and (await response.json())["status"] == "starting"
+    for _ in range(40):
+        async with http.get(f"{gateway.url}/health") as response:
+            if response.status == 200:
+                assert (await response.json())["status"] == "healthy"
+                break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("still starting after 4 s")
+    async with http.get(f"{gateway.url}/health/ready") as response:
+        assert response.status == 200
