@@ -30,6 +30,7 @@ from proxy.verdict import (
     BACKEND_FAULTS,
     CLIENT_GONE,
     OK,
+    SUCCESSES,
     THROTTLED,
     Verdict,
     of_status,
@@ -102,7 +103,8 @@ async def send(
     verdict = of_status(response.status)
     if verdict is THROTTLED:
         upstream.cool_down(retry_after_seconds(response.header(b"retry-after")) or DEFAULT_COOLDOWN)
-    upstream.record(verdict, waited)
+    # A success so far is recorded when its body has ended (deliver); a failure is final now.
+    upstream.record(None if verdict in SUCCESSES else verdict, waited)
     state.verdict = verdict
     return response
 
@@ -123,8 +125,10 @@ async def deliver(
     headers["x-router-attempts"] = str(state.attempt)
     if state.fallback is not None:
         headers["x-router-fallback"] = state.fallback
-    if state.verdict is not OK:
-        tell_client_about_retries(headers, state.verdict)
+    verdict = state.verdict
+    if verdict is not OK:
+        tell_client_about_retries(headers, verdict)
+    pending = verdict in SUCCESSES  # its outcome is recorded once, when the body has ended
     try:
         length = response.content_length
         if length is not None and length <= BUFFER_LIMIT:
@@ -133,8 +137,12 @@ async def deliver(
                 payload = await response.read()
             except (TimeoutError, UpstreamError) as exc:
                 outcome.verdict = BACKEND_FAILED
+                pending = False
                 upstream.record(BACKEND_FAILED)
                 raise broken_response(exc, upstream.name) from None
+            if pending:
+                pending = False
+                upstream.record(verdict)
             state.backend_time += time.perf_counter() - reading
             if b'"usage"' in payload:
                 account_usage(outcome, usage_from_body(payload))
@@ -148,13 +156,17 @@ async def deliver(
         relayed, ended = await relay(request, response, headers, upstream.name, state)
         if ended is BACKEND_FAILED:
             outcome.verdict = BACKEND_FAILED
-            upstream.record(BACKEND_FAILED)
+            if pending:
+                pending = False
+                upstream.record(BACKEND_FAILED)
         elif ended is CLIENT_GONE:
             # The client left mid-answer: counted as a 499, while the exchange itself went
             # well as far as it went (nothing is held against the backend).
             runtime.stats.client_closed += 1
         return relayed
     finally:
+        if pending:  # the body ended, or the client left (cancelled): it went well so far
+            upstream.record(verdict)
         response.release()
 
 

@@ -19,7 +19,7 @@ from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import BreakerSnapshot, CircuitBreaker, iso_utc
 from health.stats import LatencyRing, OutcomeRing, PeakEwma
 from proxy.transport import Origin
-from proxy.verdict import BACKEND_FAULTS, CLIENT_ERROR, OK, Verdict
+from proxy.verdict import BACKEND_FAULTS, SUCCESSES, Verdict
 
 MAX_CACHED_STARTS = 32  # per backend: the fixed routes, plus a few pass-through paths
 
@@ -135,20 +135,25 @@ class Upstream:
                 self._starts[key] = start
         return start
 
-    def record(self, verdict: Verdict, latency: float | None = None) -> None:
+    def record(self, verdict: Verdict | None, latency: float | None = None) -> None:
         """What one exchange with this backend said about it: the one place that feeds the
         breaker, the failure counter, the outcome ring and the latency estimates.
 
-        `latency` is the time to the response headers, when they came. A THROTTLED answer
-        is neither a success nor a failure (the caller cools the backend down); a client that
-        left says nothing about the backend.
+        `latency` is the time to the response headers, when they came. `verdict` None: the
+        headers say success so far, and the outcome is recorded once, when the body has ended
+        (a body that breaks off is a failure, not a success then a failure: a half-open
+        breaker must not close on a trial's headers). A THROTTLED answer is neither a success
+        nor a failure (the caller cools the backend down); a client that left says nothing
+        about the backend.
         """
         breaker = self.breaker
         if latency is not None:
             breaker.record_latency(latency)
             self.latency.observe(latency)
             self.latencies.add(latency)
-        if verdict is OK or verdict is CLIENT_ERROR:
+        if verdict is None:
+            return
+        if verdict in SUCCESSES:
             breaker.record_success()
             self.outcomes.add(True)
         elif verdict in BACKEND_FAULTS:

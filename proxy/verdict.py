@@ -44,6 +44,9 @@ VERDICT_NAMES: Final = (
     "gateway_refused",
 )
 
+# Answers that went well as far as the backend is concerned: the breaker and the outcome
+# rings count them as successes (a 4xx is the client's doing).
+SUCCESSES: Final = frozenset({OK, CLIENT_ERROR})
 # Verdicts that mean the backend is failing: the breaker, the failure counters and the outcome
 # rings count these, and active health probes fail on them.
 BACKEND_FAULTS: Final = frozenset({RETRYABLE, BACKEND_FAILED})
@@ -54,7 +57,7 @@ SERVER_FAULTS: Final = frozenset({RETRYABLE, BACKEND_FAILED, GATEWAY_REFUSED})
 # Admission control (admission.shedding) counts only answers from backends: these succeeded,
 # these are signs the backends cannot keep up. The gateway's own refusals and clients that left
 # are neither.
-ADMISSION_SUCCESSES: Final = frozenset({OK, CLIENT_ERROR})
+ADMISSION_SUCCESSES: Final = SUCCESSES
 ADMISSION_FAILURES: Final = frozenset({THROTTLED, RETRYABLE, BACKEND_FAILED})
 
 

@@ -9,8 +9,9 @@ import openai
 import orjson
 import pytest
 
+from circuit.breaker import BreakerState
 from simulator.cluster import Cluster
-from tests.conftest import chat, config_document
+from tests.conftest import ManualClock, StartGateway, chat, config_document
 
 
 async def test_first_chunk_arrives_long_before_the_last(gateway, http, cluster: Cluster) -> None:
@@ -163,3 +164,41 @@ async def test_slow_client_pauses_the_upstream_instead_of_buffering(
             total += len(chunk)
     assert total > 2000 * 32 * 1024
     assert behaviour.in_flight == 0
+
+
+async def test_a_half_open_breaker_does_not_close_on_a_trial_whose_stream_breaks_off(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """Each exchange is recorded once, when its body has ended: a trial's 200 headers used to
+    close a half-open breaker before its stream broke off, so a backend whose streams stall
+    stayed in rotation (found by scripts/chaos.py)."""
+    clock = ManualClock()
+    gateway = await start_gateway(
+        config_document(
+            cluster, circuit_breaker={"threshold": 3, "timeout": 1, "half_open_limit": 1}
+        ),
+        clock=clock,
+    )
+    breaker = gateway.router.models["hermes-2"].upstreams[0].breaker
+    behaviour = cluster["hermes-2"].behaviour
+    behaviour.drop_after_chunks = 2
+    url = f"{gateway.url}/v1/chat/completions"
+
+    async def broken_stream() -> None:
+        async with http.post(url, json=chat("hermes-2", stream=True)) as response:
+            assert response.status == 200
+            assert b"upstream_disconnected" in await response.read()
+
+    for _ in range(3):
+        await broken_stream()
+    assert breaker.state is BreakerState.OPEN
+    for _ in range(2):
+        clock.advance(breaker.open_for)  # half-open: the next request is its trial
+        assert breaker.state is BreakerState.HALF_OPEN
+        await broken_stream()
+        assert breaker.state is BreakerState.OPEN  # not closed by the trial's headers
+    behaviour.drop_after_chunks = None
+    clock.advance(breaker.open_for)
+    async with http.post(url, json=chat("hermes-2", stream=True)) as response:
+        assert b"[DONE]" in await response.read()
+    assert breaker.state is BreakerState.CLOSED  # a trial whose stream completes closes it
