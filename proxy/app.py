@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from cluster.peers import Peers
 from config.schema import Config
@@ -19,7 +19,7 @@ from control.admin import AdminApi
 from control.audit import AuditLog
 from control.reload import HealthService, Reloader
 from control.routing_api import RoutingApi
-from proxy.errors import error_middleware
+from proxy.errors import error_middleware, error_response
 from proxy.router import Router
 from proxy.routes import QDRANT_PREFIX, Routes
 from proxy.runtime import LiveRuntime, Runtime
@@ -35,6 +35,7 @@ from telemetry.reports import Reports
 RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": True}
 
 LINGERING_SECONDS = 2.0
+QDRANT_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")  # HEAD comes with GET
 RUNTIME_KEY = web.AppKey("runtime", LiveRuntime)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)
@@ -90,19 +91,31 @@ def build_app(
     app.cleanup_ctx.append(health_checks)
 
     routes = Routes(live)
+    expect = partial(expect_continue, limit, partial(count_refusal, live))
+    qdrant = QDRANT_PREFIX + "/{tail:.*}"
     access.add(
         app,
         Kind.DATA,
         [
             # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
             web.post(
-                "/v1/chat/completions", partial(routes.completion, path="/v1/chat/completions")
+                "/v1/chat/completions",
+                partial(routes.completion, path="/v1/chat/completions"),
+                expect_handler=expect,
             ),
-            web.post("/v1/completions", partial(routes.completion, path="/v1/completions")),
-            web.post("/v1/embeddings", routes.embeddings),
+            web.post(
+                "/v1/completions",
+                partial(routes.completion, path="/v1/completions"),
+                expect_handler=expect,
+            ),
+            web.post("/v1/embeddings", routes.embeddings, expect_handler=expect),
             web.get("/v1/models", routes.list_models),
-            web.post("/api/v1/vectors/search", routes.vector_search),
-            web.route("*", QDRANT_PREFIX + "/{tail:.*}", routes.qdrant_passthrough),
+            web.post("/api/v1/vectors/search", routes.vector_search, expect_handler=expect),
+            # Qdrant's REST methods only: TRACE and the like are not passed through (405).
+            *(
+                web.route(method, qdrant, routes.qdrant_passthrough, expect_handler=expect)
+                for method in QDRANT_METHODS
+            ),
         ],
     )
     admin = AdminApi(live, reloader, access.audit, access.data_port)
@@ -156,6 +169,34 @@ def count_refusal(live: LiveRuntime, status: int) -> None:
     """A request answered with an error before routing (the error middleware, or aiohttp's
     parser through proxy.server): telemetry counts it by status."""
     live.runtime.telemetry.refused_before_routing(status)
+
+
+async def expect_continue(
+    limit: int, count_refusal: Callable[[int], None], request: web.Request
+) -> web.StreamResponse | None:
+    """`Expect: 100-continue`: a body announced over the limit is refused with 413 at once,
+    before the client sends it (aiohttp would invite it with 100 Continue first)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        count_refusal(413)
+        response = error_response(
+            413,
+            f"request body is larger than the limit of {limit} bytes",
+            "invalid_request_error",
+            "payload_too_large",
+            {"x-router-backend": "none", "x-router-attempts": "0"},
+        )
+        response.force_close()  # the body will not be read
+        return response
+    if request.version != HttpVersion11:  # HTTP/1.0 has no interim answers
+        return None
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error_response(
+            417, "only Expect: 100-continue is supported", "invalid_request_error", "expectation"
+        )
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not the response
+    return None
 
 
 def make_runner(app: web.Application, **options: Any) -> web.AppRunner:

@@ -118,3 +118,39 @@ async def test_an_address_over_its_connection_cap_gets_429(
     assert (await answer(reader))[0] == 200
     for _, other in [*held[1:], (reader, writer)]:
         await close(other)
+
+
+async def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(
+    cluster: Cluster, start_gateway: StartGateway
+) -> None:
+    """Issue 11: the gateway answered `Expect: 100-continue` with 100 Continue even for a
+    Content-Length already over the limit. Now 413 at once; a body within it is invited."""
+    gateway = await start_gateway(config_document(cluster, server={"max_body_bytes": 1000}))
+    reader, writer = await connect(gateway.url)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    status, headers, body = await answer(reader)
+    assert status == 413 and orjson.loads(body)["error"]["code"] == "payload_too_large"
+    await close(writer)
+
+    reader, writer = await connect(gateway.url)
+    payload = orjson.dumps(chat("hermes-2"))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(payload)
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(payload)
+    assert (await answer(reader))[0] == 200
+    await close(writer)
+
+
+async def test_only_qdrant_methods_pass_through(gateway, http) -> None:
+    async with http.request("TRACE", f"{gateway.url}/qdrant/collections") as response:
+        assert response.status == 405
+        assert (await response.json())["error"]["code"] == "method_not_allowed"
+    async with http.get(f"{gateway.url}/qdrant/collections") as response:
+        assert response.status == 200
