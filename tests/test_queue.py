@@ -92,9 +92,28 @@ async def test_a_new_request_never_jumps_ahead_of_one_already_queued() -> None:
     assert held is not None
     waiting = await queued(admission, (busy,))
     assert admission.try_acquire(free) is None  # `free` has room, but someone is waiting
+    behind = await queued(admission, (free,))
+    assert behind.done()  # ...so it queues, and is served at once
     admission.release(held)
     assert (await waiting).name == "busy"
-    assert admission.try_acquire(free) is not None
+    assert (await behind).name == "free" and admission.in_flight == 2
+
+
+async def test_a_waiting_request_takes_the_first_of_its_pools_with_room() -> None:
+    admission = Admission(max_in_flight=10, queue_size=10, queue_timeout=5)
+    full, first, second = pool("full"), pool("first"), pool("second")
+    held = [admission.try_acquire(p) for p in (full, first, second)]
+    assert None not in held
+    blocked = await queued(admission, (full,))  # ahead in line, but its pool stays full
+    either = await queued(admission, (full, first, second))
+    admission.release(held[2])  # `second` frees: the one waiting for `full` only is passed over
+    await asyncio.sleep(0)
+    assert not blocked.done() and (await either).name == "second"
+    admission.release(held[1])
+    admission.release(held[0])
+    assert (await blocked).name == "full"
+    again = await queued(admission, (full, first, second))  # all but `full` free: in order
+    assert (await again).name == "first"
 
 
 async def test_a_half_open_backend_takes_only_its_trial_requests_from_the_queue() -> None:
@@ -178,6 +197,7 @@ async def test_retry_after_follows_the_measured_drain_rate() -> None:
     assert admission.drain_rate() == 0.0  # too soon to tell
     clock.advance(0.1)
     assert admission.drain_rate() == pytest.approx(5.0)  # a first estimate at once
+    assert admission.retry_after() == 1  # the next in line: 0.2 s, rounded up
     for _ in range(20):
         admission.release(admission.try_acquire(backends))  # type: ignore[arg-type]
     clock.advance(9.9)
@@ -190,6 +210,14 @@ async def test_retry_after_follows_the_measured_drain_rate() -> None:
     admission.queued = 1000
     assert admission.retry_after() == 60  # at most a minute
     admission.queued = 0
+    for _ in range(5):
+        admission.release(admission.try_acquire(backends))  # type: ignore[arg-type]
+    clock.advance(10.0)
+    assert admission.retry_after() == 2  # 0.5 requests a second: 2 s for the next
+    for _ in range(10):
+        admission.release(admission.try_acquire(backends))  # type: ignore[arg-type]
+    clock.advance(30.0)
+    assert admission.snapshot()["drain_rate_per_s"] == 0.333  # 10 in 30 s, to 3 places
     assert Admission(1, 1, 0.2).retry_after() == 1 and Admission(1, 1, 500).retry_after() == 60
 
 
@@ -201,9 +229,10 @@ async def test_a_reload_that_raises_the_cap_serves_waiting_requests_at_once() ->
     admission.resize(1, 10, 5)
     await asyncio.sleep(0)
     assert not waiting.done()
-    admission.resize(2, 10, 5)
-    assert (await waiting).name == "b" and admission.in_flight == 2
-    assert (admission.max_in_flight, admission.queue_size, admission.queue_timeout) == (2, 10, 5)
+    admission.resize(2, 20, 7)
+    await asyncio.sleep(0)
+    assert waiting.done() and (await waiting).name == "b" and admission.in_flight == 2
+    assert (admission.max_in_flight, admission.queue_size, admission.queue_timeout) == (2, 20, 7)
 
 
 async def test_a_waiting_request_is_served_when_a_breaker_lets_traffic_through_again() -> None:
@@ -217,7 +246,7 @@ async def test_a_waiting_request_is_served_when_a_breaker_lets_traffic_through_a
     await asyncio.sleep(0.15)
     assert not waiting.done()
     clock.advance(5)  # half-open now
-    assert (await asyncio.wait_for(waiting, 1)) is backends.upstreams[0]
+    assert (await asyncio.wait_for(waiting, 0.5)) is backends.upstreams[0]
     assert admission.queued == 0 and admission.in_flight == 1
 
 

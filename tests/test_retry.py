@@ -117,6 +117,22 @@ async def test_429_with_retry_after_is_retried_elsewhere_and_honoured(
     assert seen["mixtral-8x7b"] == 1
 
 
+async def test_429_without_retry_after_pauses_the_backend_for_a_second(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    clock = ManualClock()
+    gateway = await start_gateway(config_document(cluster), clock=clock)
+    cluster["hermes-2"].behaviour.status = 429
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.status == 429
+    hermes = gateway.router.models["hermes-2"].upstreams[0]
+    assert hermes.cooldown_until == clock() + 1.0
+    clock.advance(0.99)
+    assert not hermes.available()
+    clock.advance(0.01)
+    assert hermes.available()
+
+
 async def test_429_from_the_only_backend_reaches_the_client(gateway, http, cluster) -> None:
     behaviour = cluster["openchat-3.5"].behaviour
     behaviour.status = 429
@@ -293,6 +309,9 @@ def test_the_budget_forgets_a_window_that_is_two_windows_old() -> None:
     budget.requests = 10
     clock.now = 39  # two windows after this one began: its history is forgotten too
     assert sum(budget.try_withdraw() for _ in range(30)) == 0
+    floor = RetryBudget(ratio=0, min_per_second=1, window=10, clock=clock)
+    clock.now += 10  # a new window with nothing carried over: the whole floor
+    assert sum(floor.try_withdraw() for _ in range(30)) == 10
 
 
 def test_backoff_waits_for_a_retry_on_the_same_backend_and_is_capped() -> None:

@@ -89,6 +89,8 @@ def test_a_failing_pool_is_shed_in_part_and_the_others_not_at_all() -> None:
         shed.record("b", OK)
     share = refused(shed, router.models["a"], 1000) / 1000
     assert 0.45 < share < 0.55
+    draws = random.Random(7)  # the injected source decides: one draw per request of `a`
+    assert share * 1000 == sum(draws.random() < 0.5 for _ in range(1000))
     assert refused(shed, router.models["b"], 1000) == 0
     clock.advance(10.0)  # the fault has left the window
     assert refused(shed, router.models["a"], 1000) == 0
@@ -135,15 +137,17 @@ def test_judged_from_exactly_min_requests_and_the_reason_names_the_pool() -> Non
 
 
 def test_the_window_slides_by_buckets_over_a_long_quiet_spell() -> None:
-    window = PoolWindow(10.0, now=3.0)
-    window.add(False, 3.0)
-    window.add(True, 8.5)
-    assert window.totals(12.9) == (2, 1)
-    assert window.totals(13.0) == (1, 1)  # the bucket of second 3 has left, not that of 8
-    assert window.totals(17.9) == (1, 1)
-    assert window.totals(18.0) == (0, 0)
+    window = PoolWindow(5.0, now=1.5)  # buckets of half a second
+    window.add(False, 1.5)
+    window.add(True, 4.25)
+    assert window.totals(6.49) == (2, 1)
+    assert window.totals(6.5) == (1, 1)  # the bucket of 1.5 s has left, not that of 4.25 s
+    assert window.totals(8.99) == (1, 1)
+    assert window.totals(9.0) == (0, 0)
     window.add(False, 1000.0)  # far later: every old bucket is empty, counts are exact
     assert window.totals(1000.0) == (1, 0)
+    window.add(True, 1004.9)
+    assert window.totals(1004.9) == (2, 1) and window.totals(1005.0) == (1, 1)
 
 
 def test_pending_counts_in_flight_and_queued_and_healthy_backends_are_counted() -> None:
@@ -153,6 +157,11 @@ def test_pending_counts_in_flight_and_queued_and_healthy_backends_are_counted() 
     assert shed.gateway_reason() is None
     shed.admission.queued = 2
     assert shed.gateway_reason() == "3 requests pending"
+    assert refused(shed, router.models["b"], 3) == 3  # pending through the queue
+    for _ in range(20):
+        shed.record("a", BACKEND_FAILED)
+    with pytest.raises(Shed, match="3 requests pending"):  # the gateway's reason comes first
+        shed.check(router.models["a"])
     shed.admission.queued = 0
     router.models["a"].upstreams[0].healthy = False
     assert shed.gateway_reason() == "fewer than 2 healthy backends"
@@ -180,3 +189,7 @@ def test_a_reload_keeps_the_window_unless_its_length_changed() -> None:
     assert shed.pool_rejection("a") > 0 and shed.max_pending == 7 and shed.config is same
     shed.reconfigure(LoadSheddingConfig(min_requests=10, failure_window=5.0), router)
     assert shed.pool_rejection("a") == 0.0 and shed.max_pending == 200
+    _, reloaded = shedder(clock)
+    reloaded.upstreams[0].healthy = False
+    shed.reconfigure(LoadSheddingConfig(min_healthy_backends=2), reloaded)
+    assert shed.gateway_reason() == "fewer than 2 healthy backends"  # the new router's

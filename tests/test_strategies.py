@@ -15,7 +15,7 @@ from balancers.classify import classify
 from balancers.decisions import DecisionCache, DecisionStats
 from balancers.ensemble import EnsembleSettings
 from balancers.latency import LatencyAware, neutral_latency
-from balancers.prefix_affinity import PrefixAffinity
+from balancers.prefix_affinity import AffinitySettings, PrefixAffinity
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import CircuitBreaker
@@ -376,6 +376,16 @@ def test_balanced_normalises_each_term_across_the_candidates() -> None:
     assert create_balancer("balanced", [dear], random.Random(0)).select([dear]) is dear
 
 
+def test_balanced_prefers_quality_and_spare_capacity_share_by_share() -> None:
+    def chosen(backends: list[Backend]) -> str:
+        return create_balancer("balanced", backends, random.Random(0)).select(backends).name
+
+    assert chosen([Backend("plain", quality=0.5), Backend("fine", quality=0.9)]) == "fine"
+    half_full = Backend("half-full", active=1, max_concurrent=2)
+    roomy = Backend("roomy", active=2, max_concurrent=100)
+    assert chosen([half_full, roomy]) == "roomy"  # 2% busy against 50%
+
+
 def test_by_trait_the_least_loaded_replica_of_the_chosen_model_serves() -> None:
     backends = models_pool() + [Backend("phi-b", model="phi-3-mini", cost=0.0004, quality=0.6)]
     backends[3].active = 3
@@ -451,3 +461,98 @@ def test_latency_compares_its_pair_by_latency_times_load_within_a_tolerance() ->
     assert balancer.better(new, fast, [fast, slow, new]) is new
     assert neutral_latency([fast, slow, new]) == pytest.approx(0.15)
     assert neutral_latency([new]) is None
+
+
+def test_prefix_affinity_hashes_the_session_else_the_first_characters() -> None:
+    balancer = PrefixAffinity(models_pool(), random.Random(0))
+    assert balancer.key(RoutingRequest(content="x" * 300)) == "x" * 256
+    assert balancer.key(RoutingRequest(content="x" * 300, affinity_key="s")) == "s"
+    assert balancer.key(RoutingRequest(content="")) is None and balancer.key(None) is None
+    short = PrefixAffinity(
+        models_pool(), random.Random(0), StrategySettings(policies=(AffinitySettings(8),))
+    )
+    assert short.key(RoutingRequest(content="abcdefghij")) == "abcdefgh"
+
+
+def test_specialization_without_a_specialist_or_a_request_takes_the_least_loaded() -> None:
+    backends = [Backend("a", active=2), Backend("b", active=1)]
+    balancer = create_balancer("specialization", backends, random.Random(0))
+    assert balancer.select(backends, (), RoutingRequest(content="def f(): pass")).name == "b"
+    assert balancer.last_category == "coding"
+    assert balancer.select(backends, (), None).name == "b" and balancer.last_category is None
+    experts = models_pool()
+    experts[0].active = 9  # the only coder, busy: still the coder
+    coding = RoutingRequest(content="def fib(n): fix this bug please")
+    assert pick("specialization", experts, coding) == "mixtral-8x7b"
+
+
+def test_a_once_slow_backend_drifts_toward_the_best_latency_not_the_worst() -> None:
+    clock = ManualClock()
+    fast, mid, slow = (Backend(name, latency=PeakEwma(tau=10, clock=clock)) for name in "fms")
+    for backend, seconds in ((fast, 0.1), (mid, 0.5), (slow, 1.0)):
+        backend.latency.observe(seconds)
+    balancer = LatencyAware([fast, mid, slow], random.Random(0))
+    clock.advance(10)  # a tau without samples: mid is 0.25 now, fast still 0.1
+    fast.active = 1  # 0.1 x 2 against 0.25 x 1
+    assert balancer.better(mid, fast, [fast, mid, slow]) is fast
+
+
+def test_latency_cost_weighs_requests_in_flight_plus_the_new_one() -> None:
+    fast, slow = Backend("fast"), Backend("slow")
+    fast.latency.observe(0.1)
+    slow.latency.observe(0.35)
+    fast.active = 3  # 0.1 x 4 = 0.4 against 0.35 x 1
+    balancer = LatencyAware([fast, slow], random.Random(0))
+    assert balancer.better(fast, slow, [fast, slow]) is slow
+    fast.active = 0
+    fast.latency.reset()
+    fast.latency.observe(0.952)
+    slow.latency.reset()
+    slow.latency.observe(1.0)  # 4.8% apart: within 5% of the larger, a tie
+    assert balancer.better(slow, fast, [fast, slow]) is slow  # the first of the pair
+
+
+def test_the_decision_cache_keeps_a_decision_put_again_as_the_newest() -> None:
+    cache = DecisionCache(ttl=60.0, size=2, clock=ManualClock())
+    cache.put(("a",), "m1")
+    cache.put(("b",), "m2")
+    cache.put(("a",), "m3")  # a again: now the most recent
+    cache.put(("c",), "m4")  # evicts b
+    assert cache.get(("b",)) is None and cache.get(("a",)) == "m3"
+
+
+def test_classification_reads_the_first_2000_characters() -> None:
+    assert classify(RoutingRequest(content=" " * 1997 + "defx")) == "coding"  # "def" at the cut
+
+
+def test_the_ring_is_stable_across_releases() -> None:
+    """Where a key lands is part of the product: changing the hash, the digest or the virtual
+    nodes per backend would move every session (and its warm cache) on an upgrade."""
+    backends = models_pool()
+    balancer = PrefixAffinity(backends, random.Random(0))
+    homes = {
+        key: balancer.select(backends, (), RoutingRequest(affinity_key=key)).name
+        for key in ("session-1", "session-2", "session-3", "session-42")
+    }
+    assert homes == {
+        "session-1": "openchat-3.5",
+        "session-2": "phi-3-mini",
+        "session-3": "mixtral-8x7b",
+        "session-42": "phi-3-mini",
+    }
+    session = RoutingRequest(affinity_key="session-1")
+    for backend in backends:
+        backend.active = 1
+    backends[2].active = 2  # openchat-3.5 over its bound: the next point clockwise serves
+    assert balancer.select(backends, (), session).name == "mixtral-8x7b"
+    assert balancer.home(backends, RoutingRequest()) is None  # no key: no home
+    assert PrefixAffinity([], random.Random(0)).home([], session) is None
+
+
+def test_the_decision_cache_key_reads_the_first_256_characters() -> None:
+    same = "x" * 256
+    assert (
+        RoutingRequest(content=same + "a").fingerprint()
+        == RoutingRequest(content=same + "b").fingerprint()
+    )
+    assert RoutingRequest(content="a").fingerprint() != RoutingRequest(content="b").fingerprint()
