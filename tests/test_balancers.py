@@ -81,6 +81,7 @@ def test_smooth_weighted_matches_nginx_sequence() -> None:
 def test_smooth_weighted_exact_over_every_cycle_with_fractional_weights() -> None:
     backends = pool(1.0, 0.8, 0.6, 0.4)
     chosen = picks("weighted", backends, 14 * 10)
+    assert "".join(chosen[:14]) == "abcdabacbadcba"  # nginx's sequence for weights 5:4:3:2
     for cycle in range(10):
         assert Counter(chosen[cycle * 14 : (cycle + 1) * 14]) == {"a": 5, "b": 4, "c": 3, "d": 2}
 

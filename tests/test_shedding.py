@@ -116,6 +116,8 @@ def test_saturation_sheds_every_pool() -> None:
     shed.admission.in_flight = 2
     assert refused(shed, router.models["b"], 10) == 10
     assert "2 requests pending" in (shed.should_shed() or "")
+    shed.admission.in_flight = shed.admission.queued = 1  # waiting requests count too
+    assert refused(shed, router.models["b"], 10) == 10
 
 
 def test_judged_from_exactly_min_requests_and_the_reason_names_the_pool() -> None:

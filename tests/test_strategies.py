@@ -532,13 +532,14 @@ def test_the_ring_is_stable_across_releases() -> None:
     balancer = PrefixAffinity(backends, random.Random(0))
     homes = {
         key: balancer.select(backends, (), RoutingRequest(affinity_key=key)).name
-        for key in ("session-1", "session-2", "session-3", "session-42")
+        for key in ("session-1", "session-2", "session-3", "session-42", "session-92")
     }
     assert homes == {
         "session-1": "openchat-3.5",
         "session-2": "phi-3-mini",
         "session-3": "mixtral-8x7b",
         "session-42": "phi-3-mini",
+        "session-92": "openchat-3.5",
     }
     session = RoutingRequest(affinity_key="session-1")
     for backend in backends:
