@@ -17,7 +17,22 @@ from typing import Protocol
 
 import aiohttp
 
-from config.schema import HealthCheckConfig
+
+class ProbeSettings(Protocol):
+    """What the checker reads of its settings (config.schema.HealthCheckConfig): declared
+    here so health/ sits below config/ (config reads the balancers, which read the rings)."""
+
+    @property
+    def interval(self) -> float: ...
+
+    @property
+    def timeout(self) -> float: ...
+
+    @property
+    def fall(self) -> int: ...
+
+    @property
+    def rise(self) -> int: ...
 
 
 class Probed(Protocol):
@@ -81,7 +96,7 @@ class ActiveHealthChecker:
     def __init__(
         self,
         pools: Iterable[ProbedPool],
-        config: HealthCheckConfig,
+        config: ProbeSettings,
         rng: random.Random | None = None,
         on_change: Callable[[], None] | None = None,
         tls: ssl.SSLContext | None = None,

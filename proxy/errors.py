@@ -230,6 +230,11 @@ def broken_response(exc: BaseException, backend: str) -> GatewayError:
     return BrokenResponse(f"backend '{backend}' broke off its response: {exc}")
 
 
+def error_body(message: str, error_type: str, code: str) -> bytes:
+    """OpenAI's error shape, the one body every error of ours has."""
+    return json_bytes({"error": {"message": message, "type": error_type, "code": code}})
+
+
 def error_response(
     status: int,
     message: str,
@@ -237,7 +242,7 @@ def error_response(
     code: str,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    body = json_bytes({"error": {"message": message, "type": error_type, "code": code}})
+    body = error_body(message, error_type, code)
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 

@@ -134,7 +134,7 @@ class Routes:
         """POST /v1/chat/completions and /v1/completions (registered with their path bound)."""
         runtime = self.live.runtime
         rid = request_id(runtime, request)
-        body = await read_body(request, runtime.config.server.body_timeout)
+        body = await read_body(request, runtime.body_timeout)
         document = parse_object(body)
         repeated = repeated_routing_key(body)
         if repeated is not None:
@@ -181,7 +181,7 @@ class Routes:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         runtime = self.live.runtime
         rid = request_id(runtime, request)
-        body = await read_body(request, runtime.config.server.body_timeout)
+        body = await read_body(request, runtime.body_timeout)
         document = parse_object(body)
         if "input" not in document:
             raise InvalidRequest("'input' is required", code="missing_field")
@@ -197,7 +197,7 @@ class Routes:
         """`{"query_vector", "collection", "limit"}` -> Qdrant's points/search on the pool."""
         runtime = self.live.runtime
         rid = request_id(runtime, request)
-        document = parse_object(await read_body(request, runtime.config.server.body_timeout))
+        document = parse_object(await read_body(request, runtime.body_timeout))
         vector = document.get("query_vector")
         if not isinstance(vector, list) or not vector or not all(map(_is_number, vector)):
             raise InvalidRequest(
@@ -232,7 +232,7 @@ class Routes:
         path = request.raw_path[len(QDRANT_PREFIX) :] or "/"
         if not path.startswith("/"):
             path = "/" + path
-        body = await read_body(request, runtime.config.server.body_timeout)
+        body = await read_body(request, runtime.body_timeout)
         state = RequestState(
             rid, runtime.router.qdrant, path, body, None, None, False, (), QDRANT_PREFIX
         )

@@ -81,6 +81,7 @@ class Runtime:
         "request_timeouts",
         "priority_header",
         "trusted_proxies",
+        "body_timeout",
         "models",
         "model_names",
         "models_body",
@@ -118,6 +119,7 @@ class Runtime:
         )
         self.priority_header = config.queue.priority_header
         self.trusted_proxies = TrustedProxies(config.server.trusted_proxies)
+        self.body_timeout = config.server.body_timeout
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.model_names = ", ".join(self.models)
         self.models_body = models_list_body(config)

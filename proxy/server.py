@@ -24,8 +24,7 @@ from typing import Any, NamedTuple
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 
-from proxy.errors import error_response
-from proxy.jsonbody import json_bytes
+from proxy.errors import error_body, error_response
 
 log = logging.getLogger("request_router")
 
@@ -133,9 +132,7 @@ class SlowClientGuard:
         message: str,
     ) -> None:
         """Answer outside aiohttp's request cycle (no request was parsed) and close."""
-        body = json_bytes(
-            {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-        )
+        body = error_body(message, "invalid_request_error", code)
         head = (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n"
