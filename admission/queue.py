@@ -20,6 +20,7 @@ from typing import Annotated, TypedDict
 
 from balancers.request import RoutingRequest
 from proxy.errors import QueueFull, QueueTimeout
+from proxy.shared_counts import SharedCount
 from proxy.upstream import Pool, Upstream
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
@@ -27,6 +28,8 @@ NORMAL_PRIORITY = PRIORITIES["normal"]
 # While requests wait, re-check every so often: backends also come back without releasing a
 # slot (a breaker turning half-open, a Retry-After passing, a health check succeeding).
 RECHECK_INTERVAL = 0.1
+# With several workers a slot another worker frees wakes nobody here: re-check sooner.
+SHARED_RECHECK_INTERVAL = 0.01
 DRAIN_WINDOW = 10.0  # seconds of history behind the drain rate used for Retry-After
 
 
@@ -36,7 +39,7 @@ class AdmissionSnapshot(TypedDict):
     rates add up while the configured limits are the same in every worker."""
 
     in_flight: Annotated[int, "sum"]
-    max_in_flight: Annotated[int, "first"]  # per worker
+    max_in_flight: Annotated[int, "first"]  # for the gateway: the workers share the count
     queued: Annotated[int, "sum"]
     queue_size: Annotated[int, "first"]  # per worker
     drain_rate_per_s: Annotated[float, "sum"]
@@ -81,6 +84,9 @@ class Admission:
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
         self.in_flight = 0
+        # With several workers, the gateway-wide in-flight count (cluster binds it).
+        self.shared_in_flight: SharedCount | None = None
+        self.recheck_interval = RECHECK_INTERVAL
         self.queued = 0
         self.completed = 0
         self.rejected_full = 0
@@ -109,6 +115,19 @@ class Admission:
 
     # --- taking and giving back slots -------------------------------------------------------
 
+    def share(self, in_flight: SharedCount) -> None:
+        """Count in-flight requests across workers from now on (cluster binds it)."""
+        self.shared_in_flight = in_flight
+        in_flight.publish(self.in_flight)
+        self.recheck_interval = SHARED_RECHECK_INTERVAL
+
+    def has_room(self) -> bool:
+        """Below routing.max_concurrent_requests, counting every worker's requests."""
+        shared = self.shared_in_flight
+        if shared is None:
+            return self.in_flight < self.max_in_flight
+        return self.in_flight + shared.elsewhere() < self.max_in_flight
+
     def try_acquire(
         self,
         pool: Pool,
@@ -116,22 +135,38 @@ class Admission:
         request: RoutingRequest | None = None,
     ) -> Upstream | None:
         """A backend slot now, or None; never jumps ahead of requests already queued."""
-        if self.in_flight >= self.max_in_flight or self.queued:
+        if self.queued or not self.has_room():
             return None
         upstream = pool.select(exclude, request)
-        if upstream is not None:
-            self._take(upstream)
+        if upstream is not None and not self._take(upstream):
+            return None
         return upstream
 
-    def _take(self, upstream: Upstream) -> None:
+    def _take(self, upstream: Upstream) -> bool:
+        """Count the request in flight, gateway-wide and on its backend; False when another
+        worker took the last slot at the same moment (nothing is counted then)."""
         self.in_flight += 1
-        upstream.active += 1
+        shared = self.shared_in_flight
+        if shared is not None:
+            shared.publish(self.in_flight)
+            if self.in_flight + shared.elsewhere() > self.max_in_flight:
+                self._count_out()
+                return False
+        if not upstream.take_slot():
+            self._count_out()
+            return False
         upstream.requests += 1
         upstream.breaker.on_dispatch()
+        return True
+
+    def _count_out(self) -> None:
+        self.in_flight -= 1
+        if self.shared_in_flight is not None:
+            self.shared_in_flight.publish(self.in_flight)
 
     def release(self, upstream: Upstream) -> None:
-        self.in_flight -= 1
-        upstream.active -= 1
+        self._count_out()
+        upstream.give_back_slot()
         self.completed += 1
         if self.queued:
             self._dispatch()
@@ -180,7 +215,7 @@ class Admission:
     def _dispatch(self) -> None:
         heap = self._heap
         blocked: list[Waiter] = []
-        while heap and self.in_flight < self.max_in_flight:
+        while heap and self.has_room():
             waiter = heapq.heappop(heap)
             if waiter.gone or waiter.future.done():
                 continue
@@ -189,12 +224,11 @@ class Admission:
                 upstream = pool.select(waiter.exclude, waiter.request)
                 if upstream is not None:
                     break
-            if upstream is None:
+            if upstream is None or not self._take(upstream):
                 blocked.append(waiter)
                 continue
             waiter.gone = True
             self.queued -= 1
-            self._take(upstream)
             waiter.future.set_result(upstream)
         for waiter in blocked:
             heapq.heappush(heap, waiter)
@@ -202,7 +236,7 @@ class Admission:
     def _schedule_recheck(self) -> None:
         if self._recheck is None and self.queued:
             loop = asyncio.get_running_loop()
-            self._recheck = loop.call_later(RECHECK_INTERVAL, self._on_recheck)
+            self._recheck = loop.call_later(self.recheck_interval, self._on_recheck)
 
     def _on_recheck(self) -> None:
         self._recheck = None

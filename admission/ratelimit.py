@@ -16,7 +16,11 @@ MAX_CLIENT_BUCKETS = 10_000  # least recently seen client keys are forgotten bey
 
 
 class TokenBucket:
-    __slots__ = ("rate", "capacity", "tokens", "updated", "_clock")
+    """A token bucket; with several workers or hosts it stands for the whole gateway's bucket:
+    `admitted` counts what this process granted, and a background sync (cluster/) publishes
+    it and takes what the others granted out of `tokens` through `settle`."""
+
+    __slots__ = ("rate", "capacity", "tokens", "updated", "admitted", "_clock")
 
     def __init__(
         self, rate: float, capacity: float, clock: Callable[[], float] = time.monotonic
@@ -24,6 +28,7 @@ class TokenBucket:
         self.rate = rate  # tokens per second
         self.capacity = capacity
         self.tokens = capacity
+        self.admitted = 0
         self._clock = clock
         self.updated = clock()
 
@@ -34,9 +39,20 @@ class TokenBucket:
         self.updated = now
         if tokens >= 1.0:
             self.tokens = tokens - 1.0
+            self.admitted += 1
             return 0.0
         self.tokens = tokens
         return (1.0 - tokens) / self.rate
+
+    def settle(self, granted_elsewhere: int) -> None:
+        """Take out what other workers or hosts granted since the last sync. The balance may
+        go below zero (down to one burst of debt): then this process waits until the
+        gateway-wide bucket has refilled, which keeps the long-run rate at the limit."""
+        if granted_elsewhere > 0:
+            self.tokens = max(-self.capacity, self.tokens - granted_elsewhere)
+
+    def recently_used(self, within: float) -> bool:
+        return self._clock() - self.updated < within
 
 
 # The client a request proved to be (a name from auth.api_keys), set by control.access before
@@ -98,6 +114,24 @@ class RateLimiter:
                 f"{what} is exceeded; retry later",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
+
+    def shared_buckets(self) -> list[tuple[str, TokenBucket]]:
+        """The buckets that stand for a limit of the whole gateway, by a name every worker
+        and host derives the same way: the global one and one per model."""
+        buckets = [("global", self.global_bucket)] if self.global_bucket is not None else []
+        buckets += [("model:" + name, bucket) for name, bucket in self.models.items()]
+        return buckets
+
+    def active_clients(self, within: float) -> list[tuple[str, TokenBucket]]:
+        """Client buckets used in the last `within` seconds, most recent first (the dict is
+        kept in order of use, so this stops at the first idle one)."""
+        active = []
+        for key in reversed(self.clients):
+            bucket = self.clients[key]
+            if not bucket.recently_used(within):
+                break
+            active.append((key, bucket))
+        return active
 
     def _client_bucket(self, key: str) -> TokenBucket:
         bucket = self.clients.get(key)

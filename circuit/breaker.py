@@ -167,6 +167,25 @@ class CircuitBreaker:
     def force_open(self) -> None:
         self._open(longer=False)
 
+    def open_until(self) -> float:
+        """When the current open period ends (the clock's time), 0.0 when not open: what this
+        worker tells the others (cluster/), so they avoid the backend too."""
+        if self._state is BreakerState.CLOSED or self.state is not BreakerState.OPEN:
+            return 0.0
+        return self._opened_at + self._open_for
+
+    def hold_open(self, until: float) -> None:
+        """Another worker or host saw this backend fail: stay away from it until `until`,
+        then let this breaker's own half-open trial decide. Not a trip of this breaker (its
+        counters are about what it saw), and never shortens an open period."""
+        now = self._clock()
+        if until <= now or self.open_until() >= until:
+            return
+        self._opened_at = now
+        self._open_for = until - now
+        self._trials = 0
+        self._set(BreakerState.OPEN)
+
     def _forget_old_slow(self, now: float) -> None:
         slow = self._slow
         while slow and now - slow[0] > self.slow_window:

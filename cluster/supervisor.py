@@ -4,7 +4,8 @@ The supervisor binds nothing itself: each worker opens the port with SO_REUSEPOR
 spreads connections across them) and a Unix socket in a private run directory for its siblings
 (cluster.peers). Signals are passed on: SIGTERM/SIGINT drain every worker, SIGHUP makes every
 worker reload. A worker that dies unexpectedly is started again (with a short pause, so a
-crash loop does not spin).
+crash loop does not spin); its row of the shared table (cluster.shared_table) keeps its spend
+and grants, and loses its in-flight counts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from types import FrameType
+
+from cluster import shared_table
 
 log = logging.getLogger("request_router.workers")
 
@@ -49,6 +52,9 @@ def supervise(argv: Sequence[str], workers: int) -> int:
         "ROUTER_PEER_SECRET": secrets.token_hex(16),
     }
     command = [sys.executable, "-m", "proxy", *argv]
+    # What the workers share (in-flight counts, limits, spend, hints): one row each.
+    shared_table.create(run_dir, workers)
+    table = shared_table.SharedTable(run_dir)
 
     def start(index: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -89,6 +95,7 @@ def supervise(argv: Sequence[str], workers: int) -> int:
                         child.pid,
                         code,
                     )
+                    table.clear_in_flight(index)  # its requests died with it
                     time.sleep(RESTART_PAUSE)
                     children[index] = start(index)
             time.sleep(0.2)
@@ -97,4 +104,5 @@ def supervise(argv: Sequence[str], workers: int) -> int:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+        table.close()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -125,6 +125,8 @@ class AdminApi:
             self.health_snapshot, render_service_health, HEALTH_MERGE, health_status
         )
         self.state = MergedReport(self.state_snapshot, dict, STATE_MERGE)
+        # Called after a strategy swap applied (the workers' shared record listens).
+        self.on_strategy_change: list[Callable[[], None]] = []
 
     @contextmanager
     def audited(self, request: web.Request, action: str, old: Any) -> Iterator[dict[str, Any]]:
@@ -182,6 +184,8 @@ class AdminApi:
         except UnknownStrategyError as exc:
             raise InvalidRequest(str(exc), code="invalid_strategy") from None
         audit["old"] = previous
+        for listener in self.on_strategy_change:
+            listener()
         change: dict[str, Any] = {
             "previous_strategy": previous,
             "new_strategy": strategy,

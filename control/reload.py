@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,6 +88,8 @@ class Reloader:
         # keeps strategies set at runtime through the admin API unless the file changes it.
         self.file_strategy = live.runtime.config.routing.strategy
         self._lock = asyncio.Lock()  # two reloads at once would race on the health checker
+        # Called after every reload that applied (the workers' shared record listens).
+        self.on_reload: list[Callable[[], None]] = []
 
     async def reload(self) -> tuple[Config, list[str]]:
         """Load, validate and apply; returns the new config and the ignored changes.
@@ -130,6 +132,8 @@ class Reloader:
         )
         for item in ignored:
             log.warning("reload: %s", item)
+        for listener in self.on_reload:
+            listener()
         return config, ignored
 
     async def reload_logged(self) -> None:

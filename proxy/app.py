@@ -3,6 +3,8 @@ routes and background tasks. It decides nothing about a request."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -12,7 +14,11 @@ from urllib.parse import urlsplit
 
 from aiohttp import HttpVersion11, web
 
+from cluster.overrides import OverrideFile, apply_strategies, current_state
 from cluster.peers import Peers
+from cluster.report import ClusterReport
+from cluster.shared_table import SharedTable
+from cluster.worker_share import WorkerShare
 from config.schema import Config
 from control.access import AccessControl, Kind
 from control.admin import AdminApi
@@ -40,6 +46,7 @@ RUNTIME_KEY = web.AppKey("runtime", LiveRuntime)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)
 ACCESS_KEY = web.AppKey("access", AccessControl)
+SHARE_KEY = web.AppKey("share", WorkerShare)
 
 
 def build_app(
@@ -119,6 +126,7 @@ def build_app(
         ],
     )
     admin = AdminApi(live, reloader, access.audit, access.data_port)
+    cluster = share_with_workers(app, live, peers, reloader, admin)
     reports = Reports(live)
     access.add(app, Kind.PUBLIC, admin.public_routes())
     access.add(
@@ -129,12 +137,68 @@ def build_app(
             *reports.routes(),
             *CostAnalysis(live).routes(),
             *RoutingApi(live).routes(),  # its POSTs ask questions, they change nothing
+            *cluster.routes(),
         ],
     )
     access.add(app, Kind.PAGE, reports.page_routes())
     access.add(app, Kind.WRITE, admin.write_routes())
     attach_sinks(app, live, config)
     return app
+
+
+def share_with_workers(
+    app: web.Application,
+    live: LiveRuntime,
+    peers: Peers | None,
+    reloader: Reloader,
+    admin: AdminApi,
+) -> ClusterReport:
+    """With several workers: bind the runtime to the table the supervisor set up (in-flight
+    counts, limits, spend, hints; cluster.worker_share) and keep runtime overrides in the run
+    directory, so a restarted worker starts with the strategy set through the admin API.
+    Returns the cluster report, which the Redis section extends."""
+    if peers is None:
+        generation = 0
+
+        def bump() -> None:
+            nonlocal generation
+            generation += 1
+
+        admin.on_strategy_change.append(bump)
+        reloader.on_reload.append(bump)
+        return ClusterReport(live, None, lambda: generation)
+    run_dir = str(peers.run_dir)
+    share = WorkerShare(SharedTable(run_dir), peers.index, live, live.runtime.clock)
+    overrides = OverrideFile(run_dir)
+    record = overrides.read()
+    if record is not None:
+        share.generation = record.generation
+        if (
+            record.config_digest
+            == current_state(live.runtime.router, live.runtime.config).config_digest
+        ):
+            apply_strategies(live.runtime.router, record)
+    runtime = live.runtime
+    runtime.sharing = share
+    share.bind(runtime)
+
+    def offer() -> None:
+        current = live.runtime
+        share.generation = overrides.offer(current_state(current.router, current.config)).generation
+
+    admin.on_strategy_change.append(offer)
+    reloader.on_reload.append(offer)
+
+    async def syncing(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(share.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(syncing)
+    app[SHARE_KEY] = share
+    return ClusterReport(live, share, lambda: share.generation)
 
 
 async def start_admin_listener(runner: web.AppRunner) -> str | None:
@@ -225,8 +289,14 @@ def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> Non
 
         async def accounting(app: web.Application) -> AsyncIterator[None]:
             async for _ in accountant.running():
-                # The budget counts what was spent before this process started, too.
-                live.runtime.spend_offset = await accountant.store.total_cost()
+                # The budget counts what was spent before the gateway started, too (with
+                # several workers, as the first of them read it: the others' spend since
+                # then comes through the shared table).
+                recorded = await accountant.store.total_cost()
+                share = app.get(SHARE_KEY)
+                live.runtime.spend_offset = (
+                    share.table.spend_base(recorded) if share is not None else recorded
+                )
                 yield
 
         app.cleanup_ctx.append(accounting)

@@ -24,6 +24,7 @@ from proxy.headers import TrustedProxies
 from proxy.jsonbody import json_bytes
 from proxy.retry import RetryPolicy
 from proxy.router import Router
+from proxy.shared_counts import Sharing
 from proxy.transport import Timeouts, UpstreamClient
 from telemetry.outcome import Telemetry
 
@@ -56,6 +57,8 @@ CARRIED_AS_IS = (
     "client",
     "accountant",
     "spend_offset",
+    "spend_elsewhere",
+    "sharing",
     "gap_observer",
     "draining",
     "_id_prefix",
@@ -124,6 +127,8 @@ class Runtime:
         self.model_names = ", ".join(self.models)
         self.models_body = models_list_body(config)
         self.bind_origins()
+        if self.sharing is not None:
+            self.sharing.bind(self)
 
     def _start_fresh(self, config: Config) -> None:
         clock = self.clock
@@ -140,6 +145,9 @@ class Runtime:
         self.client: UpstreamClient | None = None  # opened by start()
         self.accountant: Accountant | None = None  # set by the app when accounting is on
         self.spend_offset = 0.0  # spend accounted before this process started
+        # What the other workers (and hosts) spent, kept current by cluster/ off the path.
+        self.spend_elsewhere = 0.0
+        self.sharing: Sharing | None = None  # set by the app when workers share state
         # pool name -> observe(seconds) for gaps between streamed chunks (Prometheus), if on
         self.gap_observer: Callable[[str], Callable[[float], None]] | None = None
         self.draining = False
@@ -198,8 +206,9 @@ class Runtime:
         return self._id_prefix + str(next(self._ids))
 
     def spent(self) -> float:
-        """Spend so far, including what was accounted before this process started."""
-        return self.telemetry.cost_total + self.spend_offset
+        """Spend so far: this process's, what was accounted before the gateway started, and
+        what the other workers and hosts report."""
+        return self.telemetry.cost_total + self.spend_offset + self.spend_elsewhere
 
     def __repr__(self) -> str:
         return (

@@ -18,6 +18,7 @@ from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
 from circuit.breaker import BreakerSnapshot, CircuitBreaker, iso_utc
 from health.stats import LatencyRing, OutcomeRing, PeakEwma
+from proxy.shared_counts import SharedCount
 from proxy.transport import Origin
 from proxy.verdict import BACKEND_FAULTS, SUCCESSES, Verdict
 
@@ -35,7 +36,7 @@ class UpstreamSnapshot(TypedDict):
     model: Annotated[str | None, "first"]
     weight: Annotated[float, "first"]
     active: Annotated[int, "sum"]
-    max_concurrent: Annotated[int, "first"]  # per worker: each enforces it on its own
+    max_concurrent: Annotated[int, "first"]  # for the gateway: the workers share the count
     requests: Annotated[int, "sum"]
     failures: Annotated[int, "sum"]
     healthy: Annotated[bool, "all"]
@@ -54,6 +55,7 @@ class Upstream:
         "weight",
         "max_concurrent",
         "active",
+        "shared_active",
         "requests",
         "failures",
         "healthy",
@@ -96,6 +98,8 @@ class Upstream:
         self.weight = weight
         self.max_concurrent = max_concurrent
         self.active = 0
+        # With several workers, the gateway-wide in-flight count (cluster binds it).
+        self.shared_active: SharedCount | None = None
         self.requests = 0
         self.failures = 0
         self.healthy = True  # the active health checks' verdict
@@ -164,9 +168,35 @@ class Upstream:
     def available(self) -> bool:
         return (
             self.active < self.max_concurrent
+            and (self.shared_active is None or self.has_room_gateway_wide())
             and self.breaker.allows()
             and (not self.cooldown_until or self._cooled_down())
         )
+
+    def has_room_gateway_wide(self) -> bool:
+        """Below max_concurrent counting every worker's requests to this backend."""
+        assert self.shared_active is not None
+        return self.active + self.shared_active.elsewhere() < self.max_concurrent
+
+    def take_slot(self) -> bool:
+        """Count one more request in flight; False (and nothing counted) when, seen across
+        workers, the backend turned out to be full. The count is published before the others
+        are read again, so two workers taking the last slot at the same moment both see the
+        other's and at most one keeps it (both may back off; their waiters retry)."""
+        self.active += 1
+        shared = self.shared_active
+        if shared is not None:
+            shared.publish(self.active)
+            if self.active + shared.elsewhere() > self.max_concurrent:
+                self.active -= 1
+                shared.publish(self.active)
+                return False
+        return True
+
+    def give_back_slot(self) -> None:
+        self.active -= 1
+        if self.shared_active is not None:
+            self.shared_active.publish(self.active)
 
     def live(self) -> bool:
         """Could serve soon: circuit not open, not cooling down; maybe just full."""

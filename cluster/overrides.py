@@ -1,0 +1,145 @@
+"""Runtime overrides, kept where a restarted worker (or a host joining) finds them.
+
+What the admin API changed at runtime (the strategy, of the router and of each pool) and the
+generation: a number that grows with every change and reload the gateway applied. The record
+is a small JSON file in the supervisor's run directory, replaced atomically and written
+under a file lock; the Redis section (cluster.redis_sync) mirrors it between hosts.
+
+Every worker applies a broadcast change itself, and each then offers the same new state: the
+first one to write it bumps the generation, the others find it already recorded, so one
+change is one generation.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from balancers.registry import UnknownStrategyError
+from config.schema import Config
+from proxy.router import Router
+
+log = logging.getLogger("request_router.workers")
+
+RECORD_FILE = "overrides.json"
+
+
+@dataclass(frozen=True)
+class OverrideRecord:
+    generation: int
+    strategy: str
+    pools: dict[str, str] = field(default_factory=dict)
+    config_digest: str = ""
+
+    def state(self) -> tuple[str, dict[str, str], str]:
+        return (self.strategy, self.pools, self.config_digest)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "strategy": self.strategy,
+            "pools": self.pools,
+            "config_digest": self.config_digest,
+        }
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> OverrideRecord:
+        return cls(
+            int(document["generation"]),
+            str(document["strategy"]),
+            {str(k): str(v) for k, v in dict(document.get("pools", {})).items()},
+            str(document.get("config_digest", "")),
+        )
+
+
+def config_digest(config: Config) -> str:
+    """Which configuration is loaded, so a reload counts as a change even when it kept the
+    strategies (dataclass reprs are deterministic)."""
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:16]
+
+
+def current_state(router: Router, config: Config) -> OverrideRecord:
+    pools = {name: pool.strategy for name, pool in router.pools.items()}
+    return OverrideRecord(0, router.strategy, pools, config_digest(config))
+
+
+def apply_strategies(router: Router, record: OverrideRecord) -> bool:
+    """Set the record's strategies on `router`; pools it does not have are ignored. True when
+    anything changed."""
+    changed = False
+    try:
+        if router.strategy != record.strategy:
+            router.set_strategy(record.strategy)
+            changed = True
+        for name, strategy in record.pools.items():
+            pool = router.pools.get(name)
+            if pool is not None and pool.strategy != strategy:
+                router.set_strategy(strategy, name)
+                changed = True
+    except UnknownStrategyError as exc:  # a record from a newer gateway version
+        log.warning("shared override not applied: %s", exc)
+    return changed
+
+
+class OverrideFile:
+    """The record on this host, shared by its workers."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = Path(run_dir) / RECORD_FILE
+        self._lock_path = Path(run_dir) / (RECORD_FILE + ".lock")
+        # Called with each record this host writes (the Redis sync publishes it).
+        self.on_write: list[Callable[[OverrideRecord], None]] = []
+
+    def read(self) -> OverrideRecord | None:
+        try:
+            return OverrideRecord.from_dict(orjson.loads(self.path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return None
+
+    def offer(self, state: OverrideRecord) -> OverrideRecord:
+        """Record `state` as the next generation unless it is what is recorded already."""
+        with open(self._lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                recorded = self.read()
+                if recorded is not None and recorded.state() == state.state():
+                    return recorded
+                generation = (recorded.generation if recorded is not None else 0) + 1
+                record = OverrideRecord(
+                    generation, state.strategy, state.pools, state.config_digest
+                )
+                self._write(record)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        for listener in self.on_write:
+            listener(record)
+        return record
+
+    def accept(self, record: OverrideRecord) -> bool:
+        """Store a record that came from elsewhere (another host), if it is newer."""
+        with open(self._lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                recorded = self.read()
+                if recorded is not None and recorded.generation >= record.generation:
+                    return False
+                self._write(record)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, record: OverrideRecord) -> None:
+        temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_bytes(orjson.dumps(record.as_dict()))
+        os.replace(temporary, self.path)
