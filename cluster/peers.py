@@ -6,6 +6,8 @@ also listens on a Unix socket in a shared run directory, for its siblings only.
 - Admin reads (metrics, health, state, model status, Prometheus) are answered for the whole
   gateway: the worker asks its siblings for their snapshot of the report and merges it with
   its own by the rules the report declares (cluster.merge), then renders the answer.
+  Prometheus's `/metrics` is merged by cluster.metrics_merge, whose ledger in the run
+  directory keeps merged counters from going backwards when a worker restarts or is late.
 Requests between siblings carry a secret header so they are applied or answered locally, never
 passed on again. Health and breaker state stay per worker; the merged reads show the worst.
 """
@@ -15,15 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.merge import MergedReport, merged_report
+from cluster.metrics_merge import PID_HEADER, CounterLedger, Exposition, merged_exposition
 from proxy.handler_types import Handler, Middleware
 from proxy.jsonbody import json_bytes
 
@@ -44,6 +45,8 @@ class Peers:
         self.total = total
         self.secret = secret
         self._sessions: dict[int, aiohttp.ClientSession] = {}
+        self._ledger = CounterLedger(self.run_dir)
+        self._pid = os.getpid()
 
     @classmethod
     def from_environment(cls) -> Peers | None:
@@ -110,7 +113,10 @@ class Peers:
                     return web.Response(
                         body=json_bytes(report.snapshot()), content_type="application/json"
                     )
-                return await handler(request)
+                response = await handler(request)
+                if request.path == "/metrics":
+                    response.headers[PID_HEADER] = str(self._pid)
+                return response
             if (request.method, request.path) in BROADCAST:
                 return await self._broadcast(request, handler)
             if report is not None:
@@ -149,52 +155,37 @@ class Peers:
     async def _merged_prometheus(
         self, request: web.Request, handler: Handler
     ) -> web.StreamResponse:
-        local = await handler(request)
-        if not isinstance(local, web.Response) or local.body is None:
+        """Every worker's exposition merged (cluster.metrics_merge); the parsing and the
+        ledger's locked file update run in a thread, off this worker's event loop."""
+        # This worker's own answer in the text format the merge parses; the merged one is
+        # rendered in whichever format the scraper asked for.
+        plain = {k: v for k, v in request.headers.items() if k.lower() != "accept"}
+        local = await handler(request.clone(headers=plain))
+        if not isinstance(local, web.Response) or not isinstance(local.body, bytes):
             return local
-        answers = await self.ask_all("GET", request.path_qs, b"", {})
-        bodies = [bytes(local.body)] + [a[1] for a in answers if a is not None]  # type: ignore[arg-type]
-        merged_text = merge_prometheus([b.decode() for b in bodies])
-        response = web.Response(body=merged_text.encode(), status=local.status)
-        response.headers["Content-Type"] = local.headers["Content-Type"]
-        return response
-
-
-def merge_prometheus(texts: Iterable[str]) -> str:
-    """Sum counters and histograms across workers; gauges are summed too except state gauges
-    (breaker state, health), which take the worst (max) and the least healthy (min)."""
-    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    order: list[tuple[str, tuple[tuple[str, str], ...]]] = []
-    families: dict[str, tuple[str, str]] = {}
-    sample_family: dict[str, str] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
-            families.setdefault(family.name, (family.type, family.documentation))
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                sample_family[sample.name] = family.name
-                if key not in values:
-                    values[key] = sample.value
-                    order.append(key)
-                elif family.name == "router_breaker_state":
-                    values[key] = max(values[key], sample.value)
-                elif family.name == "router_backend_healthy":
-                    values[key] = min(values[key], sample.value)
-                else:
-                    values[key] += sample.value
-    lines: list[str] = []
-    described: set[str] = set()
-    for name, labels in order:
-        family_name = sample_family[name]
-        if family_name not in described:
-            kind, documentation = families[family_name]
-            lines.append(f"# HELP {family_name} {documentation}")
-            lines.append(f"# TYPE {family_name} {kind}")
-            described.add(family_name)
-        rendered = ",".join(f'{k}="{v}"' for k, v in labels)
-        lines.append(
-            f"{name}{{{rendered}}} {values[(name, labels)]}"
-            if rendered
-            else f"{name} {values[(name, labels)]}"
+        if local.status != 200:
+            return local
+        own = Exposition(self.index, self._pid, local.body.decode())
+        answers = await asyncio.gather(*(self._exposition(i) for i in self.siblings()))
+        body, content_type = await asyncio.to_thread(
+            merged_exposition,
+            [own, *(a for a in answers if a is not None)],
+            self.total,
+            self._ledger,
+            request.headers.get("Accept", ""),
         )
-    return "\n".join(lines) + "\n"
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _exposition(self, index: int) -> Exposition | None:
+        """A sibling's exposition with its pid (the ledger tells a restart by it)."""
+        try:
+            async with self._session(index).get(
+                "http://worker/metrics", headers={PEER_HEADER: self.secret}
+            ) as response:
+                if response.status != 200:
+                    log.warning("worker %d answered /metrics with %d", index, response.status)
+                    return None
+                return Exposition(index, int(response.headers[PID_HEADER]), await response.text())
+        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+            log.warning("worker %d did not answer /metrics: %r", index, exc)
+            return None

@@ -33,6 +33,17 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+# How each gauge below merges across workers (cluster.metrics_merge): counts of what is in
+# progress add up, a breaker takes its worst state, health its least healthy verdict. A gauge
+# left out is exposed per worker (a `worker` label), never summed or averaged, so a
+# percentile added here one day cannot be averaged by accident.
+GAUGE_MERGE = {
+    "router_in_flight": "sum",
+    "router_queued": "sum",
+    "router_backend_in_flight": "sum",
+    "router_breaker_state": "max",
+    "router_backend_healthy": "min",
+}
 
 
 class GatewayCollector(Collector):
