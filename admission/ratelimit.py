@@ -44,6 +44,10 @@ class TokenBucket:
         self.tokens = tokens
         return (1.0 - tokens) / self.rate
 
+    def until_full(self) -> float:
+        """Seconds until the bucket is full again, from its balance at the last take."""
+        return max(0.0, (self.capacity - self.tokens) / self.rate)
+
     def settle(self, granted_elsewhere: int) -> None:
         """Take out what other workers or hosts granted since the last sync. The balance may
         go below zero (down to one burst of debt): then this process waits until the
@@ -112,7 +116,14 @@ class RateLimiter:
             self.limited += 1
             raise RateLimited(
                 f"{what} is exceeded; retry later",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                headers={
+                    "Retry-After": str(max(1, math.ceil(wait))),
+                    # OpenAI's names, which SDKs and dashboards read: the bucket's size,
+                    # what is left of it, and the time until it is full again.
+                    "x-ratelimit-limit-requests": f"{bucket.capacity:g}",
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": openai_duration(bucket.until_full()),
+                },
             )
 
     def shared_buckets(self) -> list[tuple[str, TokenBucket]]:
@@ -143,6 +154,14 @@ class RateLimiter:
         else:
             self.clients.move_to_end(key)
         return bucket
+
+
+def openai_duration(seconds: float) -> str:
+    """A duration as OpenAI's rate-limit headers write it: "1s", "6m0s", "0.5s"."""
+    if seconds < 60:
+        return f"{max(seconds, 0.001):.3g}s"
+    minutes, rest = divmod(int(math.ceil(seconds)), 60)
+    return f"{minutes}m{rest}s"
 
 
 def _model_limits(config: Config) -> tuple[tuple[str, int], ...]:

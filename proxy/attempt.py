@@ -147,10 +147,14 @@ async def deliver(
             if b'"usage"' in payload:
                 account_usage(outcome, usage_from_body(payload))
             headers["x-router-overhead-ms"] = overhead_ms(state)
+            if state.backoff_time:
+                headers["x-router-backoff-ms"] = backoff_ms(state)
             return ForwardedResponse(
                 status=response.status, reason=response.reason, body=payload, headers=headers
             )
         headers["x-router-overhead-ms"] = overhead_ms(state)
+        if state.backoff_time:
+            headers["x-router-backoff-ms"] = backoff_ms(state)
         if runtime.gap_observer is not None:
             state.observe_gap = runtime.gap_observer(outcome.pool)
         relayed, ended = await relay(request, response, headers, upstream.name, state)
@@ -184,3 +188,8 @@ def overhead_ms(state: RequestState) -> str:
     overhead = state.overhead()
     state.outcome.overhead = overhead
     return f"{overhead * 1000:.3f}"
+
+
+def backoff_ms(state: RequestState) -> str:
+    """The pauses between retries so far, for x-router-backoff-ms (not overhead)."""
+    return f"{state.backoff_time * 1000:.3f}"

@@ -9,6 +9,7 @@ taken and released in `forward` itself, in `finally`, whatever happens in betwee
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Collection
 from typing import NoReturn
@@ -23,9 +24,12 @@ from proxy.errors import SHOULD_RETRY, BudgetExhausted, GatewayError, NoBackendA
 from proxy.headers import upstream_request_headers
 from proxy.runtime import Runtime
 from proxy.state import RequestState
+from proxy.transport import UpstreamResponse
 from proxy.upstream import Pool, Upstream
 from proxy.verdict import BACKEND_FAULTS, CLIENT_GONE, OK
 from telemetry.outcome import account_usage, price, usage_from_stream
+
+log = logging.getLogger("request_router")
 
 
 async def forward(
@@ -45,7 +49,7 @@ async def forward(
             try:
                 begin_attempt(runtime, state, upstream)
                 response = await send(runtime, request, upstream, state, headers)
-                if not try_again(runtime, state):
+                if not try_again(runtime, state, upstream, response):
                     if response is None:
                         raise_final_error(state)
                     count_served(runtime, state, upstream)
@@ -116,9 +120,7 @@ async def wait_for_slot(
     backend could serve at all."""
     admission = runtime.admission
     pools = state.pools
-    if admission.in_flight < admission.max_in_flight and not any(
-        p.has_live(blocked) for p in pools
-    ):
+    if admission.has_room() and not any(p.has_live(blocked) for p in pools):
         names = ", ".join(p.name for p in pools)
         raise NoBackendAvailable(
             f"no backend of {names} can take the request"
@@ -148,12 +150,38 @@ def begin_attempt(runtime: Runtime, state: RequestState, upstream: Upstream) -> 
     outcome.model = upstream.model
 
 
-def try_again(runtime: Runtime, state: RequestState) -> bool:
-    """The retry rule (proxy.retry) on this attempt's verdict."""
+def try_again(
+    runtime: Runtime,
+    state: RequestState,
+    upstream: Upstream,
+    response: UpstreamResponse | None,
+) -> bool:
+    """The retry rule (proxy.retry) on this attempt's verdict; a backend's failure is logged
+    (nginx's "upstream failed" line) whether or not another attempt follows."""
     verdict = state.verdict
     if verdict is OK:
         return False
+    if verdict in BACKEND_FAULTS:
+        log_backend_failure(state, upstream, response)
     return runtime.retry.should_retry(verdict, state.attempt, state.pools)
+
+
+def log_backend_failure(
+    state: RequestState, upstream: Upstream, response: UpstreamResponse | None
+) -> None:
+    error = state.error
+    if response is not None:
+        reason = f"answered {response.status}"
+    else:
+        reason = error.message if error is not None else "no answer"
+    log.error(
+        "backend %s failed: %s, attempt %d of request %s (%s)",
+        upstream.name,
+        reason,
+        state.attempt,
+        state.request_id,
+        state.path,
+    )
 
 
 def raise_final_error(state: RequestState) -> NoReturn:
@@ -171,7 +199,11 @@ async def pause_before_retry(runtime: Runtime, state: RequestState, failed: Upst
     others = any(p.has_live(state.tried) for p in state.pools)
     delay = runtime.retry.backoff(state.attempt, other_backend=others)
     if delay:
-        await asyncio.sleep(delay)
+        paused = time.perf_counter()
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            state.backoff_time += time.perf_counter() - paused
 
 
 def count_served(runtime: Runtime, state: RequestState, upstream: Upstream) -> None:
@@ -199,6 +231,8 @@ def refused(state: RequestState, exc: GatewayError) -> None:
         "x-router-attempts": str(state.attempt),
         "x-router-overhead-ms": f"{state.overhead() * 1000:.3f}",
     }
+    if state.backoff_time:
+        headers["x-router-backoff-ms"] = f"{state.backoff_time * 1000:.3f}"
     if exc.verdict in BACKEND_FAULTS:
         headers[SHOULD_RETRY] = "false"
 

@@ -162,6 +162,18 @@ class Router:
         self.decisions.invalidate()
         if state is BreakerState.CLOSED:
             upstream.latency.reset()  # recovered: scored neutrally again, not by its past
+            log.warning("backend %s: circuit closed, serving again", upstream.name)
+        elif state is BreakerState.OPEN:
+            log.error(
+                "backend %s: circuit open for %gs after %d failures",
+                upstream.name,
+                breaker.open_for,
+                breaker.failure_count,
+            )
+        else:
+            log.warning(
+                "backend %s: circuit half-open, letting trial requests through", upstream.name
+            )
 
     def set_strategy(self, strategy: str, pool: str | None = None) -> str:
         """Swap the balancer of one pool, or of all; returns the strategy it replaces.

@@ -31,6 +31,7 @@ class RequestState:
         "routing",
         "started",
         "backend_time",
+        "backoff_time",
         "attempt",
         "tried",
         "failed_at",
@@ -69,6 +70,7 @@ class RequestState:
         self.routing = routing
         self.started = time.perf_counter()
         self.backend_time = 0.0  # spent waiting on backends: excluded from gateway overhead
+        self.backoff_time = 0.0  # spent pausing between retries: shown apart from overhead
         self.attempt = 0
         self.tried: list[Upstream] = []
         self.failed_at: float | None = None
@@ -80,4 +82,5 @@ class RequestState:
         self.observe_gap: Callable[[float], None] | None = None
 
     def overhead(self) -> float:
-        return time.perf_counter() - self.started - self.backend_time
+        """The gateway's own time: neither the backends' nor the pauses between retries."""
+        return time.perf_counter() - self.started - self.backend_time - self.backoff_time

@@ -252,3 +252,31 @@ def test_a_reload_keeps_the_buckets_unless_a_limit_changed() -> None:
     fresh = limits.reconfigured(changed)
     assert fresh is not limits and fresh.limited == 1
     assert refused(fresh, request()) is None
+
+
+async def test_a_rate_limited_answer_carries_openai_rate_limit_headers(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    clock = ManualClock()
+    document = config_document(cluster)
+    document["models"]["hermes-2"]["rpm"] = 2
+    gateway = await start_gateway(document, clock=clock)
+    for _ in range(2):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+            assert r.status == 200
+            assert "x-ratelimit-limit-requests" not in r.headers
+    clock.advance(15)  # half a token back of the two spent
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.status == 429
+        assert r.headers["x-ratelimit-limit-requests"] == "2"
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+        assert r.headers["x-ratelimit-reset-requests"] == "45s"  # 1.5 tokens at 1 per 30 s
+        assert r.headers["Retry-After"] == "15"  # the next whole token
+        assert r.headers["retry-after-ms"] == "15000"
+
+
+def test_rate_limit_durations_are_written_as_openai_writes_them() -> None:
+    assert ratelimit.openai_duration(0.5) == "0.5s"
+    assert ratelimit.openai_duration(59.5) == "59.5s"
+    assert ratelimit.openai_duration(360) == "6m0s"
+    assert ratelimit.openai_duration(61.2) == "1m2s"

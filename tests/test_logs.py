@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 
 import orjson
 
 from simulator.cluster import Cluster
-from tests.conftest import StartGateway, chat, config_document
+from tests.conftest import ManualClock, StartGateway, chat, config_document
 
 
 async def test_audit_log_records_accepted_and_refused_changes(
@@ -63,3 +64,33 @@ async def test_access_log_writes_one_json_line_per_request(
     assert first["request_id"] == "trace-1" and first["status"] == 200
     assert first["route"] == "/v1/chat/completions" and first["completion_tokens"] == 8
     assert first["duration_ms"] > 0 and first["time"].endswith("Z")
+
+
+async def test_backend_failures_and_breaker_transitions_are_logged(
+    cluster: Cluster, start_gateway: StartGateway, http, caplog
+) -> None:
+    """As nginx logs "upstream failed" and HAProxy "server DOWN": one error line per backend
+    failure, and one per breaker transition, naming the backend."""
+    clock = ManualClock()
+    document = config_document(
+        cluster, circuit_breaker={"threshold": 2, "timeout": 10}, retry={"max_retries": 0}
+    )
+    gateway = await start_gateway(document, clock=clock)
+    cluster["hermes-2"].behaviour.status = 503
+    caplog.set_level(logging.WARNING, logger="request_router")
+    for _ in range(2):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+            assert r.status == 503
+    failures = [r for r in caplog.records if "failed:" in r.getMessage()]
+    assert len(failures) == 2 and all(r.levelno == logging.ERROR for r in failures)
+    assert failures[0].getMessage().startswith("backend hermes-2 failed: answered 503")
+    assert "/v1/chat/completions" in failures[0].getMessage()
+    opened = [r.getMessage() for r in caplog.records if "circuit open" in r.getMessage()]
+    assert opened == ["backend hermes-2: circuit open for 10s after 2 failures"]
+    cluster["hermes-2"].behaviour.status = 200
+    clock.advance(10)
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.status == 200
+    messages = [r.getMessage() for r in caplog.records]
+    assert "backend hermes-2: circuit half-open, letting trial requests through" in messages
+    assert messages[-1] == "backend hermes-2: circuit closed, serving again"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.cluster import Cluster
-from tests.conftest import StartGateway, chat, config_document
+from tests.conftest import ManualClock, StartGateway, chat, config_document
 
 
 async def get_json(http, url: str) -> dict:
@@ -173,3 +173,41 @@ async def test_health_endpoints(gateway, http, cluster: Cluster) -> None:
     async with http.get(f"{gateway.url}/health") as response:
         assert response.status == 503
         assert (await response.json())["status"] == "unhealthy"
+
+
+async def test_pauses_between_retries_are_not_gateway_overhead(
+    start_gateway: StartGateway, cluster: Cluster, http
+) -> None:
+    """x-router-overhead-ms is the gateway's own time; a retry's backoff is shown apart."""
+    gateway = await start_gateway(config_document(cluster, retry={"delay": 0.3, "max_delay": 0.3}))
+    cluster["hermes-2"].behaviour.fail_next = 1  # hermes-2 has one backend: the retry waits
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.status == 200
+        assert r.headers["x-router-attempts"] == "2"
+        backoff = float(r.headers["x-router-backoff-ms"])
+        overhead = float(r.headers["x-router-overhead-ms"])
+    assert backoff >= 200  # jittered around the 0.3 s delay
+    assert overhead < 100  # without the pause; with it, it would be >= 200
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert "x-router-backoff-ms" not in r.headers  # no retry, no pause
+
+
+async def test_requests_per_second_counts_the_current_second(
+    start_gateway: StartGateway, cluster: Cluster, http
+) -> None:
+    """40 requests sent within one second and read at once are 40/s, not 0.0 (the current
+    second counts for the part of it that has passed); ten seconds later they have aged out
+    of the window as whole seconds do."""
+    clock = ManualClock(1000.2)
+    gateway = await start_gateway(config_document(cluster), clock=clock)
+    for _ in range(40):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+            assert r.status == 200
+    clock.advance(0.5)
+    url = f"{gateway.url}/api/v1/router/metrics"
+    assert (await get_json(http, url))["routing_metrics"]["requests_per_second"] == 40.0
+    clock.advance(3.0)  # 3.5 s up: the 40 spread over the uptime
+    rate = (await get_json(http, url))["routing_metrics"]["requests_per_second"]
+    assert rate == round(40 / 3.5, 3)
+    clock.advance(10.0)
+    assert (await get_json(http, url))["routing_metrics"]["requests_per_second"] == 0.0
