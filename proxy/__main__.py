@@ -1,6 +1,8 @@
 """Command line: `request-router [--config PATH] [--host H] [--port P] [--check-config] [--demo]`.
 
-Exit codes: 0 ok, 2 invalid configuration or arguments.
+Exit codes: 0 ok, 2 invalid configuration or arguments. Under systemd (Type=notify) the
+gateway reports READY=1 once listening, RELOADING=1/READY=1 around a SIGHUP reload and
+STOPPING=1 when it drains (proxy.systemd_notify).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,6 +33,7 @@ from proxy.app import (
     serving_on,
     start_admin_listener,
 )
+from proxy.systemd_notify import ready, reloading, stopping
 
 log = logging.getLogger("request_router")
 
@@ -77,6 +81,42 @@ def environment_with(args: argparse.Namespace, environ: Mapping[str, str]) -> di
         overrides["ROUTER_CHAOS_ENABLED"] = "true"
         overrides.setdefault("ROUTER_HOST", "127.0.0.1")
     return overrides
+
+
+def files_it_cannot_write(config: Config) -> list[str]:
+    """The files and sockets the config names that this process could not create or append
+    to, each with its key. --check-config looks because under the systemd unit only the
+    state, logs and runtime directories are writable (ProtectSystem=strict): without this the
+    check passes and the gateway then fails to start, or, for the audit log, fails at the
+    first admin change. Relative paths resolve against the working directory, as they do when
+    the gateway opens them."""
+    admin = config.admin.listen or ""
+    wanted: dict[str, tuple[str | None, bool]] = {  # key: (path, the gateway makes its parents)
+        "logging.access_log": (config.logging.access_log, False),
+        "logging.audit_log": (config.logging.audit_log, True),
+        "admin.listen": (
+            admin.removeprefix("unix:") if admin.startswith(("unix:", "/")) else None,
+            False,
+        ),
+    }
+    if config.accounting.enabled and not config.accounting.postgres_dsn:
+        wanted["accounting.sqlite_path"] = (config.accounting.sqlite_path, True)
+    user = os.environ.get("USER") or f"uid {os.geteuid()}"  # systemd sets USER from User=
+    return [
+        f"{key}: cannot create or write {path!r} as {user}"
+        for key, (path, makes_parents) in wanted.items()
+        if path not in (None, "", "-", ":memory:") and not writable(Path(path), makes_parents)
+    ]
+
+
+def writable(path: Path, makes_parents: bool) -> bool:
+    if path.exists():
+        return os.access(path, os.W_OK)
+    parent = path.absolute().parent
+    while makes_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    # access(2) also answers EROFS for a read-only mount, as ProtectSystem= makes them
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
 
 
 def settle_garbage_collector() -> None:
@@ -139,20 +179,32 @@ async def serve(config: Config, demo: bool, environ: Mapping[str, str]) -> None:
         )
         if demo:
             print_instructions(config)
+        listening = f"listening on http://{config.server.host}:{config.server.port}"
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         reloads: set[asyncio.Task[None]] = set()
 
+        async def reload() -> None:
+            reloading()
+            try:
+                await reloader.reload_logged()
+            finally:  # refused or not, a configuration is serving again
+                ready(listening)
+
         def on_sighup() -> None:
-            task = loop.create_task(reloader.reload_logged())
+            task = loop.create_task(reload())
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        # Only now: systemd may send SIGHUP or SIGTERM as soon as it reads READY=1, and before
+        # the handlers above those would kill the process.
+        ready(listening)
         await stop.wait()
         live.runtime.draining = True
+        stopping("draining")
         log.info(
             "draining: no new connections; in-flight requests get up to %gs to finish",
             live.runtime.config.server.shutdown_grace,
@@ -184,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"request-router: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
+        problems = files_it_cannot_write(config)
+        for problem in problems:
+            print(f"request-router: invalid configuration: {problem}", file=sys.stderr)
+        if problems:
+            return 2
         print(config.summary())
         print("configuration OK")
         return 0

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
+import sys
+from pathlib import Path
 
 import aiohttp
+import pytest
+import yaml
 
 from simulator.cluster import Cluster
 from tests.conftest import chat, config_document
-from tests.process import gateway_process
+from tests.process import ROOT, gateway_process
 
 
 async def test_gateway_process_serves_and_stops_on_sigterm(cluster: Cluster, tmp_path) -> None:
@@ -28,3 +34,96 @@ async def test_gateway_process_serves_and_stops_on_sigterm(cluster: Cluster, tmp
         output = await gateway.output()
     assert "listening on http://127.0.0.1:" in output and "event loop uvloop" in output
     assert "draining" in output and "Traceback" not in output
+
+
+async def check_config(
+    config: Path | str, cwd: Path, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """`request-router --config CONFIG --check-config` as the unit's ExecStartPre runs it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--config",
+        str(config),
+        "--check-config",
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_check_config_validates_without_binding_or_notifying(tmp_path: Path) -> None:
+    """ExecStartPre runs while the previous gateway may still hold the port, and with
+    $NOTIFY_SOCKET set: the check must neither bind nor tell systemd it is ready."""
+    with socket.socket() as holder, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        holder.setblocking(False)
+        port = holder.getsockname()[1]
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.setblocking(False)
+        config = tmp_path / "router.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {"host": "127.0.0.1", "port": port},
+                    "models": {"m": {"url": "http://127.0.0.1:9"}},
+                }
+            )
+        )
+        code, out, err = await check_config(
+            config, tmp_path, {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        )
+        assert (code, err) == (0, "")
+        assert f"listen: 127.0.0.1:{port}" in out and out.endswith("configuration OK\n")
+        with pytest.raises(BlockingIOError):
+            holder.accept()  # nobody connected to it either
+        with pytest.raises(BlockingIOError):
+            notify.recv(4096)
+    assert not (tmp_path / "data").exists()  # nor created the database or the audit log
+
+
+BAD_CONFIGS = {
+    # file content (or None: no file), environment -> what the message must name
+    "unknown key": ("server:\n  prot: 8000\n", {}, "server.prot: unknown key (value 8000)"),
+    "bad value": (
+        "routing:\n  strategy: fastest\n",
+        {},
+        "routing.strategy: unknown strategy 'fastest' (valid: round_robin,",
+    ),
+    "yaml syntax": ("routing:\n  strategy: [round_robin\n", {}, "YAML syntax error at line"),
+    "missing file": (None, {}, "missing_file.yaml: cannot read config file (No such file"),
+    "environment file": ("", {"ROUTER_PORT": "99999"}, "server.port: must be <= 65535, got 99999"),
+    "unwritable file": (
+        "logging:\n  access_log: /nonexistent/request-router/access.log\n",
+        {},
+        "logging.access_log: cannot create or write '/nonexistent/request-router/access.log'",
+    ),
+}
+
+
+async def test_check_config_names_what_is_wrong_and_exits_2(tmp_path: Path) -> None:
+    async def check(name: str, text: str | None, env: dict[str, str]) -> tuple[int, str, str]:
+        path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        if text is not None:
+            path.write_text(text)
+        return await check_config(path, tmp_path, env)
+
+    results = await asyncio.gather(
+        *(check(name, text, env) for name, (text, env, _) in BAD_CONFIGS.items())
+    )
+    for (name, (_, _, expected)), (code, out, err) in zip(
+        BAD_CONFIGS.items(), results, strict=True
+    ):
+        assert code == 2, name
+        assert out == "", name  # no summary, no "configuration OK"
+        assert err.startswith("request-router: invalid configuration: ") and expected in err, (
+            name,
+            err,
+        )
+        assert "Traceback" not in err, name
