@@ -180,6 +180,7 @@ async def test_every_panel_query_runs_against_a_real_prometheus(
 ) -> None:
     cluster["phi-3-mini"].behaviour.status = 500
     cluster["mixtral-8x7b"].behaviour.latency = 0.3  # with one slot: requests queue
+    cluster["openchat-3.5"].behaviour.token_delay = 0.005  # paced: each token its own chunk
     document = config_document(cluster, circuit_breaker={"threshold": 2})
     document["models"]["mixtral-8x7b"]["max_concurrent"] = 1
     environment = {"ROUTER_WORKER_THREADS": "2"}
