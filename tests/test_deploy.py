@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 import yaml
 
-from config.schema import ServerConfig
+from config.schema import ENV_OVERRIDES, ServerConfig
 from simulator.cluster import Cluster
 from tests.conftest import chat, config_document
 from tests.process import free_port
@@ -35,6 +35,7 @@ from tests.process import free_port
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "request-router.service"
 EXAMPLE_CONFIG = ROOT / "deploy" / "router_config.example.yaml"
+ENV_FILE = ROOT / "deploy" / "request-router.env"
 INSTALLED_BINARY = "/opt/request-router/.venv/bin/request-router"
 INSTALLED_CONFIG = "/etc/request-router/router_config.yaml"
 BINARY = Path(sys.executable).with_name("request-router")
@@ -80,7 +81,8 @@ def test_unit_matches_signal_semantics() -> None:
     assert service("User") not in ("", "root")
     assert service("EnvironmentFile").lstrip("-") == "/etc/request-router/request-router.env"
     assert f"--config {INSTALLED_CONFIG}" in service("ExecStart")
-    assert (ROOT / "deploy" / "request-router.env").read_text().count("ROUTER_") >= 10
+    environment = re.findall(r"^#?(ROUTER_\w+)=", ENV_FILE.read_text(), re.MULTILINE)
+    assert len(environment) >= 10 and set(environment) <= set(ENV_OVERRIDES)
 
 
 def test_unit_checks_the_config_before_start_and_reload() -> None:
