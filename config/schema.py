@@ -261,6 +261,56 @@ class BudgetConfig:
     )
 
 
+def redis_url(value: str, path: str) -> str:
+    """redis://, rediss:// or unix://; the message never repeats the URL (it may hold a
+    password)."""
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{path}: expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """Shared state between gateway hosts (README: Several hosts). Nothing here is on the
+    request path: a background sync exchanges it every `sync_interval`."""
+
+    enabled: bool = setting(
+        False,
+        help="share rate limits, spend, strategy overrides, breaker hints and membership"
+        " with the other gateways using this Redis and key_prefix",
+    )
+    url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        env="ROUTER_REDIS_URL",
+        validate=redis_url,
+        help="redis://[user:password@]host:port/db, rediss:// (TLS) or unix://path",
+    )
+    key_prefix: str = setting(
+        "request-router", help="prefix of every key and channel: gateways sharing it act as one"
+    )
+    sync_interval: float = setting(
+        0.1, minimum=0.01, help="seconds between syncs, one pipelined round trip each"
+    )
+    timeout: float = setting(
+        0.25, minimum=0.001, help="seconds a connect or a sync may take; never retried"
+    )
+    member_ttl: float = setting(
+        3.0, minimum=0.05, help="seconds after its last heartbeat a member stops counting as live"
+    )
+    on_failure: str = setting(
+        "local_share",
+        choices=("local_share", "open", "closed"),
+        help="while Redis is unreachable, limits become rate / live members, stay as"
+        " configured on each member, or refuse the traffic they apply to",
+    )
+    failure_threshold: int = setting(
+        3, minimum=1, help="failed syncs in a row that open Redis's breaker"
+    )
+    retry_after: float = setting(
+        1.0, minimum=0.01, help="seconds Redis's breaker stays open before a trial sync"
+    )
+
+
 def listen_address(value: str, path: str) -> str:
     """`host:port` (`[v6]:port`), or a Unix socket: `unix:/path` or an absolute path."""
     if value.startswith(("unix:", "/")):
@@ -427,6 +477,7 @@ class Config:
     accounting: AccountingConfig = setting(AccountingConfig(), help="per-request rows")
     budget: BudgetConfig = setting(BudgetConfig(), help="spend limit")
     logging: LoggingConfig = setting(LoggingConfig(), help="access and audit logs")
+    redis: RedisConfig = setting(RedisConfig(), help="state shared between hosts")
     connection_pool: ConnectionPoolConfig = setting(ConnectionPoolConfig(), help="upstream")
     models: tuple[ModelConfig, ...] = setting(
         (), each=".<name>", help="model pools, by name (see below)"
@@ -437,6 +488,11 @@ class Config:
         factory=dict,
         shown="none",
         help="{model: [model, ...]}: models to try, in order, when every backend of one is down",
+    )
+    fallback_when_busy: frozenset[str] = setting(
+        frozenset(),
+        shown="none",
+        help="models whose chain also serves when they are merely busy (`when_busy: true`)",
     )
     source: str = "<defaults>"
 
@@ -567,14 +623,28 @@ def _service(kind: type[S], data: Any) -> S:
     return kind(**values)
 
 
-def _fallbacks(data: Any, models: list[str]) -> dict[str, tuple[str, ...]]:
+def _fallbacks(data: Any, models: list[str]) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
+    """`{model: [model, ...]}`, or `{model: {models: [...], when_busy: true}}` for a chain that
+    also takes a model's traffic when it is merely full (every backend at max_concurrent). By
+    default a busy model queues for its own backends; the chain serves when it is failing."""
     section = Section(data, "fallbacks")
     chains = {}
+    when_busy = set()
     for model in list(section.data):
         path = f"fallbacks.{model}"
         if model not in models:
             raise ConfigError(f"{path}: unknown model {model!r} (models: {', '.join(models)})")
         chain = section.take(model)
+        if isinstance(chain, dict):
+            entry = Section(chain, path)
+            busy = entry.take("when_busy")
+            chain = entry.take("models")
+            entry.done()
+            if busy is not None and not isinstance(busy, bool):
+                raise ConfigError(f"{path}.when_busy: expected true or false, got {busy!r}")
+            if busy:
+                when_busy.add(str(model))
+            path += ".models"
         if not isinstance(chain, list) or not all(isinstance(v, str) for v in chain):
             raise ConfigError(f"{path}: expected a list of strings, got {chain!r}")
         for index, target in enumerate(chain):
@@ -584,7 +654,7 @@ def _fallbacks(data: Any, models: list[str]) -> dict[str, tuple[str, ...]]:
                     f" (models: {', '.join(models)})"
                 )
         chains[str(model)] = tuple(chain)
-    return chains
+    return chains, frozenset(when_busy)
 
 
 def _check_unique_backend_names(config: Config) -> None:
@@ -615,12 +685,14 @@ def parse(data: Any, environ: Mapping[str, str] | None = None, source: str = "<d
     }
     sections["routing"] = _routing(root.take("routing"))
     models = _models(root.take("models"))
+    fallbacks, fallback_when_busy = _fallbacks(root.take("fallbacks"), [m.name for m in models])
     config = Config(
         **sections,
         models=models,
         qdrant=_service(QdrantConfig, root.take("qdrant")),
         embedding=_service(EmbeddingConfig, root.take("embedding")),
-        fallbacks=_fallbacks(root.take("fallbacks"), [m.name for m in models]),
+        fallbacks=fallbacks,
+        fallback_when_busy=fallback_when_busy,
         source=source,
     )
     root.done()
