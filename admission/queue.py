@@ -49,7 +49,7 @@ class AdmissionSnapshot(TypedDict):
 
 
 class Waiter:
-    __slots__ = ("pools", "exclude", "request", "priority", "seq", "future", "gone")
+    __slots__ = ("pools", "exclude", "request", "priority", "seq", "future", "gone", "own_first")
 
     def __init__(
         self,
@@ -59,8 +59,11 @@ class Waiter:
         priority: int,
         seq: int,
         future: asyncio.Future[Upstream],
+        own_first: bool = False,
     ) -> None:
         self.pools = pools
+        # The later pools (a fallback chain) only while the first has no live backend.
+        self.own_first = own_first
         self.exclude = exclude
         self.request = request
         self.priority = priority
@@ -177,8 +180,10 @@ class Admission:
         exclude: Collection[Upstream],
         priority: int = NORMAL_PRIORITY,
         request: RoutingRequest | None = None,
+        own_first: bool = False,
     ) -> Upstream:
-        """Queue for the first free slot on any of `pools` (in order of preference)."""
+        """Queue for the first free slot on any of `pools` (in order of preference); with
+        `own_first`, on the later pools only while the first has no live backend."""
         if self.queued >= self.queue_size:
             self.rejected_full += 1
             raise QueueFull(
@@ -186,7 +191,7 @@ class Admission:
                 headers={"Retry-After": str(self.retry_after())},
             )
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(pools, exclude, request, priority, next(self._seq), future)
+        waiter = Waiter(pools, exclude, request, priority, next(self._seq), future, own_first)
         heapq.heappush(self._heap, waiter)
         self.queued += 1
         self._dispatch()  # a slot may be free already (e.g. only fairness made us queue)
@@ -220,7 +225,10 @@ class Admission:
             if waiter.gone or waiter.future.done():
                 continue
             upstream = None
-            for pool in waiter.pools:
+            pools = waiter.pools
+            if waiter.own_first and pools[0].has_live(waiter.exclude):
+                pools = pools[:1]
+            for pool in pools:
                 upstream = pool.select(waiter.exclude, waiter.request)
                 if upstream is not None:
                     break

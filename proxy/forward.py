@@ -106,11 +106,24 @@ def take_free_slot(
     tried = state.tried
     first: Collection[Upstream] = (*tried, *blocked) if blocked else tried
     for candidates in (first, blocked) if tried else (blocked,):
-        for pool in state.pools:
+        pools = state.pools
+        if len(pools) > 1 and waits_for_own_model(runtime, state, candidates):
+            pools = pools[:1]
+        for pool in pools:
             upstream = admission.try_acquire(pool, candidates, state.routing)
             if upstream is not None:
                 return upstream
     return None
+
+
+def waits_for_own_model(
+    runtime: Runtime, state: RequestState, exclude: Collection[Upstream]
+) -> bool:
+    """A named model that is merely busy (a backend of it is live, just full) is queued for,
+    as the specification's queue intends; its fallback chain serves when it is failing or
+    unavailable, or when the chain opts in to busy fallback (`when_busy: true`)."""
+    pool = state.pool
+    return pool.name not in runtime.router.fallback_when_busy and pool.has_live(exclude)
 
 
 async def wait_for_slot(
@@ -131,8 +144,9 @@ async def wait_for_slot(
         request.headers.get(runtime.priority_header, "normal").lower(), NORMAL_PRIORITY
     )
     queued_at = time.perf_counter()
+    own_first = len(pools) > 1 and state.pool.name not in runtime.router.fallback_when_busy
     try:
-        return await admission.wait(pools, blocked, priority, state.routing)
+        return await admission.wait(pools, blocked, priority, state.routing, own_first)
     finally:
         state.outcome.queue_wait += time.perf_counter() - queued_at
 

@@ -121,6 +121,8 @@ class Router:
             model: tuple(self.models[name] for name in chain)
             for model, chain in config.fallbacks.items()
         }
+        # models whose chain also takes their traffic when they are merely full (opt-in)
+        self.fallback_when_busy = config.fallback_when_busy
         self.upstreams: tuple[Upstream, ...] = tuple(
             u for name, pool in self.pools.items() if name != AUTO_POOL for u in pool.upstreams
         )

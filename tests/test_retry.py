@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from circuit.breaker import BreakerState
-from config.schema import RetryConfig
+from config.reader import ConfigError
+from config.schema import RetryConfig, parse
 from proxy.retry import RetryBudget, RetryPolicy, retry_after_seconds
 from proxy.upstream import Pool, Upstream
 from proxy.verdict import (
@@ -190,10 +191,33 @@ async def test_fallback_chain_serves_when_the_model_is_down(
     assert gateway.runtime.stats.fallbacks == 6
 
 
-async def test_fallback_when_the_model_is_full(
+async def test_a_busy_model_is_queued_for_not_answered_by_its_fallback(
     cluster: Cluster, start_gateway: StartGateway, http
 ) -> None:
+    """Full is not failing: the second request waits for mixtral's one slot (issue 12)."""
     document = config_document(cluster, fallbacks={"mixtral-8x7b": ["phi-3-mini"]})
+    document["models"]["mixtral-8x7b"]["max_concurrent"] = 1
+    gateway = await start_gateway(document)
+    cluster["mixtral-8x7b"].behaviour.latency = 0.3
+    url = f"{gateway.url}/v1/chat/completions"
+
+    async def ask() -> tuple[str, str | None]:
+        async with http.post(url, json=chat("mixtral-8x7b")) as response:
+            assert response.status == 200
+            return response.headers["x-router-backend"], response.headers.get("x-router-fallback")
+
+    results = await asyncio.gather(ask(), ask())
+    assert results == [("mixtral-8x7b", None)] * 2
+    assert cluster["phi-3-mini"].behaviour.requests == 0
+    assert gateway.runtime.stats.fallbacks == 0
+
+
+async def test_a_chain_that_opts_in_takes_a_busy_models_traffic(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    document = config_document(
+        cluster, fallbacks={"mixtral-8x7b": {"models": ["phi-3-mini"], "when_busy": True}}
+    )
     document["models"]["mixtral-8x7b"]["max_concurrent"] = 1
     gateway = await start_gateway(document)
     cluster["mixtral-8x7b"].behaviour.latency = 0.3
@@ -207,6 +231,49 @@ async def test_fallback_when_the_model_is_full(
     assert sorted(results, key=str) == sorted(
         [("mixtral-8x7b", None), ("phi-3-mini", "phi-3-mini")], key=str
     )
+
+
+async def test_a_queued_request_goes_to_the_fallback_when_its_model_fails_meanwhile(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """Queued for a busy model whose backend then fails and opens its breaker: the chain
+    serves the waiting request instead of leaving it to the queue timeout."""
+    document = config_document(
+        cluster,
+        fallbacks={"mixtral-8x7b": ["phi-3-mini"]},
+        circuit_breaker={"threshold": 1, "timeout": 30},
+        retry={"max_retries": 0},
+    )
+    document["models"]["mixtral-8x7b"]["max_concurrent"] = 1
+    gateway = await start_gateway(document)
+    mixtral = cluster["mixtral-8x7b"].behaviour
+    mixtral.latency = 0.3
+    mixtral.status = 503
+    url = f"{gateway.url}/v1/chat/completions"
+
+    async def ask() -> tuple[int, str | None]:
+        async with http.post(url, json=chat("mixtral-8x7b")) as response:
+            return response.status, response.headers.get("x-router-fallback")
+
+    first = asyncio.create_task(ask())
+    await asyncio.sleep(0.1)  # mixtral's slot is taken: the second request queues
+    second = await ask()
+    assert await first == (503, None)
+    assert second == (200, "phi-3-mini")
+
+
+def test_a_fallback_chain_is_a_list_or_models_with_when_busy() -> None:
+    models = {"a": {"url": "http://127.0.0.1:1"}, "b": {"url": "http://127.0.0.1:2"}}
+    plain = parse({"models": models, "fallbacks": {"a": ["b"]}}, {})
+    assert plain.fallbacks == {"a": ("b",)} and plain.fallback_when_busy == frozenset()
+    opted = parse({"models": models, "fallbacks": {"a": {"models": ["b"], "when_busy": True}}}, {})
+    assert opted.fallbacks == {"a": ("b",)} and opted.fallback_when_busy == {"a"}
+    with pytest.raises(ConfigError, match="fallbacks.a.when_busy: expected true or false"):
+        parse({"models": models, "fallbacks": {"a": {"models": ["b"], "when_busy": "yes"}}}, {})
+    with pytest.raises(ConfigError, match="fallbacks.a.models\\[0\\]: 'c' is not another"):
+        parse({"models": models, "fallbacks": {"a": {"models": ["c"]}}}, {})
+    with pytest.raises(ConfigError, match="fallbacks.a.busy: unknown key"):
+        parse({"models": models, "fallbacks": {"a": {"models": ["b"], "busy": True}}}, {})
 
 
 async def test_timeout_before_headers_fails_over(
