@@ -38,6 +38,16 @@ BROADCAST = {
 }
 
 
+def is_backend_state(request: web.Request) -> bool:
+    """PUT /api/v1/router/backends/{name}/state: every worker drains the backend."""
+    path = request.path
+    return (
+        request.method == "PUT"
+        and path.startswith("/api/v1/router/backends/")
+        and path.endswith("/state")
+    )
+
+
 class Peers:
     def __init__(self, run_dir: str, index: int, total: int, secret: str) -> None:
         self.run_dir = Path(run_dir)
@@ -117,7 +127,7 @@ class Peers:
                 if request.path == "/metrics":
                     response.headers[PID_HEADER] = str(self._pid)
                 return response
-            if (request.method, request.path) in BROADCAST:
+            if (request.method, request.path) in BROADCAST or is_backend_state(request):
                 return await self._broadcast(request, handler)
             if report is not None:
                 return await self._merged(request, report)

@@ -21,12 +21,12 @@ from config.reader import ConfigError
 from control.audit import AuditLog
 from control.chaos import Chaos
 from control.reload import Reloader
-from proxy.errors import GatewayError, InvalidRequest
+from proxy.errors import GatewayError, InvalidRequest, UnknownBackend
 from proxy.jsonbody import json_bytes
 from proxy.router import Router
 from proxy.routes import parse_object
 from proxy.runtime import LiveRuntime, Runtime
-from proxy.upstream import Pool, UpstreamSnapshot
+from proxy.upstream import ADMIN_STATES, Pool, UpstreamSnapshot
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -198,6 +198,38 @@ class AdminApi:
             change["pool"] = pool
         return json_response({"strategy_change": change})
 
+    async def put_backend_state(self, request: web.Request) -> web.Response:
+        """HAProxy's `set server state`: drain (no new requests; those in flight finish),
+        maint (the same, shown as maintenance) or ready. Kept across reloads (the backend
+        keeps its state while its name and URL stay) until set back to ready."""
+        name = request.match_info["name"]
+        upstream = next((u for u in self.router.upstreams if u.name == name), None)
+        with self.audited(request, "backend_state", None) as audit:
+            document = parse_object(await request.read())
+            state = document.get("state")
+            audit["new"] = {"backend": name, "state": state}
+            if upstream is None:
+                names = ", ".join(u.name for u in self.router.upstreams)
+                raise UnknownBackend(f"no backend named {name!r}; backends: {names}")
+            if state not in ADMIN_STATES:
+                raise InvalidRequest(
+                    f"'state' must be one of {', '.join(ADMIN_STATES)}, got {state!r}",
+                    code="invalid_state",
+                )
+            audit["old"] = {"backend": name, "state": upstream.admin_state}
+            previous = upstream.admin_state
+            upstream.admin_state = ADMIN_STATES[ADMIN_STATES.index(state)]
+            self.router.refresh_health()
+        return json_response(
+            {
+                "backend": name,
+                "previous_state": previous,
+                "state": upstream.admin_state,
+                "in_flight": upstream.active,
+                "timestamp": now_iso(),
+            }
+        )
+
     def backends_snapshot(self) -> Snapshot:
         return upstream_snapshots(self.router.home_pools())
 
@@ -303,6 +335,11 @@ class AdminApi:
         return [
             web.put("/api/v1/router/strategy", self.put_strategy, name="strategy"),
             web.post("/api/v1/router/reload", self.reload, name="reload"),
+            web.put(
+                "/api/v1/router/backends/{name}/state",
+                self.put_backend_state,
+                name="backend_state",
+            ),
             web.post(
                 "/api/v1/router/circuit-breaker/test",
                 self.circuit_breaker_test,

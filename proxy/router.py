@@ -128,6 +128,9 @@ class Router:
         )
         for member in self.upstreams:
             member.breaker.on_change = partial(self._on_breaker_change, member)
+        # Backends kept from the previous router keep their health and admin state: the new
+        # pools route around them from the start, not from the next health change.
+        self.refresh_health()
 
     def refresh_health(self) -> None:
         """Recompute every pool's routing view after a health verdict changed."""

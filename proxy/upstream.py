@@ -22,6 +22,8 @@ from proxy.shared_counts import SharedCount
 from proxy.transport import Origin
 from proxy.verdict import BACKEND_FAULTS, SUCCESSES, Verdict
 
+READY, DRAIN, MAINT = "ready", "drain", "maint"
+ADMIN_STATES = (READY, DRAIN, MAINT)
 MAX_CACHED_STARTS = 32  # per backend: the fixed routes, plus a few pass-through paths
 
 
@@ -43,6 +45,7 @@ class UpstreamSnapshot(TypedDict):
     last_check: Annotated[str | None, "latest"]  # ISO-8601 UTC
     response_time_ms: Annotated[float | None, "max"]  # of the last health check
     cooling_down: Annotated[bool, "any"]  # a 429's Retry-After has not passed yet
+    admin_state: Annotated[str, "first"]  # ready | drain | maint (the admin API's)
     breaker: BreakerSnapshot
 
 
@@ -60,6 +63,7 @@ class Upstream:
         "failures",
         "healthy",
         "cooldown_until",
+        "admin_state",
         "breaker",
         "last_check",
         "last_response_ms",
@@ -104,6 +108,9 @@ class Upstream:
         self.failures = 0
         self.healthy = True  # the active health checks' verdict
         self.cooldown_until = 0.0  # monotonic time before which it asked for no traffic (429)
+        # The operator's word (HAProxy's server state): ready, drain (no new requests; those
+        # in flight finish; health checks go on) or maint (the same, shown as maintenance).
+        self.admin_state = READY
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.last_check: float | None = None
         self.last_response_ms: float | None = None
@@ -228,6 +235,7 @@ class Upstream:
             "last_check": iso_utc(self.last_check),
             "response_time_ms": self.last_response_ms,
             "cooling_down": bool(self.cooldown_until) and not self._cooled_down(),
+            "admin_state": self.admin_state,
             "breaker": self.breaker.snapshot(),
         }
 
@@ -340,10 +348,15 @@ class Pool:
     def refresh_health(self) -> None:
         """Route around unhealthy members, unless every member is unhealthy: then fail open
         and try them all rather than refuse everything (Envoy's panic mode); breakers still
-        apply. Per pool, so `auto` avoids a model whose own pool is failing open."""
-        healthy = any(u.healthy for u in self.upstreams)
-        self.failing_open = bool(self.upstreams) and not healthy
-        self.shunned = tuple(u for u in self.upstreams if not u.healthy) if healthy else ()
+        apply. Per pool, so `auto` avoids a model whose own pool is failing open. Members an
+        operator drained are routed around in every case."""
+        serving = [u for u in self.upstreams if u.admin_state == READY]
+        healthy = any(u.healthy for u in serving)
+        self.failing_open = bool(serving) and not healthy
+        # Drained members are never chosen, so the request path pays nothing for them.
+        self.shunned = tuple(
+            u for u in self.upstreams if u.admin_state != READY or (healthy and not u.healthy)
+        )
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} strategy={self.strategy} upstreams={len(self.upstreams)}>"

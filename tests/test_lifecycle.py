@@ -168,3 +168,75 @@ def test_simulate_refuses_arguments_that_mean_nothing(capsys) -> None:
             main(["simulate", *arguments])
         assert exit_.value.code == 2
         assert arguments[0] in capsys.readouterr().err
+
+
+async def test_an_operator_drains_a_backend_and_it_stays_drained_across_a_reload(
+    cluster: Cluster, start_gateway: StartGateway, http, tmp_path
+) -> None:
+    """HAProxy's `set server state drain`: no new requests, those in flight finish; kept
+    across a reload until set back to ready."""
+    path = tmp_path / "router.yaml"
+    document = config_document(cluster)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    gateway = await start_gateway(load(path, environ={}))
+    primary = cluster["qdrant-primary"].behaviour
+    secondary = cluster["qdrant-secondary"].behaviour
+    url = f"{gateway.url}/api/v1/router/backends/qdrant-primary/state"
+    search = f"{gateway.url}/api/v1/vectors/search"
+    body = {"query_vector": [0.1, 0.2, 0.3], "collection": "documents"}
+
+    primary.latency = 0.3
+    slow = [asyncio.create_task(http.post(search, json=body)) for _ in range(2)]
+    await asyncio.sleep(0.1)  # one of them is on the primary now
+    async with http.put(url, json={"state": "drain"}) as response:
+        assert response.status == 200
+        change = await response.json()
+    assert change["previous_state"] == "ready" and change["state"] == "drain"
+    assert change["in_flight"] == 1
+    for task in slow:
+        response = await task
+        assert response.status == 200  # the one in flight finished
+        response.release()
+    primary.latency = 0
+    before = primary.requests
+    for _ in range(6):
+        async with http.post(search, json=body) as response:
+            assert response.status == 200
+            assert response.headers["x-router-backend"] == "qdrant-secondary"
+    assert primary.requests == before
+
+    async with http.post(f"{gateway.url}/api/v1/router/reload", headers=JSON) as response:
+        assert response.status == 200
+    async with http.get(f"{gateway.url}/api/v1/router/backends") as response:
+        states = {b["name"]: b["admin_state"] for b in (await response.json())["qdrant"]}
+    assert states == {"qdrant-primary": "drain", "qdrant-secondary": "ready"}
+    async with http.post(search, json=body) as response:
+        assert response.headers["x-router-backend"] == "qdrant-secondary"
+
+    async with http.put(url, json={"state": "ready"}) as response:
+        assert response.status == 200
+    served = set()
+    for _ in range(4):
+        async with http.post(search, json=body) as response:
+            served.add(response.headers["x-router-backend"])
+    assert served == {"qdrant-primary", "qdrant-secondary"}
+    assert secondary.requests > 0
+
+
+async def test_draining_every_backend_of_a_model_refuses_it_clearly(gateway, http) -> None:
+    base = f"{gateway.url}/api/v1/router/backends"
+    async with http.put(f"{base}/hermes-2/state", json={"state": "maint"}) as response:
+        assert response.status == 200
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.status == 503
+        assert "no backend of hermes-2" in (await r.json())["error"]["message"]
+    for _ in range(8):  # `auto` routes around it
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat()) as r:
+            assert r.status == 200 and r.headers["x-router-backend"] != "hermes-2"
+    async with http.put(f"{base}/nope/state", json={"state": "drain"}) as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "backend_not_found"
+    async with http.put(f"{base}/hermes-2/state", json={"state": "off"}) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["code"] == "invalid_state" and "ready, drain, maint" in error["message"]

@@ -131,6 +131,12 @@ async def test_a_killed_worker_comes_back_with_the_runtime_strategy(
                 f"{gateway.url}/api/v1/router/strategy", json={"strategy": "least_connections"}
             ) as response:
                 assert response.status == 200
+            async with http.put(
+                f"{gateway.url}/api/v1/router/backends/qdrant-primary/state",
+                json={"state": "drain"},
+            ) as response:
+                assert response.status == 200
+                assert response.headers["x-router-workers-applied"] == "2/2"
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         survivors = pids - {victim}

@@ -36,6 +36,7 @@ def test_upstream_snapshot_carries_its_breakers_and_wall_clock_times() -> None:
         "last_check": "2023-11-14T22:13:15Z",
         "response_time_ms": 1.5,
         "cooling_down": False,
+        "admin_state": "ready",
         "breaker": breaker.snapshot(),
     }
     assert orjson.loads(orjson.dumps(snapshot)) == snapshot  # plain JSON, nothing monotonic
