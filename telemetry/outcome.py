@@ -161,6 +161,7 @@ class Telemetry:
         # method, body too large, invalid input, unknown model): status -> count. They never
         # become an Outcome, so they are counted here.
         self.refused: dict[int, int] = {}
+        self.statuses: dict[int, int] = {}  # routed requests: status sent -> count
         self.sinks: list[Callable[[Outcome], None]] = []  # Prometheus, accounting, access log
 
     def record(self, outcome: Outcome, ok: bool) -> None:
@@ -171,6 +172,8 @@ class Telemetry:
         else:
             self.failed += 1
         self.rate.add()
+        statuses = self.statuses
+        statuses[outcome.status] = statuses.get(outcome.status, 0) + 1
         self.cost_total += outcome.cost
         self.latency.add(outcome.duration)
         self.overhead.add(outcome.overhead)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from itertools import accumulate
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -43,6 +43,16 @@ GAUGE_MERGE = {
     "router_backend_in_flight": "sum",
     "router_breaker_state": "max",
     "router_backend_healthy": "min",
+    # prometheus_client's process and platform collectors, one set per worker process (the
+    # supervisor's own are not in it): the gateway's memory and descriptors are the workers'
+    # sum; the fd limit is per process, so the tightest one is the one that bites; the start
+    # time is the oldest worker's (a restarted worker does not make the gateway look new).
+    "process_resident_memory_bytes": "sum",
+    "process_virtual_memory_bytes": "sum",
+    "process_open_fds": "sum",
+    "process_max_fds": "min",
+    "process_start_time_seconds": "min",
+    "python_info": "max",  # 1 in every worker
 }
 
 
@@ -183,29 +193,55 @@ class Counters:
         return family
 
 
+class RequestCounts:
+    """router_requests_total, keyed on the request path by the status as sent (an int: no
+    string is made per request); its `status_class` and `code` labels are written when
+    scraped. Only codes the gateway actually sent become series, so the count of series is
+    bounded by the routes, backends and codes seen, as in Envoy's and nginx's exporters."""
+
+    name = "router_requests"
+    documentation = "Finished requests, by the status code sent to the client"
+    labels = ("pool", "backend", "route", "status_class", "code")
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str, str, int], int] = {}
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for (pool, backend, route, status), value in self.values.items():
+            status_class = STATUS_CLASSES.get(status // 100, "other")
+            family.add_metric([pool, backend, route, status_class, str(status)], value)
+        return family
+
+
 class RequestMetrics(Collector):
     """What finished requests did, accumulated in plain counters on the request path and turned
     into Prometheus families when scraped. (prometheus_client's own Counter and Histogram take
     a lock per increment: py-spy showed them among the request path's costliest calls.)"""
 
     def __init__(self) -> None:
-        self.requests = Counters(
-            "router_requests", "Finished requests", ("pool", "backend", "route", "status_class")
-        )
+        self.requests = RequestCounts()
         self.tokens = Counters(
             "router_tokens", "Tokens reported by backends in `usage`", ("model", "kind")
         )
-        self.cost = Counters("router_cost", "Cost of served requests", ("model",))
+        # Prices are configured per model without a currency; they are read as US dollars
+        # (what OpenAI-style price lists quote), and the unit is in the name as Prometheus
+        # asks (https://prometheus.io/docs/practices/naming/#base-units).
+        self.cost = Counters(
+            "router_cost_dollars", "Cost of served requests, in US dollars", ("model",)
+        )
+        # Per backend as well as per pool: backends are configured, so the series are bounded
+        # (pools x backends they reach x 15 buckets), and a slow replica shows on its own.
         self.duration = Histograms(
             "router_request_duration_seconds",
             "Request duration, last byte included",
-            ("pool",),
+            ("pool", "backend"),
             LATENCY_BUCKETS,
         )
         self.ttft = Histograms(
             "router_time_to_first_token_seconds",
             "Time to the first streamed chunk",
-            ("pool",),
+            ("pool", "backend"),
             LATENCY_BUCKETS,
         )
         self.gap = Histograms(
@@ -225,22 +261,22 @@ class RequestMetrics(Collector):
         )
         self._overhead = self.overhead()
         self._queue_wait = self.queue_wait()
-        self._status_classes = STATUS_CLASSES
 
     def gap_observer(self, pool: str) -> Callable[[float], None]:
         return self.gap(pool).observe
 
     def observe(self, outcome: Outcome) -> None:
-        status_class = self._status_classes.get(outcome.status // 100, "other")
-        key = (outcome.pool, outcome.backend or "none", outcome.route, status_class)
+        pool = outcome.pool
+        backend = outcome.backend or "none"
+        key = (pool, backend, outcome.route, outcome.status)
         requests = self.requests.values
         requests[key] = requests.get(key, 0) + 1
-        self.duration(outcome.pool).observe(outcome.duration)
+        self.duration(pool, backend).observe(outcome.duration)
         self._overhead.observe(outcome.overhead)
         if outcome.queue_wait > 0.0001:
             self._queue_wait.observe(outcome.queue_wait)
         if outcome.ttft is not None:
-            self.ttft(outcome.pool).observe(outcome.ttft)
+            self.ttft(pool, backend).observe(outcome.ttft)
         model = outcome.model
         if model is not None:
             if outcome.prompt_tokens:
@@ -271,6 +307,10 @@ class PrometheusMetrics:
         self.events = RequestMetrics()
         self.registry.register(self.events)
         self.registry.register(GatewayCollector(live))
+        # process_* (CPU, memory, descriptors, start time; read from /proc when scraped) and
+        # python_info, on this registry rather than prometheus_client's global one.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.observe = self.events.observe
         self.gap_observer = self.events.gap_observer
 

@@ -70,6 +70,7 @@ METRICS_MERGE = {
     "total_requests": Rule.SUM,
     "successful_requests": Rule.SUM,
     "failed_requests": Rule.SUM,
+    "by_status": {"*": Rule.SUM},  # status code sent -> routed requests
     "latency": Rule.SAMPLES,
     "ttft": Rule.SAMPLES,
     "overhead": Rule.SAMPLES,
@@ -245,6 +246,7 @@ def render_metrics(snapshot: Snapshot) -> dict[str, Any]:
             "avg_ttft_ms": ms(mean(snapshot["ttft"])),
             "avg_gateway_overhead_ms": ms(mean(snapshot["overhead"])),
             "requests_per_second": round(snapshot["requests_per_second"], 3),
+            "by_status": dict(sorted(snapshot["by_status"].items())),
             "in_flight": admission["in_flight"],
             "queued": admission["queued"],
         },
@@ -336,6 +338,7 @@ class Reports:
             "total_requests": telemetry.total,
             "successful_requests": telemetry.successful,
             "failed_requests": telemetry.failed,
+            "by_status": {str(status): count for status, count in telemetry.statuses.items()},
             "latency": samples(telemetry.latency),
             "ttft": samples(telemetry.ttft),
             "overhead": samples(telemetry.overhead),

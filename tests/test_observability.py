@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.cluster import Cluster
@@ -136,12 +138,14 @@ async def test_prometheus_exposition_parses_and_counts(gateway, http, cluster: C
     }
     key = (
         ("backend", "hermes-2"),
+        ("code", "200"),
         ("pool", "hermes-2"),
         ("route", "/v1/chat/completions"),
         ("status_class", "2xx"),
     )
     assert samples[("router_requests_total", key)] == 2
-    assert samples[("router_time_to_first_token_seconds_count", (("pool", "openchat-3.5"),))] == 1
+    openchat = (("backend", "openchat-3.5"), ("pool", "openchat-3.5"))
+    assert samples[("router_time_to_first_token_seconds_count", openchat)] == 1
     assert samples[("router_inter_token_gap_seconds_count", (("pool", "openchat-3.5"),))] >= 7
     assert samples[("router_tokens_total", (("kind", "completion"), ("model", "hermes-2")))] == 16
     assert samples[("router_gateway_overhead_seconds_count", ())] == 3
@@ -211,3 +215,76 @@ async def test_requests_per_second_counts_the_current_second(
     assert rate == round(40 / 3.5, 3)
     clock.advance(10.0)
     assert (await get_json(http, url))["routing_metrics"]["requests_per_second"] == 0.0
+
+
+async def scrape(http, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with http.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_responses_are_counted_by_status_code(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """Status codes, not only classes: a backend's 429 and 503 and the gateway's own 200s are
+    told apart in /metrics (a `code` label, only for codes sent) and in the JSON metrics."""
+    gateway = await start_gateway(config_document(cluster, retry={"max_retries": 0}))
+    for _ in range(3):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+            assert r.status == 200
+    cluster["phi-3-mini"].behaviour.status = 503
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("phi-3-mini")) as r:
+        assert r.status == 503
+    cluster["openchat-3.5"].behaviour.status = 429
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("openchat-3.5")) as r:
+        assert r.status == 429
+    samples = await scrape(http, gateway.url)
+    codes: dict[str, float] = {}
+    for (name, labels), value in samples.items():
+        if name == "router_requests_total":
+            label = dict(labels)
+            assert label["status_class"] == label["code"][0] + "xx"
+            codes[label["code"]] = codes.get(label["code"], 0) + value
+    assert codes == {"200": 3, "503": 1, "429": 1}  # no series for codes never sent
+    metrics = await get_json(http, f"{gateway.url}/api/v1/router/metrics")
+    assert metrics["routing_metrics"]["by_status"] == {"200": 3, "429": 1, "503": 1}
+
+
+async def test_latency_histograms_per_backend_process_metrics_and_units(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """Duration and TTFT histograms carry the backend; process_* come from the app's own
+    registry; every router_* counter ends in _total and the cost says its unit."""
+    gateway = await start_gateway(config_document(cluster))
+    cluster["openchat-3.5"].behaviour.token_delay = 0.005
+    body = chat("openchat-3.5", stream=True)
+    for _ in range(2):
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=body) as r:
+            await r.read()
+    async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+        assert r.status == 200
+    samples = await scrape(http, gateway.url)
+    openchat = (("backend", "openchat-3.5"), ("pool", "openchat-3.5"))
+    assert samples[("router_request_duration_seconds_count", openchat)] == 2
+    assert samples[("router_time_to_first_token_seconds_count", openchat)] == 2
+    hermes = (("backend", "hermes-2"), ("pool", "hermes-2"))
+    assert samples[("router_request_duration_seconds_count", hermes)] == 1
+    assert samples[("router_cost_dollars_total", (("model", "hermes-2"),))] > 0
+    assert not any(name.startswith("router_cost_total") for name, _ in samples)
+    assert samples[("process_resident_memory_bytes", ())] > 10_000_000
+    assert samples[("process_open_fds", ())] > 0
+    assert samples[("process_cpu_seconds_total", ())] > 0
+    assert 0 < samples[("process_start_time_seconds", ())] <= time.time()
+    assert any(name == "python_info" for name, _ in samples)
+    async with http.get(f"{gateway.url}/metrics") as response:
+        families = list(text_string_to_metric_families(await response.text()))
+    for family in families:
+        if family.name.startswith("router_") and family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+        if "cost" in family.name:
+            assert family.name == "router_cost_dollars", family.name
