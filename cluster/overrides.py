@@ -16,7 +16,8 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,14 +90,60 @@ def apply_strategies(router: Router, record: OverrideRecord) -> bool:
     return changed
 
 
-class OverrideFile:
-    """The record on this host, shared by its workers."""
+class OverrideStore:
+    """Where this process's workers keep the record: `offer` a local change, `accept` one
+    from elsewhere. Subclasses say where it lives and how writers are kept apart."""
 
-    def __init__(self, run_dir: str) -> None:
-        self.path = Path(run_dir) / RECORD_FILE
-        self._lock_path = Path(run_dir) / (RECORD_FILE + ".lock")
+    def __init__(self) -> None:
         # Called with each record this host writes (the Redis sync publishes it).
         self.on_write: list[Callable[[OverrideRecord], None]] = []
+
+    def read(self) -> OverrideRecord | None:
+        raise NotImplementedError
+
+    def _write(self, record: OverrideRecord) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        yield
+
+    @property
+    def generation(self) -> int:
+        record = self.read()
+        return record.generation if record is not None else 0
+
+    def offer(self, state: OverrideRecord) -> OverrideRecord:
+        """Record `state` as the next generation unless it is what is recorded already."""
+        with self._locked():
+            recorded = self.read()
+            if recorded is not None and recorded.state() == state.state():
+                return recorded
+            generation = (recorded.generation if recorded is not None else 0) + 1
+            record = OverrideRecord(generation, state.strategy, state.pools, state.config_digest)
+            self._write(record)
+        for listener in self.on_write:
+            listener(record)
+        return record
+
+    def accept(self, record: OverrideRecord) -> bool:
+        """Store a record that came from elsewhere (another host), if it is newer."""
+        with self._locked():
+            recorded = self.read()
+            if recorded is not None and recorded.generation >= record.generation:
+                return False
+            self._write(record)
+            return True
+
+
+class OverrideFile(OverrideStore):
+    """The record on this host, shared by its workers: a file in the supervisor's run
+    directory, replaced atomically, written under a file lock."""
+
+    def __init__(self, run_dir: str) -> None:
+        super().__init__()
+        self.path = Path(run_dir) / RECORD_FILE
+        self._lock_path = Path(run_dir) / (RECORD_FILE + ".lock")
 
     def read(self) -> OverrideRecord | None:
         try:
@@ -107,35 +154,12 @@ class OverrideFile:
             log.warning("ignoring unreadable %s: %s", self.path, exc)
             return None
 
-    def offer(self, state: OverrideRecord) -> OverrideRecord:
-        """Record `state` as the next generation unless it is what is recorded already."""
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
         with open(self._lock_path, "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                recorded = self.read()
-                if recorded is not None and recorded.state() == state.state():
-                    return recorded
-                generation = (recorded.generation if recorded is not None else 0) + 1
-                record = OverrideRecord(
-                    generation, state.strategy, state.pools, state.config_digest
-                )
-                self._write(record)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-        for listener in self.on_write:
-            listener(record)
-        return record
-
-    def accept(self, record: OverrideRecord) -> bool:
-        """Store a record that came from elsewhere (another host), if it is newer."""
-        with open(self._lock_path, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                recorded = self.read()
-                if recorded is not None and recorded.generation >= record.generation:
-                    return False
-                self._write(record)
-                return True
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -143,3 +167,19 @@ class OverrideFile:
         temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_bytes(orjson.dumps(record.as_dict()))
         os.replace(temporary, self.path)
+
+
+class OverrideMemory(OverrideStore):
+    """The record of a gateway with one worker: nothing on this host outlives the process,
+    so it lives in memory. It still counts generations, which the Redis sync compares with
+    the other hosts' (and the cluster report shows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._record: OverrideRecord | None = None
+
+    def read(self) -> OverrideRecord | None:
+        return self._record
+
+    def _write(self, record: OverrideRecord) -> None:
+        self._record = record

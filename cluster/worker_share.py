@@ -100,6 +100,10 @@ class WorkerShare:
         self.clock = clock
         self.generation = 0
         self.syncs = 0
+        # With the redis: section on, every worker is a Redis member on its own and the Redis
+        # sync settles limits and sums spend across all of them: doing it here as well would
+        # take the sibling workers' grants out twice.
+        self.sync_limits_and_spend = True
         ints, floats = table.ints, table.floats
         self._row = table.row_base(index)
         self._other_rows = tuple(r for r in range(table.rows) if r != index)
@@ -164,7 +168,8 @@ class WorkerShare:
 
     def sync(self) -> None:
         runtime = self.live.runtime
-        self._sync_limits(runtime)
+        if self.sync_limits_and_spend:
+            self._sync_limits(runtime)
         self._sync_spend(runtime)
         self._sync_hints(runtime)
         floats, ints = self.table.floats, self.table.ints
@@ -209,6 +214,8 @@ class WorkerShare:
     def _sync_spend(self, runtime: Runtime) -> None:
         floats = self.table.floats
         floats[self._row + SPEND] = self.spend_before + runtime.telemetry.cost_total
+        if not self.sync_limits_and_spend:
+            return
         runtime.spend_elsewhere = sum(
             floats[self.table.row_base(r) + SPEND] for r in self._other_rows
         )

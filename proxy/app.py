@@ -7,16 +7,25 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import HttpVersion11, web
+from prometheus_client.registry import Collector
 
-from cluster.overrides import OverrideFile, apply_strategies, current_state
+from cluster.overrides import (
+    OverrideFile,
+    OverrideMemory,
+    OverrideRecord,
+    OverrideStore,
+    apply_strategies,
+    current_state,
+)
 from cluster.peers import Peers
-from cluster.report import ClusterReport
+from cluster.redis_sync import Member, RedisSync
+from cluster.report import ClusterReport, HostsReport
 from cluster.shared_table import SharedTable
 from cluster.worker_share import WorkerShare
 from config.schema import Config
@@ -47,6 +56,8 @@ RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)
 ACCESS_KEY = web.AppKey("access", AccessControl)
 SHARE_KEY = web.AppKey("share", WorkerShare)
+# Collectors of the cluster's own metrics (the Redis sync's), added to /metrics' registry.
+COLLECTORS_KEY: web.AppKey[list[Collector]] = web.AppKey("collectors")
 
 
 def build_app(
@@ -156,49 +167,86 @@ def share_with_workers(
     """With several workers: bind the runtime to the table the supervisor set up (in-flight
     counts, limits, spend, hints; cluster.worker_share) and keep runtime overrides in the run
     directory, so a restarted worker starts with the strategy set through the admin API.
-    Returns the cluster report, which the Redis section extends."""
+    With one worker the overrides are kept in memory, which still counts generations. With
+    the redis: section on, the gateway hosts share state too (share_with_hosts). Returns the
+    cluster report."""
+    share: WorkerShare | None = None
+    overrides: OverrideStore
     if peers is None:
-        generation = 0
-
-        def bump() -> None:
-            nonlocal generation
-            generation += 1
-
-        admin.on_strategy_change.append(bump)
-        reloader.on_reload.append(bump)
-        return ClusterReport(live, None, lambda: generation)
-    run_dir = str(peers.run_dir)
-    share = WorkerShare(SharedTable(run_dir), peers.index, live, live.runtime.clock)
-    overrides = OverrideFile(run_dir)
-    record = overrides.read()
-    if record is not None:
-        share.generation = record.generation
-        if (
-            record.config_digest
-            == current_state(live.runtime.router, live.runtime.config).config_digest
-        ):
-            apply_strategies(live.runtime.router, record)
-    runtime = live.runtime
-    runtime.sharing = share
-    share.bind(runtime)
+        overrides = OverrideMemory()
+    else:
+        run_dir = str(peers.run_dir)
+        share = WorkerShare(SharedTable(run_dir), peers.index, live, live.runtime.clock)
+        overrides = OverrideFile(run_dir)
+        record = overrides.read()
+        if record is not None:
+            share.generation = record.generation
+            if (
+                record.config_digest
+                == current_state(live.runtime.router, live.runtime.config).config_digest
+            ):
+                apply_strategies(live.runtime.router, record)
+        runtime = live.runtime
+        runtime.sharing = share
+        share.bind(runtime)
+        background(app, share.run)
+        app[SHARE_KEY] = share
 
     def offer() -> None:
         current = live.runtime
-        share.generation = overrides.offer(current_state(current.router, current.config)).generation
+        record = overrides.offer(current_state(current.router, current.config))
+        if share is not None:
+            share.generation = record.generation
 
     admin.on_strategy_change.append(offer)
     reloader.on_reload.append(offer)
+    report = ClusterReport(
+        live,
+        share,
+        (lambda: share.generation) if share is not None else lambda: overrides.generation,
+    )
+    if live.runtime.config.redis.enabled:
+        report.hosts = share_with_hosts(app, live, share, overrides, peers)
+    return report
 
-    async def syncing(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.get_running_loop().create_task(share.run())
+
+def share_with_hosts(
+    app: web.Application,
+    live: LiveRuntime,
+    share: WorkerShare | None,
+    overrides: OverrideStore,
+    peers: Peers | None,
+) -> HostsReport:
+    """The redis: section: this worker becomes a member on its own (cluster.redis_sync), so
+    the worker table stops settling limits and spend (the Redis sync counts the sibling
+    workers among the members). Its metrics go to the app's registry (attach_sinks)."""
+    config = live.runtime.config
+    if share is not None:
+        share.sync_limits_and_spend = False
+
+    def adopted(record: OverrideRecord) -> None:
+        if share is not None:
+            share.generation = max(share.generation, record.generation)
+
+    member = Member.this_process(config.server.port, peers.index if peers is not None else 0)
+    sync = RedisSync(config.redis, live, overrides, member, adopted, live.runtime.clock)
+    app[COLLECTORS_KEY] = [*app.get(COLLECTORS_KEY, []), sync.metrics]
+    background(app, sync.run)
+    return sync.report
+
+
+def background(app: web.Application, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `run()` as a task while the app runs (started, not awaited: nothing it does can
+    hold up start-up), cancelled at cleanup."""
+
+    async def running(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(run())
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    app.cleanup_ctx.append(syncing)
-    app[SHARE_KEY] = share
-    return ClusterReport(live, share, lambda: share.generation)
+    app.cleanup_ctx.append(running)
 
 
 async def start_admin_listener(runner: web.AppRunner) -> str | None:
@@ -311,6 +359,8 @@ def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> Non
         app.cleanup_ctx.append(access_logging)
     if config.metrics.enabled:
         metrics = PrometheusMetrics(live)
+        for collector in app.get(COLLECTORS_KEY, []):
+            metrics.registry.register(collector)
         runtime.telemetry.sinks.append(metrics.observe)
         runtime.gap_observer = metrics.gap_observer
         app[ACCESS_KEY].add(app, Kind.PUBLIC, [web.get("/metrics", metrics.handler)])

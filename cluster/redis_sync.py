@@ -1,0 +1,521 @@
+"""Several gateway hosts behave as one: state shared through Redis (the `redis:` section).
+
+Nothing here is on the request path. Every `redis.sync_interval` (100 ms) a background task
+makes one pipelined round trip, and the request path reads only what the last one left in
+process memory (token buckets, `runtime.spend_elsewhere`, breakers, the router's strategy).
+Each worker process is a member on its own (host:port:worker:pid), so with several workers
+the one-host table (cluster.worker_share) leaves limits and spend to this sync.
+
+One sync:
+- membership: a heartbeat into a sorted set scored with Redis's own clock (hosts' clocks
+  may differ; Redis's is the one they share), with the member's host, port, pid, generation
+  and totals; a member is live while its heartbeat is younger than `redis.member_ttl`;
+- rate limits and spend: each member's running totals (absolute, so a repeated write counts
+  once) in one hash per key, read back with the other members' (cluster.redis_limits);
+  the others' spend becomes `runtime.spend_elsewhere`, so budgets hold across hosts within
+  one interval;
+- breaker and 429 hints: a breaker this member opened is published with its end in Redis's
+  clock and a TTL of what is left; the others convert it to their monotonic clock and hold
+  their own breaker open until then (their own half-open trial decides afterwards);
+- overrides: a local change (strategy, reload) is published as a versioned record, which
+  Redis gives the next generation atomically (a Lua script) and announces on a channel. The
+  other members apply records with a newer generation: at once from the channel, or from
+  the re-read every second and on every (re)connection, which also covers a missed message.
+
+Redis down or slow never blocks start-up or a request: the client has short connect and
+socket timeouts and no retries, a breaker (circuit.breaker) stops trying for
+`redis.retry_after` after `redis.failure_threshold` failures in a row, and meanwhile limits
+fall back as `redis.on_failure` says (cluster.redis_limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from circuit.breaker import CircuitBreaker, iso_utc
+from cluster.overrides import OverrideRecord, OverrideStore, apply_strategies, current_state
+from cluster.redis_limits import SharedLimits
+from cluster.redis_metrics import RedisMetrics
+from config.schema import RedisConfig
+from proxy.runtime import LiveRuntime, Runtime
+
+log = logging.getLogger("request_router.redis")
+
+LIMIT_TTL_MS = 600_000  # a limit's hash outlives its last member by ten minutes
+REREAD_EVERY = 1.0  # seconds between re-reads of the override record
+HINT_TOLERANCE = 0.05  # seconds: a hint no later than what a breaker holds already is an echo
+FORGET_AFTER = 100  # member TTLs after which a silent member leaves the report
+
+# Heartbeat: KEYS members (sorted set), member info (hash); ARGV id, info, ttl ms.
+# Returns Redis's time (ms), then id, last heartbeat (ms), info for every recent member.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ARGV[4] * ttl)
+for _, id in ipairs(gone) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+end
+local reply = {tostring(now)}
+local recent = redis.call('ZRANGEBYSCORE', KEYS[1], now - 10 * ttl, '+inf', 'WITHSCORES')
+for i = 1, #recent, 2 do
+  reply[#reply + 1] = recent[i]
+  reply[#reply + 1] = recent[i + 1]
+  reply[#reply + 1] = redis.call('HGET', KEYS[2], recent[i]) or '{}'
+end
+return reply
+"""
+
+# Exchange of running totals: KEYS one hash per total; ARGV member id, then per key its
+# value and TTL in ms (0: none). Returns per key the other members' fields, flattened.
+EXCHANGE = """
+local member = ARGV[1]
+local replies = {}
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, member, ARGV[2 * i])
+  local ttl = tonumber(ARGV[2 * i + 1])
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  local fields = redis.call('HGETALL', key)
+  local others = {}
+  for j = 1, #fields, 2 do
+    if fields[j] ~= member then
+      others[#others + 1] = fields[j]
+      others[#others + 1] = fields[j + 1]
+    end
+  end
+  replies[i] = others
+end
+return replies
+"""
+
+# The override record: KEYS record, channel; ARGV record (JSON), mode. Mode "bump" (a local
+# change): stored with the next generation after the stored one's (or its own, if higher)
+# and announced. Mode "newer": stored and announced only if Redis holds none or an older
+# one. "read": only read. Returns the record Redis holds afterwards.
+RECORD = """
+local stored = redis.call('GET', KEYS[1])
+if ARGV[2] == 'read' then return stored end
+local record = cjson.decode(ARGV[1])
+if stored then
+  local current = cjson.decode(stored)
+  if ARGV[2] == 'newer' and current.generation >= record.generation then return stored end
+  if current.generation >= record.generation then record.generation = current.generation + 1 end
+end
+local encoded = cjson.encode(record)
+redis.call('SET', KEYS[1], encoded)
+redis.call('PUBLISH', KEYS[2], encoded)
+return encoded
+"""
+
+
+@dataclass(frozen=True)
+class Member:
+    """Who this process is among the members: what the report shows of it."""
+
+    host: str
+    port: int
+    worker: int
+    pid: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}:{self.port}:{self.worker}:{self.pid}"
+
+    @classmethod
+    def this_process(cls, port: int, worker: int) -> Member:
+        return cls(socket.gethostname(), port, worker, os.getpid())
+
+
+class Keys:
+    """Every key and channel, under the configured prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.members = f"{prefix}:members"
+        self.member_info = f"{prefix}:member-info"
+        self.spend = f"{prefix}:spend"
+        self.record = f"{prefix}:overrides"
+        self.channel = f"{prefix}:overrides"
+        self._prefix = prefix
+
+    def limit(self, name: str) -> str:
+        return f"{self._prefix}:limit:{name}"
+
+    def open_until(self, backend: str) -> str:
+        return f"{self._prefix}:open:{backend}"
+
+    def cooldown_until(self, backend: str) -> str:
+        return f"{self._prefix}:cooldown:{backend}"
+
+
+def connect(settings: RedisConfig) -> redis.Redis:
+    """A client that never waits long and never retries (redis-py retries by default): a
+    failed sync is simply the next one's business."""
+    return redis.Redis.from_url(
+        settings.url,
+        socket_timeout=settings.timeout,
+        socket_connect_timeout=settings.timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_error=[],
+        health_check_interval=0,
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class RedisSync:
+    """This member's part: the sync task, the channel listener, and what they last saw."""
+
+    def __init__(
+        self,
+        settings: RedisConfig,
+        live: LiveRuntime,
+        overrides: OverrideStore,
+        member: Member,
+        adopted: Callable[[OverrideRecord], None] = lambda record: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`overrides`: this host's record (a file shared by its workers, or memory);
+        `adopted`: called after a record from another member was applied (the worker
+        table's generation follows it); `clock`: the monotonic clock the breakers read."""
+        self.settings = settings
+        self.live = live
+        self.overrides = overrides
+        self.member = member
+        self.adopted = adopted
+        self.clock = clock
+        self.keys = Keys(settings.key_prefix)
+        self.metrics = RedisMetrics()
+        self.limits = SharedLimits()
+        # Redis's own breaker: while open, no sync is attempted.
+        self.breaker = CircuitBreaker(
+            settings.failure_threshold,
+            settings.retry_after,
+            1,
+            clock,
+            max_recovery_time=settings.retry_after,
+        )
+        self.client: redis.Redis | None = None
+        self.last_sync_seconds: float | None = None
+        self.last_success: float | None = None  # wall clock
+        self.members: list[dict[str, Any]] = []
+        self.live_members = 1
+        self._redis_offset: float | None = None  # Redis's clock (s) minus our monotonic clock
+        self._pending: OverrideRecord | None = None  # a local change not yet in Redis
+        self._reread_at = 0.0
+        self._held: dict[str, tuple[float, float]] = {}  # backend -> hinted (open, cool-down)
+        self._published = 0  # hints the current sync sends before it reads the others'
+        overrides.on_write.append(self.publish)
+
+    # --- the tasks ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sync every interval until cancelled; the channel listener runs beside it."""
+        self.client = connect(self.settings)
+        listener = asyncio.get_running_loop().create_task(self._listen())
+        try:
+            while True:
+                await self.tick()
+                await asyncio.sleep(self.settings.sync_interval)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            await self.client.aclose()
+
+    async def tick(self) -> None:
+        """One sync, or the fallback while Redis's breaker is open."""
+        if not self.breaker.allows():
+            self._fall_back()
+            return
+        self.breaker.on_dispatch()
+        started = self.clock()
+        try:
+            # The socket timeouts bound each step; this bounds the whole, connect included.
+            async with asyncio.timeout(2 * self.settings.timeout):
+                await self._sync(self.live.runtime)
+        except (RedisError, OSError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            self._failed(exc)
+        else:
+            self._succeeded()
+        finally:
+            self.last_sync_seconds = self.clock() - started
+            self.metrics.synced(self.last_sync_seconds)
+
+    async def _listen(self) -> None:
+        """Records announced on the channel, applied at once; reconnects after a failure
+        (what it missed meanwhile, the periodic re-read brings)."""
+        assert self.client is not None
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.channel)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._adopt(message["data"])
+            except (RedisError, OSError, TimeoutError, ValueError) as exc:
+                log.debug("redis channel: %r", exc)
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(self.settings.retry_after)
+
+    # --- one sync -----------------------------------------------------------------------------
+
+    async def _sync(self, runtime: Runtime) -> None:
+        assert self.client is not None
+        keys = self.keys
+        member = self.member.id
+        self.limits.track(runtime.rate_limiter)
+        totals = self.limits.totals()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.eval(
+            HEARTBEAT,
+            2,
+            keys.members,
+            keys.member_info,
+            member,
+            orjson.dumps(self._info(runtime)),
+            int(self.settings.member_ttl * 1000),
+            FORGET_AFTER,
+        )
+        exchanged = [keys.spend, *(keys.limit(name) for name, _ in totals)]
+        values: list[Any] = [repr(runtime.telemetry.cost_total), 0]
+        for _, granted in totals:
+            values += [granted, LIMIT_TTL_MS]
+        pipe.eval(EXCHANGE, len(exchanged), *exchanged, member, *values)
+        upstreams = runtime.router.upstreams
+        self._publish_hints(pipe, runtime)
+        hint_keys = [keys.open_until(u.name) for u in upstreams]
+        hint_keys += [keys.cooldown_until(u.name) for u in upstreams]
+        if hint_keys:
+            pipe.mget(hint_keys)
+        record_mode = self._record_mode()
+        if record_mode is not None:
+            mode, record = record_mode
+            pipe.eval(RECORD, 2, keys.record, keys.channel, record, mode)
+        sent = self.clock()
+        replies = await pipe.execute()
+        received = self.clock()
+        heartbeat, exchange = replies[0], replies[1]
+        self._redis_offset = int(heartbeat[0]) / 1000 - (sent + received) / 2
+        self._read_members(heartbeat)
+        others = [_pairs(flat) for flat in exchange]
+        runtime.spend_elsewhere = sum(float(v) for v in others[0].values())
+        for (name, _), fields in zip(totals, others[1:], strict=True):
+            self.limits.settle(name, {m: int(v) for m, v in fields.items()})
+        if hint_keys:
+            self._apply_hints(runtime, replies[2 + self._published])
+        if record_mode is not None:
+            self._record_answered(record_mode[0], replies[-1])
+
+    def _info(self, runtime: Runtime) -> dict[str, Any]:
+        telemetry = runtime.telemetry
+        return {
+            "host": self.member.host,
+            "port": self.member.port,
+            "worker": self.member.worker,
+            "pid": self.member.pid,
+            "generation": self.overrides.generation,
+            "requests": telemetry.total,
+            "spend": telemetry.cost_total,
+            "tokens": sum(s.prompt_tokens + s.completion_tokens for s in telemetry.models.values()),
+            "in_flight": runtime.admission.in_flight,
+        }
+
+    def _read_members(self, heartbeat: list[Any]) -> None:
+        now_ms = int(heartbeat[0])
+        ttl_ms = self.settings.member_ttl * 1000
+        members = []
+        for i in range(1, len(heartbeat), 3):
+            seen_ms = float(heartbeat[i + 1])
+            info = orjson.loads(heartbeat[i + 2])
+            members.append(
+                {
+                    "member": _text(heartbeat[i]),
+                    **{k: info.get(k) for k in ("host", "port", "worker", "pid", "generation")},
+                    "alive": now_ms - seen_ms < ttl_ms,
+                    "last_heartbeat": iso_utc(seen_ms / 1000),
+                    "last_heartbeat_ms_ago": round(now_ms - seen_ms),
+                    **{k: info.get(k) for k in ("requests", "spend", "tokens", "in_flight")},
+                }
+            )
+        self.members = members
+        self.live_members = max(1, sum(1 for m in members if m["alive"]))
+        self.metrics.live_members = self.live_members
+
+    # --- breaker and 429 hints ---------------------------------------------------------------
+
+    def _publish_hints(self, pipe: Any, runtime: Runtime) -> None:
+        """This member's own open breakers and cool-downs, in Redis's clock, with a TTL of
+        what is left. Periods that only hold a hint from elsewhere are not sent back."""
+        self._published = 0
+        offset = self._redis_offset
+        if offset is None:
+            return
+        now = self.clock()
+        for upstream in runtime.router.upstreams:
+            held_open, held_cool = self._held.get(upstream.name, (0.0, 0.0))
+            for until, held, key in (
+                (upstream.breaker.open_until(), held_open, self.keys.open_until(upstream.name)),
+                (upstream.cooldown_until, held_cool, self.keys.cooldown_until(upstream.name)),
+            ):
+                if until > now and until > held + HINT_TOLERANCE:
+                    pipe.set(
+                        key, int((until + offset) * 1000), px=max(1, int((until - now) * 1000))
+                    )
+                    self._published += 1
+
+    def _apply_hints(self, runtime: Runtime, values: list[Any]) -> None:
+        offset = self._redis_offset
+        assert offset is not None
+        now = self.clock()
+        upstreams = runtime.router.upstreams
+        count = len(upstreams)
+        for index, upstream in enumerate(upstreams):
+            held_open, held_cool = self._held.get(upstream.name, (0.0, 0.0))
+            opened, cooling = values[index], values[count + index]
+            if opened is not None:
+                until = int(opened) / 1000 - offset
+                if until > now and until > upstream.breaker.open_until() + HINT_TOLERANCE:
+                    log.warning(
+                        "backend %s: avoided for %.1fs, a breaker on another gateway opened on it",
+                        upstream.name,
+                        until - now,
+                    )
+                    upstream.breaker.hold_open(until)
+                    held_open = until
+            if cooling is not None:
+                until = int(cooling) / 1000 - offset
+                if until > now and until > upstream.cooldown_until + HINT_TOLERANCE:
+                    upstream.cooldown_until = until
+                    held_cool = until
+            self._held[upstream.name] = (held_open, held_cool)
+
+    # --- overrides ----------------------------------------------------------------------------
+
+    def publish(self, record: OverrideRecord) -> None:
+        """A local change (OverrideStore.on_write): sent with the next sync, and again with
+        every sync after it until Redis has it, so a change made during an outage is not lost
+        (the last change wins)."""
+        self._pending = record
+
+    def _record_mode(self) -> tuple[str, bytes] | None:
+        if self._pending is not None:
+            return "bump", orjson.dumps(self._pending.as_dict())
+        if self.clock() < self._reread_at:
+            return None
+        self._reread_at = self.clock() + REREAD_EVERY
+        own = self.overrides.read()
+        if own is None:
+            return "read", b"{}"
+        # Redis restarted empty, or holds an older record than ours: ours goes (back) in.
+        return "newer", orjson.dumps(own.as_dict())
+
+    def _record_answered(self, mode: str, stored: Any) -> None:
+        if mode == "bump":
+            self._pending = None
+        if stored is not None:
+            self._adopt(stored)
+
+    def _adopt(self, raw: Any) -> None:
+        """A record from Redis: applied when its generation is newer than this host's."""
+        record = OverrideRecord.from_dict(orjson.loads(raw))
+        known = self.overrides.generation
+        if record.generation < known:
+            return
+        if record.generation == known:  # this host has it (another worker wrote it)
+            self.adopted(record)
+            return
+        runtime = self.live.runtime
+        changed = apply_strategies(runtime.router, record)
+        local = current_state(runtime.router, runtime.config)
+        # Stored with this host's own config digest: its file is what it reloads from.
+        self.overrides.accept(
+            OverrideRecord(record.generation, local.strategy, local.pools, local.config_digest)
+        )
+        if changed:
+            log.info(
+                "strategy %s from another gateway (generation %d)",
+                record.strategy,
+                record.generation,
+            )
+        self.adopted(record)
+
+    # --- outcomes -----------------------------------------------------------------------------
+
+    def _succeeded(self) -> None:
+        self.breaker.record_success()
+        if not self.metrics.up:
+            if self.metrics.errors:
+                log.warning("redis: back after %d failed syncs", self.metrics.errors)
+            self.limits.restore()
+            self._reread_at = 0.0  # read the record again at once: what did we miss?
+        # Grants made while the members could not see each other were made under the
+        # fallback: the sync after an outage only looks (cluster.redis_limits).
+        self.limits.rebaseline = False
+        self.metrics.up = True
+        self.last_success = time.time()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.breaker.record_failure()
+        self.metrics.errors += 1
+        if self.metrics.up or self.metrics.errors == 1:
+            log.warning(
+                "redis: sync failed (%r); limits fall back to %s",
+                exc,
+                self.settings.on_failure,
+            )
+        self.metrics.up = False
+        self._fall_back()
+
+    def _fall_back(self) -> None:
+        self.limits.rebaseline = True
+        self.limits.track(self.live.runtime.rate_limiter)
+        self.limits.fall_back(self.settings.on_failure, self.live_members)
+
+    # --- the report ---------------------------------------------------------------------------
+
+    async def report(self) -> dict[str, Any]:
+        """The cluster report's `redis` part: read from what the last sync saw, never from
+        Redis itself (a report must not wait on it either)."""
+        return {
+            "enabled": True,
+            "member": self.member.id,
+            "up": self.metrics.up,
+            "errors": self.metrics.errors,
+            "breaker": self.breaker.state.value,
+            "last_sync_ms": round(self.last_sync_seconds * 1000, 3)
+            if self.last_sync_seconds is not None
+            else None,
+            "last_success": iso_utc(self.last_success),
+            "on_failure": self.settings.on_failure,
+            "falling_back": self.limits.falling_back,
+            "generation": self.overrides.generation,
+            "live_members": self.live_members,
+            "spend_elsewhere": round(self.live.runtime.spend_elsewhere, 6),
+            "members": self.members,
+        }
