@@ -38,6 +38,7 @@ async def forward(
     """Admit -> select -> attempt -> (retry elsewhere) until a backend answers or retries run
     out; the answer is relayed while the slot is held, and the outcome recorded last."""
     headers = upstream_request_headers(request, state.request_id, runtime.trusted_proxies)
+    state.outcome.request = request  # for the access log (peer, method, bytes), read if on
     runtime.retry.budget.requests += 1
     try:
         refuse_when_overloaded(runtime, request, state)
@@ -239,6 +240,7 @@ def refused(state: RequestState, exc: GatewayError) -> None:
     outcome = state.outcome
     outcome.status = exc.status
     outcome.verdict = exc.verdict
+    outcome.error_code = exc.code
     headers = exc.headers = {
         **(exc.headers or {}),
         "x-router-backend": outcome.backend or "none",

@@ -1,7 +1,18 @@
 """Structured access log: one JSON line per finished request.
 
-Lines are serialised on the request path (orjson, about a microsecond) into a list that a
-background task writes out in batches, so no request waits on the disk or the terminal.
+A line's fields are gathered when the request is recorded (a dict, from the outcome and the
+client's request) and serialised by a background task that writes them out in batches, so no
+request waits on orjson, the disk or the terminal. The response has been written to the
+client's connection by then, so its size is read from aiohttp's own count (the writer's
+`output_size`): nothing is counted on the request path for the log.
+
+Fields, as nginx's and HAProxy's logs carry them: `client` (the peer's address; a proxy's
+`X-Forwarded-For` as received, in `forwarded_for`), `method`, `status`, `error_code` (the
+`code` of the gateway's own JSON error; null when the status came from the backend),
+`verdict` (proxy.verdict: what the client got, e.g. `backend_failed` for a stream that broke
+off after a 200), `queue_wait_ms`, `bytes_sent` (what was written to the client's connection
+for the response, status line and headers included: nginx's `$bytes_sent`) and
+`bytes_received` (the request body as read), `backend`, besides the timings, tokens and cost.
 """
 
 from __future__ import annotations
@@ -9,20 +20,62 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
-from typing import IO
+from typing import IO, Any
 
 import orjson
+from aiohttp.abc import AbstractStreamWriter
 
+from proxy.verdict import VERDICT_NAMES
 from telemetry.outcome import Outcome, iso
 
 MAX_PENDING_LINES = 100_000  # beyond this, lines are dropped and counted
 FLUSH_INTERVAL = 0.5
 
+Line = dict[str, Any]
+
+
+def line_of(outcome: Outcome) -> tuple[Line, AbstractStreamWriter | None]:
+    """The line's fields, and the writer whose count gives `bytes_sent` once written."""
+    request = outcome.request
+    line: Line = {
+        "time": iso(outcome.started),
+        "request_id": outcome.request_id,
+        "client": None,
+        "forwarded_for": None,
+        "method": None,
+        "route": outcome.route,
+        "pool": outcome.pool,
+        "model": outcome.model,
+        "backend": outcome.backend,
+        "status": outcome.status,
+        "error_code": outcome.error_code,
+        "verdict": VERDICT_NAMES[outcome.verdict],
+        "stream": outcome.stream,
+        "duration_ms": round(outcome.duration * 1000, 3),
+        "ttft_ms": round(outcome.ttft * 1000, 3) if outcome.ttft is not None else None,
+        "overhead_ms": round(outcome.overhead * 1000, 3),
+        "queue_wait_ms": round(outcome.queue_wait * 1000, 3),
+        "attempts": outcome.attempts,
+        "fallback": outcome.fallback,
+        "bytes_sent": None,
+        "bytes_received": None,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "cost": outcome.cost,
+    }
+    if request is None:
+        return line, None
+    line["client"] = request.remote
+    line["forwarded_for"] = request.headers.get("X-Forwarded-For")
+    line["method"] = request.method
+    line["bytes_received"] = request.content.total_bytes
+    return line, request.writer
+
 
 class AccessLog:
     def __init__(self, destination: str) -> None:
         self.destination = destination  # "-" for standard output, else a file path
-        self.pending: list[bytes] = []
+        self.pending: list[tuple[Line, AbstractStreamWriter | None]] = []
         self.dropped = 0
         self.written = 0
 
@@ -30,38 +83,29 @@ class AccessLog:
         if len(self.pending) >= MAX_PENDING_LINES:
             self.dropped += 1
             return
-        self.pending.append(
-            orjson.dumps(
-                {
-                    "time": iso(outcome.started),
-                    "request_id": outcome.request_id,
-                    "route": outcome.route,
-                    "pool": outcome.pool,
-                    "model": outcome.model,
-                    "backend": outcome.backend,
-                    "status": outcome.status,
-                    "stream": outcome.stream,
-                    "duration_ms": round(outcome.duration * 1000, 3),
-                    "ttft_ms": round(outcome.ttft * 1000, 3) if outcome.ttft is not None else None,
-                    "overhead_ms": round(outcome.overhead * 1000, 3),
-                    "attempts": outcome.attempts,
-                    "fallback": outcome.fallback,
-                    "prompt_tokens": outcome.prompt_tokens,
-                    "completion_tokens": outcome.completion_tokens,
-                    "cost": outcome.cost,
-                }
-            )
-        )
+        self.pending.append(line_of(outcome))
 
-    def _write(self, file: IO[bytes], lines: list[bytes]) -> None:
-        file.write(b"\n".join(lines) + b"\n")
+    @staticmethod
+    def serialise(pending: list[tuple[Line, AbstractStreamWriter | None]]) -> bytes:
+        """On the event loop, a flush interval after the lines were added: every response
+        recorded then has been handed to its connection (aiohttp writes it in the same loop
+        step as the handler returns), so the writer's count is final."""
+        lines = []
+        for line, writer in pending:
+            if writer is not None:
+                line["bytes_sent"] = writer.output_size
+            lines.append(orjson.dumps(line))
+        return b"\n".join(lines) + b"\n"
+
+    def _write(self, file: IO[bytes], data: bytes) -> None:
+        file.write(data)
         file.flush()
 
     async def _flush(self, file: IO[bytes]) -> None:
         if self.pending:
-            lines, self.pending = self.pending, []
-            await asyncio.to_thread(self._write, file, lines)
-            self.written += len(lines)
+            pending, self.pending = self.pending, []
+            await asyncio.to_thread(self._write, file, self.serialise(pending))
+            self.written += len(pending)
 
     async def running(self) -> AsyncIterator[None]:
         file: IO[bytes] = (

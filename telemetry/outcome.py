@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from config.schema import ModelConfig
 from health.stats import LatencyRing, OutcomeRing
@@ -50,6 +51,8 @@ class Outcome:
         "prompt_tokens",
         "completion_tokens",
         "cost",
+        "request",
+        "error_code",
     )
 
     def __init__(self, request_id: str, route: str, pool: str, stream: bool) -> None:
@@ -72,6 +75,10 @@ class Outcome:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cost = 0.0
+        # The client's request, kept by reference (one store on the request path): the access
+        # log reads the peer, method, headers and byte counts from it, only when it is on.
+        self.request: web.Request | None = None
+        self.error_code: str | None = None  # the gateway's own error answer: its JSON `code`
 
 
 class RateCounter:

@@ -94,3 +94,57 @@ async def test_backend_failures_and_breaker_transitions_are_logged(
     messages = [r.getMessage() for r in caplog.records]
     assert "backend hermes-2: circuit half-open, letting trial requests through" in messages
     assert messages[-1] == "backend hermes-2: circuit closed, serving again"
+
+
+async def test_access_log_carries_client_method_error_code_queue_wait_bytes_and_backend(
+    cluster: Cluster, start_gateway: StartGateway, http, tmp_path
+) -> None:
+    """What an nginx or HAProxy operator reads in an access line: who asked (peer, and a
+    proxy's X-Forwarded-For as received), how, what they got (status, the gateway's error
+    code, the verdict), how long they queued, how many bytes went each way, which backend."""
+    path = tmp_path / "access.jsonl"
+    document = config_document(cluster, logging={"access_log": str(path)})
+    document["models"]["mixtral-8x7b"]["max_concurrent"] = 1
+    gateway = await start_gateway(document)
+    cluster["mixtral-8x7b"].behaviour.latency = 0.2
+    url = f"{gateway.url}/v1/chat/completions"
+
+    async def post(body: dict, request_id: str, **headers: str) -> tuple[int, bytes]:
+        headers = {"X-Request-ID": request_id, "Content-Type": "application/json", **headers}
+        async with http.post(url, data=orjson.dumps(body), headers=headers) as r:
+            return r.status, await r.read()
+
+    sent = orjson.dumps(chat("mixtral-8x7b"))
+    first, second = await asyncio.gather(
+        post(chat("mixtral-8x7b"), "queued-1", **{"X-Forwarded-For": "203.0.113.7"}),
+        post(chat("mixtral-8x7b"), "queued-2"),
+    )
+    assert first[0] == second[0] == 200
+    cluster["openchat-3.5"].behaviour.token_delay = 0.005
+    status, streamed = await post(chat("openchat-3.5", stream=True), "stream")
+    assert status == 200
+    for upstream in gateway.router.models["hermes-2"].upstreams:
+        upstream.breaker.force_open()
+    status, refusal = await post(chat("hermes-2"), "refused")
+    assert status == 503
+    await asyncio.sleep(0.7)  # written in batches every half second
+    lines = {line["request_id"]: line for line in map(orjson.loads, path.read_bytes().split())}
+    queued = [lines["queued-1"], lines["queued-2"]]
+    for line in queued:
+        assert line["client"] == "127.0.0.1" and line["method"] == "POST"
+        assert line["status"] == 200 and line["error_code"] is None and line["verdict"] == "ok"
+        assert line["backend"] == "mixtral-8x7b"
+        assert line["bytes_received"] == len(sent)
+        assert line["bytes_sent"] > len(first[1])  # the body, and the status line and headers
+    assert lines["queued-1"]["forwarded_for"] == "203.0.113.7"
+    assert lines["queued-2"]["forwarded_for"] is None
+    # One slot: whichever went second waited for the first (its 0.2 s answer) in the queue.
+    assert max(line["queue_wait_ms"] for line in queued) >= 150
+    assert min(line["queue_wait_ms"] for line in queued) < 50
+    stream = lines["stream"]
+    assert stream["stream"] is True and stream["backend"] == "openchat-3.5"
+    assert stream["bytes_sent"] > len(streamed)  # chunked framing and headers on top
+    refused = lines["refused"]
+    assert refused["status"] == 503 and refused["error_code"] == "no_backend_available"
+    assert refused["verdict"] == "gateway_refused" and refused["backend"] is None
+    assert refused["bytes_sent"] > len(refusal) > 0
