@@ -14,16 +14,21 @@ import ctypes
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from cluster import shared_table
+from proxy import systemd_notify
 
 log = logging.getLogger("request_router.workers")
 
@@ -63,6 +68,12 @@ def supervise(argv: Sequence[str], workers: int) -> int:
             preexec_fn=die_with_parent,
         )
 
+    # Under systemd (Type=notify) the workers report to the supervisor, which tells systemd
+    # once: ready when every worker listens, reloading and ready again around a SIGHUP,
+    # stopping on SIGTERM. So the unit can keep NotifyAccess=main.
+    relay = NotifyRelay(run_dir, workers) if os.environ.get("NOTIFY_SOCKET") else None
+    if relay is not None:
+        environment["NOTIFY_SOCKET"] = str(relay.path)
     children = {index: start(index) for index in range(workers)}
     stopping = False
 
@@ -70,6 +81,10 @@ def supervise(argv: Sequence[str], workers: int) -> int:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+            if relay is not None:
+                relay.stopping()
+        elif signum == signal.SIGHUP and relay is not None:
+            relay.reloading()
         for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -98,11 +113,76 @@ def supervise(argv: Sequence[str], workers: int) -> int:
                     table.clear_in_flight(index)  # its requests died with it
                     time.sleep(RESTART_PAUSE)
                     children[index] = start(index)
-            time.sleep(0.2)
+            if relay is None:
+                time.sleep(0.2)
+            else:
+                relay.receive({child.pid: index for index, child in children.items()}, 0.2)
     finally:
         for child in children.values():
             if child.poll() is None:
                 child.kill()
                 child.wait()
         table.close()
+        if relay is not None:
+            relay.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class NotifyRelay:
+    """The workers' sd_notify socket: their READY=1 messages, told apart by the sender's
+    credentials (SO_PASSCRED), become one READY=1 from the supervisor to systemd."""
+
+    def __init__(self, run_dir: str, workers: int) -> None:
+        self.systemd = {"NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"]}
+        self.path = Path(run_dir) / "notify.sock"
+        self.workers = workers
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(str(self.path))
+        self.sock.setblocking(False)
+        self.started: set[int] = set()  # worker indexes that have listened once
+        self.ready_sent = False
+        self.reload_pending: set[int] = set()
+
+    def receive(self, indexes: dict[int, int], timeout: float) -> None:
+        """Wait up to `timeout` for worker messages and act on each."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        while readable:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except BlockingIOError:
+                return
+            sender = next(
+                (
+                    struct.unpack("iII", payload)[0]
+                    for level, kind, payload in ancillary
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+                ),
+                None,
+            )
+            index = indexes.get(sender) if sender is not None else None
+            if index is not None and b"READY=1" in data.split(b"\n"):
+                self.worker_ready(index)
+
+    def worker_ready(self, index: int) -> None:
+        self.started.add(index)
+        if not self.ready_sent and len(self.started) == self.workers:
+            self.ready_sent = True
+            systemd_notify.notify(
+                "READY=1", f"STATUS={self.workers} workers listening", environ=self.systemd
+            )
+        elif self.reload_pending:
+            self.reload_pending.discard(index)
+            if not self.reload_pending:
+                systemd_notify.notify("READY=1", "STATUS=reloaded", environ=self.systemd)
+
+    def reloading(self) -> None:
+        self.reload_pending = set(range(self.workers))
+        monotonic_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        systemd_notify.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_us}", environ=self.systemd)
+
+    def stopping(self) -> None:
+        systemd_notify.notify("STOPPING=1", "STATUS=draining", environ=self.systemd)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -8,6 +8,7 @@ import asyncio
 import ctypes
 import errno
 import functools
+import json
 import os
 import re
 import shlex
@@ -267,20 +268,43 @@ def test_ready_once_listening_reloading_around_sighup_stopping_on_sigterm(
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()
 
 
-def test_with_workers_the_workers_notify_so_the_unit_lets_any_process(tmp_path: Path) -> None:
-    """cluster/supervisor.py says nothing to systemd; each worker sends READY=1 once it
-    listens. So the unit needs NotifyAccess=all, and READY=1 means the first worker listens
-    (a supervisor that sends it once all have would let the unit go back to "main")."""
+def test_with_workers_the_supervisor_says_ready_once_every_worker_listens(
+    tmp_path: Path,
+) -> None:
+    """The workers report to the supervisor, which speaks to systemd alone (NotifyAccess=main):
+    READY=1 once both workers listen, RELOADING/READY around a SIGHUP, STOPPING on SIGTERM."""
     with notified_gateway(tmp_path, "--workers", "2") as (gateway, notify, port):
-        senders = set()
-        for _ in range(2):
-            sender, message = notify.receive()
-            assert message["READY"] == "1" and accepts_connections(port)
-            senders.add(sender)
+        sender, message = notify.receive()
+        assert sender == gateway.pid
+        assert message == {"READY": "1", "STATUS": "2 workers listening"}
+        pids = set()
+        for _ in range(40):  # both workers take connections by now: each answers one
+            pids.add(worker_pid(port))
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+
+        gateway.send_signal(signal.SIGHUP)
+        sender, message = notify.receive()
+        assert sender == gateway.pid and message["RELOADING"] == "1"
+        sender, message = notify.receive()
+        assert sender == gateway.pid and message == {"READY": "1", "STATUS": "reloaded"}
+
         gateway.send_signal(signal.SIGTERM)
+        sender, message = notify.receive()
+        assert sender == gateway.pid and message == {"STOPPING": "1", "STATUS": "draining"}
         assert gateway.wait(timeout=15) == 0
-    assert gateway.pid not in senders and len(senders) == 2
-    assert service("NotifyAccess") == "all"
+    assert service("NotifyAccess") == "main"
+
+
+def worker_pid(port: int) -> int:
+    """The pid of the worker that answers a request on a new connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return int(json.loads(answer.split(b"\r\n\r\n", 1)[1])["pid"])
 
 
 def test_notify_does_nothing_without_a_socket_and_speaks_the_abstract_namespace() -> None:
