@@ -33,6 +33,8 @@ from proxy.app import (
     serving_on,
     start_admin_listener,
 )
+from proxy.app_logging import FORMATS, LEVELS
+from proxy.app_logging import configure as configure_logging
 from proxy.systemd_notify import ready, reloading, stopping
 
 log = logging.getLogger("request_router")
@@ -54,14 +56,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="also start simulated backends on the configured ports"
     )
-    parser.add_argument("--debug", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="debug logging (--log-level debug)")
+    parser.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        default=os.environ.get("ROUTER_LOG_LEVEL", "info"),
+        help="application log level (default: $ROUTER_LOG_LEVEL or info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=os.environ.get("ROUTER_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line (default: $ROUTER_LOG_FORMAT or text)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
         help="worker processes sharing the port (overrides ROUTER_WORKER_THREADS)",
     )
     parser.add_argument("--version", action="version", version=f"request-router {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value, choices in (
+        ("ROUTER_LOG_LEVEL", args.log_level, LEVELS),
+        ("ROUTER_LOG_FORMAT", args.log_format, FORMATS),
+    ):
+        if value not in choices:  # a default from the environment, which argparse trusts
+            parser.error(f"{name}: invalid choice {value!r} (choose from {', '.join(choices)})")
+    return args
 
 
 def environment_with(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
@@ -225,10 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return simulate(arguments[1:])
     args = parse_args(arguments)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging("debug" if args.debug else args.log_level, args.log_format)
     environ = environment_with(args, os.environ)
     try:
         config = load(args.config, environ)

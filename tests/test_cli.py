@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 
@@ -127,3 +128,26 @@ async def test_check_config_names_what_is_wrong_and_exits_2(tmp_path: Path) -> N
             err,
         )
         assert "Traceback" not in err, name
+
+
+async def test_json_application_log_at_the_level_asked_for(cluster: Cluster, tmp_path) -> None:
+    """ROUTER_LOG_FORMAT=json: every line of the application log is one JSON object; at
+    ROUTER_LOG_LEVEL=warning the start-up's info lines are gone, a backend failure's error
+    line stays."""
+    env = {"ROUTER_LOG_FORMAT": "json", "ROUTER_LOG_LEVEL": "warning"}
+    cluster["hermes-2"].behaviour.status = 503
+    document = config_document(cluster, retry={"max_retries": 0})
+    async with gateway_process(document, tmp_path, env) as gateway:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{gateway.url}/v1/chat/completions", json=chat("hermes-2")) as r:
+                assert r.status == 503
+        gateway.signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gateway.process.wait(), 10) == 0
+        output = await gateway.output()
+    records = [orjson.loads(line) for line in output.splitlines() if line.strip()]
+    assert records, output
+    assert all(set(r) >= {"time", "level", "logger", "message", "pid"} for r in records)
+    assert {r["level"] for r in records} <= {"warning", "error"}
+    assert not any("listening on" in r["message"] for r in records)
+    failure = next(r for r in records if r["message"].startswith("backend hermes-2 failed"))
+    assert failure["level"] == "error" and failure["time"].endswith("Z")
