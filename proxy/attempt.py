@@ -52,16 +52,29 @@ class ForwardedResponse(web.Response):
         self.body = None
 
 
+def without_headers(lines: bytes, names: frozenset[bytes]) -> bytes:
+    """The header lines but those named (an endpoint's own headers replace the client's)."""
+    kept = [
+        line
+        for line in lines.split(b"\r\n")
+        if line and line.partition(b":")[0].strip().lower() not in names
+    ]
+    return b"".join(line + b"\r\n" for line in kept)
+
+
 def body_for(upstream: Upstream, state: RequestState) -> bytes:
     """The body as this backend must get it: byte for byte, unless the backend serves another
-    model than the body names ("auto", or a fallback), whose name is spliced in."""
+    model than the body names ("auto", a fallback, or an endpoint's served_model_name), whose
+    name is spliced in."""
     template = state.template
+    served = upstream.served_model
     if template is None:
-        if state.fallback is None:
+        if state.fallback is None and served is None:
             return state.body
-        assert state.document is not None  # kept for requests that have a fallback chain
+        # kept for requests that have a fallback chain or a renaming backend
+        assert state.document is not None
         template = state.template = ModelTemplate(state.document)
-    return template.with_model(upstream.model)
+    return template.with_model(served if served is not None else upstream.model)
 
 
 async def send(
@@ -75,6 +88,8 @@ async def send(
     `state.verdict` and to the upstream; None when no answer came (`state.error` says why)."""
     method = request.method
     start = upstream.request_start(method, state.path)
+    if upstream.replaced_headers:
+        headers = without_headers(headers, upstream.replaced_headers)
     data = body_for(upstream, state)
     body = None if not data and method in NO_BODY_METHODS else data
     timeouts = runtime.stream_timeouts if state.stream else runtime.request_timeouts

@@ -73,19 +73,27 @@ class Router:
                 existing.weight = endpoint.weight
                 existing.max_concurrent = endpoint.max_concurrent
                 configure_breaker(existing.breaker, config.circuit_breaker)
-                return existing
-            breaker = CircuitBreaker(clock=clock)
-            configure_breaker(breaker, config.circuit_breaker)
-            return Upstream(
-                endpoint.name,
-                endpoint.url,
-                pool,
-                model=model,
-                weight=endpoint.weight,
-                max_concurrent=endpoint.max_concurrent,
-                breaker=breaker,
-                clock=clock,
-            )
+                chosen = existing
+            else:
+                breaker = CircuitBreaker(clock=clock)
+                configure_breaker(breaker, config.circuit_breaker)
+                chosen = Upstream(
+                    endpoint.name,
+                    endpoint.url,
+                    pool,
+                    model=model,
+                    weight=endpoint.weight,
+                    max_concurrent=endpoint.max_concurrent,
+                    breaker=breaker,
+                    clock=clock,
+                )
+            served = endpoint.served_model_name
+            # Model pools only: the embedding and Qdrant routes do not name a model to rewrite.
+            renamed = model is not None and served is not None and served != model
+            chosen.served_model = served if renamed else None
+            chosen.set_extra_headers(endpoint.headers)
+            chosen.backup = endpoint.backup
+            return chosen
 
         self.models: dict[str, Pool] = {}
         for model in config.models:

@@ -169,7 +169,7 @@ class Routes:
             pool,
             path,
             body,
-            document if fallbacks else None,
+            document if fallbacks or pool.renames else None,
             ModelTemplate(document) if auto else None,  # refused here if it cannot be written
             bool(stream),
             fallbacks,

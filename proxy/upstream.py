@@ -64,6 +64,10 @@ class Upstream:
         "healthy",
         "cooldown_until",
         "admin_state",
+        "served_model",
+        "extra_headers",
+        "replaced_headers",
+        "backup",
         "breaker",
         "last_check",
         "last_response_ms",
@@ -111,6 +115,13 @@ class Upstream:
         # The operator's word (HAProxy's server state): ready, drain (no new requests; those
         # in flight finish; health checks go on) or maint (the same, shown as maintenance).
         self.admin_state = READY
+        # Per-endpoint settings: the name the backend serves the model under (None: the
+        # model's own), header lines it gets instead of the client's (an API key), and
+        # whether it serves only while no other member of its pool is live.
+        self.served_model: str | None = None
+        self.extra_headers = b""
+        self.replaced_headers: frozenset[bytes] = frozenset()
+        self.backup = False
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.last_check: float | None = None
         self.last_response_ms: float | None = None
@@ -132,15 +143,28 @@ class Upstream:
         self._host = parts.netloc.rpartition("@")[2]
         self._starts: dict[tuple[str, str], bytes] = {}
 
+    def set_extra_headers(self, headers: tuple[tuple[str, str], ...]) -> None:
+        """Header lines every request to this backend carries, in place of the client's
+        headers of the same names."""
+        self.extra_headers = b"".join(
+            f"{name}: {value}\r\n".encode("latin-1") for name, value in headers
+        )
+        self.replaced_headers = frozenset(name.lower().encode() for name, _ in headers)
+        self._starts.clear()
+
     def request_start(self, method: str, path: str) -> bytes:
-        """The request line and Host header of `method` on `path` (already percent-encoded),
-        built once for the fixed routes; arbitrary pass-through paths are not remembered."""
+        """The request line, Host header and extra headers of `method` on `path` (already
+        percent-encoded), built once for the fixed routes; arbitrary pass-through paths are
+        not remembered."""
         key = (method, path)
         start = self._starts.get(key)
         if start is None:
             target = self._base_path + path
-            start = f"{method} {target} HTTP/1.1\r\nHost: {self._host}\r\n".encode(
-                "utf-8", "surrogateescape"
+            start = (
+                f"{method} {target} HTTP/1.1\r\nHost: {self._host}\r\n".encode(
+                    "utf-8", "surrogateescape"
+                )
+                + self.extra_headers
             )
             if len(self._starts) < MAX_CACHED_STARTS:
                 self._starts[key] = start
@@ -263,6 +287,9 @@ class Pool:
         "shunned",
         "uses_request",
         "cost_aware",
+        "backups",
+        "primaries",
+        "renames",
         "settings",
         "stats",
         "cache",
@@ -284,6 +311,10 @@ class Pool:
     ) -> None:
         self.name = name
         self.upstreams = tuple(upstreams)
+        self.backups = tuple(u for u in self.upstreams if u.backup)
+        self.primaries = tuple(u for u in self.upstreams if not u.backup)
+        # A member serves the model under another name: bodies may need it spliced in.
+        self.renames = any(u.served_model is not None for u in self.upstreams)
         self.health_path = health_path
         self.failing_open = False
         self.shunned: tuple[Upstream, ...] = ()  # unhealthy members, while others are healthy
@@ -308,6 +339,8 @@ class Pool:
     ) -> Upstream | None:
         if self.shunned:
             exclude = (*exclude, *self.shunned)
+        if self.backups and self._primary_live(exclude):
+            exclude = (*exclude, *self.backups)
         started = time.perf_counter()
         if self._cacheable:
             chosen = self._select_cached(exclude, request)
@@ -341,6 +374,9 @@ class Pool:
         if chosen is not None and chosen.model is not None:
             self.cache.put(key, chosen.model)
         return chosen
+
+    def _primary_live(self, exclude: Collection[Upstream]) -> bool:
+        return any(u.live() and u not in exclude for u in self.primaries)
 
     def has_live(self, exclude: Collection[Upstream] = ()) -> bool:
         return any(u.live() and u not in exclude and u not in self.shunned for u in self.upstreams)
