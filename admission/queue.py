@@ -145,6 +145,11 @@ class Admission:
             return None
         return upstream
 
+    def take(self, upstream: Upstream) -> bool:
+        """A slot on this very backend now (a copy of a write to every replica), whether or
+        not requests are queued; False when it or the gateway is full."""
+        return self.has_room() and upstream.available() and self._take(upstream)
+
     def _take(self, upstream: Upstream) -> bool:
         """Count the request in flight, gateway-wide and on its backend; False when another
         worker took the last slot at the same moment (nothing is counted then)."""

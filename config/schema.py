@@ -468,6 +468,13 @@ class ServiceConfig:
 class QdrantConfig(ServiceConfig):
     name: str = "qdrant"
     health_path: str = setting("/healthz", help="path the health probe requests")
+    writes: str = setting(
+        "all",
+        choices=("all", "primary", "any"),
+        help="/qdrant/ writes: the first endpoint answers, copies go to every other (all);"
+        " the first only (primary); or wherever the balancer sends them (any: a cluster that"
+        " replicates itself)",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,6 +113,12 @@ class Router:
             [upstream(e, "qdrant", None) for e in config.qdrant.endpoints],
             config.qdrant.health_path,
         )
+        # Where /qdrant/ writes go (qdrant.writes): the first endpoint that is not a backup,
+        # as a pool of its own (same Upstream objects), and the other replicas for copies.
+        self.qdrant_writes = config.qdrant.writes
+        primaries = self.qdrant.primaries[:1] or self.qdrant.upstreams[:1]
+        self.qdrant_primary = self._pool("qdrant", list(primaries), config.qdrant.health_path)
+        self.qdrant_replicas = tuple(u for u in self.qdrant.upstreams if u not in primaries)
         self.embedding = self._pool(
             "embedding",
             [upstream(e, "embedding", None) for e in config.embedding.endpoints],
@@ -148,6 +154,7 @@ class Router:
             pool.refresh_health()
             if pool.failing_open and not was_failing_open:
                 log.warning("every backend of pool %s is unhealthy: failing open", pool.name)
+        self.qdrant_primary.refresh_health()
 
     def home_pools(self) -> list[Pool]:
         """Every pool but `auto`: each backend belongs to exactly one of these."""

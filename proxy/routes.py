@@ -24,6 +24,7 @@ from proxy.errors import (
     UnsupportedCoding,
 )
 from proxy.forward import forward
+from proxy.mirror import is_qdrant_write, start_copies
 from proxy.rewrite import ModelTemplate, serialise
 from proxy.runtime import LiveRuntime, Runtime
 from proxy.state import RequestState
@@ -233,7 +234,18 @@ class Routes:
         if not path.startswith("/"):
             path = "/" + path
         body = await read_body(request, runtime.body_timeout)
-        state = RequestState(
-            rid, runtime.router.qdrant, path, body, None, None, False, (), QDRANT_PREFIX
-        )
-        return await forward(runtime, request, state)
+        router = runtime.router
+        pool = router.qdrant
+        copies: list[asyncio.Task[bool]] = []
+        if router.qdrant_writes != "any" and is_qdrant_write(request.method, path):
+            pool = router.qdrant_primary
+            if router.qdrant_writes == "all":
+                copies = start_copies(runtime, request, router.qdrant_replicas, path, body, rid)
+        state = RequestState(rid, pool, path, body, None, None, False, (), QDRANT_PREFIX)
+        if not copies:
+            return await forward(runtime, request, state)
+        try:
+            return await forward(runtime, request, state)
+        finally:
+            # The connection takes its next request once every replica has the write.
+            await asyncio.gather(*copies, return_exceptions=True)

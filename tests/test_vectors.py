@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 
 import orjson
+import pytest
 
 from simulator.cluster import Cluster
+from tests.conftest import StartGateway, config_document
 
 
 async def test_vector_search_is_translated_to_qdrant(gateway, http, cluster: Cluster) -> None:
@@ -99,3 +102,73 @@ async def test_qdrant_client_works_through_the_prefix(gateway, cluster: Cluster)
     query = sent["query"]
     assert (query.get("nearest") if isinstance(query, dict) else query) == [0.1, 0.2, 0.3]
     assert sent["limit"] == 3
+
+
+async def create_then_search(http, url: str, collection: str) -> tuple[int, list[int]]:
+    async with http.put(f"{url}/qdrant/collections/{collection}", json={"vectors": {}}) as r:
+        created = r.status
+    statuses = []
+    for _ in range(4):  # round robin: both replicas
+        body = {"query_vector": [0.1, 0.2, 0.3], "collection": collection}
+        async with http.post(f"{url}/api/v1/vectors/search", json=body) as r:
+            statuses.append(r.status)
+    return created, statuses
+
+
+async def has_collection(http, url: str, collection: str) -> bool:
+    async with http.get(f"{url}/collections/{collection}") as response:
+        return response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("writes", "on_primary", "on_secondary"),
+    [("all", True, True), ("primary", True, False)],
+)
+async def test_qdrant_writes_reach_every_replica_or_the_primary(
+    cluster: Cluster, start_gateway: StartGateway, http, writes, on_primary, on_secondary
+) -> None:
+    """qdrant.writes (issue 12): by default a write goes to the primary and is copied to every
+    other replica before the connection takes its next request, so a search after it finds
+    the collection wherever it is served; `primary` writes to the first only."""
+    document = config_document(cluster, routing={"strategy": "round_robin"})
+    document["qdrant"]["writes"] = writes
+    gateway = await start_gateway(document)
+    for _ in range(3):  # whichever replica round robin would pick next
+        created, statuses = await create_then_search(http, gateway.url, "fresh")
+        assert created == 200
+    assert await has_collection(http, cluster["qdrant-primary"].url, "fresh") is on_primary
+    assert await has_collection(http, cluster["qdrant-secondary"].url, "fresh") is on_secondary
+    assert set(statuses) == ({200} if on_secondary else {200, 404})
+    assert gateway.runtime.admission.in_flight == 0
+
+
+async def test_qdrant_writes_any_leave_it_to_the_balancer(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """`any` (a Qdrant cluster that replicates itself): each write to one replica only."""
+    document = config_document(cluster, routing={"strategy": "round_robin"})
+    document["qdrant"]["writes"] = "any"
+    gateway = await start_gateway(document)
+    for name in ("one", "two"):
+        async with http.put(f"{gateway.url}/qdrant/collections/{name}", json={}) as r:
+            assert r.status == 200
+    found = [
+        await has_collection(http, cluster[replica].url, name)
+        for replica in ("qdrant-primary", "qdrant-secondary")
+        for name in ("one", "two")
+    ]
+    assert found.count(True) == 2  # each on one replica, round robin: one each
+
+
+async def test_a_replica_that_refuses_a_copied_write_does_not_change_the_answer(
+    cluster: Cluster, start_gateway: StartGateway, http, caplog
+) -> None:
+    gateway = await start_gateway(config_document(cluster))
+    cluster["qdrant-secondary"].behaviour.status = 500
+    caplog.set_level(logging.ERROR, logger="request_router")
+    async with http.put(f"{gateway.url}/qdrant/collections/fresh", json={}) as r:
+        assert r.status == 200 and r.headers["x-router-backend"] == "qdrant-primary"
+    assert any(
+        "copied to qdrant-secondary answered 500" in record.getMessage()
+        for record in caplog.records
+    )
