@@ -9,6 +9,7 @@ every worker (cluster.merge): percentiles come from the samples, shares from the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -22,6 +23,7 @@ from control.admin import counters, now_iso, upstream_snapshots, view
 from health.stats import LatencyRing
 from proxy.runtime import LiveRuntime
 from proxy.upstream import UpstreamSnapshot
+from telemetry.history import HISTORY_MERGE, History, render_history
 from telemetry.outcome import SeriesStats, iso
 
 HEALTH_WEIGHTS = (0.5, 0.3, 0.2)  # success rate, latency, spare capacity
@@ -318,6 +320,12 @@ class Reports:
         self.health = MergedReport(self.health_snapshot, render_health, HEALTH_MERGE)
         self.metrics = MergedReport(self.metrics_snapshot, render_metrics, METRICS_MERGE)
         self.models = MergedReport(self.models_snapshot, render_models, MODELS_MERGE)
+        # The dashboard's history is sampled from the moment the gateway is built, whether or
+        # not a page is open (an app built outside a running loop starts it at the first read).
+        self.history = History(live)
+        self.history_report = MergedReport(self.history.snapshot, render_history, HISTORY_MERGE)
+        with contextlib.suppress(RuntimeError):  # no running loop yet
+            self.history.start()
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """A self-contained page (no CDN: inline script and canvas charts) that reads only the
@@ -380,6 +388,7 @@ class Reports:
         return [
             web.get("/api/v1/router/health", self.health.handle),
             web.get("/api/v1/router/metrics", self.metrics.handle),
+            web.get("/api/v1/router/history", self.history_report.handle),
             web.get("/models/status", self.models.handle),
             web.get("/v1/admin/models/stats", self.models.handle),
         ]

@@ -91,3 +91,57 @@ async def test_dashboard_page_is_self_contained(gateway, http) -> None:
         assert response.headers["Content-Type"].startswith("text/html")
         page = await response.text()
     assert "<script>" in page and "http://" not in page and "https://" not in page
+
+
+async def test_a_freshly_opened_page_shows_the_servers_history_at_once(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """The charts come from the gateway's own history (sampled every 2 s whether or not a
+    page is open), so a page opened after the traffic draws it on its first refresh: time
+    axes, responses by status code, retries and the other events, per-pool shares."""
+    from playwright.async_api import async_playwright
+
+    gateway = await start_gateway(config_document(cluster, retry={"max_retries": 0}))
+    cluster["phi-3-mini"].behaviour.status = 503
+    for index in range(12):
+        model = "phi-3-mini" if index % 4 == 0 else "hermes-2"
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat(model)) as r:
+            await r.read()
+    for _ in range(100):  # until the server holds three points, the traffic in them
+        async with http.get(f"{gateway.url}/api/v1/router/history") as response:
+            history = await response.json()
+        if len(history["t"]) >= 3 and sum(history["requests_per_second"]) * 2 == 12:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError(f"no history after 20 s: {history}")
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 1400})
+            await page.goto(f"{gateway.url}/dashboard")
+            await page.wait_for_function("Number(document.body.dataset.refreshes || 0) >= 1")
+            assert int(await page.evaluate("document.body.dataset.historyPoints")) >= 3
+
+            async def drawn(chart: str, attribute: str) -> str:
+                value = await page.get_attribute(f"#{chart}", f"data-{attribute}")
+                assert value is not None, (chart, attribute)
+                return value
+
+            for chart in ("chart-rps", "chart-status", "chart-events", "chart-queue"):
+                assert int(await drawn(chart, "points")) >= 3, chart  # one per point
+                assert len((await drawn(chart, "ticks")).split()) >= 2, chart  # time labels
+            # Latency only where requests finished: p50 and p99 of the busy interval at least.
+            assert int(await drawn("chart-latency", "points")) >= 2
+            assert (await drawn("chart-status", "lines")).split(",") == ["200", "503"]
+            events = (await drawn("chart-events", "lines")).split(",")
+            assert {"retries", "fallbacks", "shed", "rate limited", "failovers"} <= set(events)
+            share_lines = (await drawn("chart-share-models", "lines")).split(",")
+            assert set(share_lines) == {"mixtral-8x7b", "hermes-2", "openchat-3.5", "phi-3-mini"}
+            assert int(await drawn("chart-share-models", "points")) >= 4
+            assert await page.text_content("#by-status") == "responses by status: 200 × 9, 503 × 3"
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-history.png"), full_page=True)
+        finally:
+            await browser.close()

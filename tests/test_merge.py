@@ -17,6 +17,7 @@ from tests.conftest import config_document
 
 MERGED_PATHS = {
     "/api/v1/router/metrics",
+    "/api/v1/router/history",
     "/api/v1/router/health",
     "/api/v1/router/state",
     "/api/v1/router/backends",

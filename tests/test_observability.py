@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
+import aiohttp
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.cluster import Cluster
 from tests.conftest import ManualClock, StartGateway, chat, config_document
+from tests.process import gateway_process
+from tests.test_metrics_merge import send, worker_pids
 
 
 async def get_json(http, url: str) -> dict:
@@ -288,3 +296,85 @@ async def test_latency_histograms_per_backend_process_metrics_and_units(
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
         if "cost" in family.name:
             assert family.name == "router_cost_dollars", family.name
+
+
+async def test_history_keeps_the_last_minutes_on_the_server(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """The dashboard's history is sampled by the gateway every two seconds whether or not a
+    page is open: points on wall-clock multiples of the period, counts as rates, statuses by
+    code, events, per-pool shares."""
+    gateway = await start_gateway(config_document(cluster, retry={"max_retries": 0}))
+    cluster["phi-3-mini"].behaviour.status = 503
+    for index in range(8):
+        model = "phi-3-mini" if index == 0 else "hermes-2"
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=chat(model)) as r:
+            await r.read()
+    url = f"{gateway.url}/api/v1/router/history"
+    for _ in range(60):
+        history = await get_json(http, url)
+        if sum(history["requests_per_second"]) > 0:
+            break
+        await asyncio.sleep(0.2)
+    period = history["period_s"]
+    assert period == 2.0
+    times = history["t"]
+    assert times and all(t % 2 == 0 for t in times) and times == sorted(times)
+    assert abs(times[-1] - time.time()) < 5
+    columns = [history[name] for name in ("requests_per_second", "queued", "p50_ms", "p99_ms")]
+    assert all(len(column) == len(times) for column in columns)
+    assert sum(history["requests_per_second"]) * period == 8
+    statuses = history["status_per_second"]
+    assert sum(statuses["503"]) * period == 1 and sum(statuses["200"]) * period == 7
+    assert sum(history["errors_per_second"]) * period == 1
+    assert set(history["events_per_second"]) >= {"retries", "fallbacks", "shed", "rate_limited"}
+    shares = history["shares"]
+    assert set(shares) == {"models", "qdrant", "embedding"}
+    busy = [i for i, value in enumerate(history["requests_per_second"]) if value]
+    assert all(
+        sum(shares["models"][backend][i] or 0 for backend in shares["models"]) == 100 for i in busy
+    )
+    assert all(value is None for value in shares["qdrant"]["qdrant-primary"])
+
+
+async def test_history_and_process_metrics_merge_across_two_workers(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """With --workers 2: the history's points fall on the same instants in both workers and
+    add up; process_* are the gateway's (memory and descriptors summed over the workers, the
+    oldest start time), never per worker."""
+    async with gateway_process(
+        config_document(cluster), tmp_path, {"ROUTER_WORKER_THREADS": "2"}
+    ) as gateway:
+        pids = await worker_pids(gateway.url, 2)
+        assert await send(gateway.url, 20, chat("hermes-2")) == 20
+        for _ in range(60):
+            history = orjson.loads(await fetch(gateway.url, "/api/v1/router/history"))
+            if sum(history["requests_per_second"]) * history["period_s"] == 20:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"the merged history does not hold 20 requests: {history}")
+        assert sum(history["status_per_second"]["200"]) * history["period_s"] == 20
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(await fetch(gateway.url, "/metrics"))
+            for s in family.samples
+        }
+        assert not [key for key in samples if key[0].startswith("process_") and key[1]]
+        rss = [int((Path(f"/proc/{pid}/statm").read_text().split())[1]) for pid in pids]
+        summed = sum(rss) * os.sysconf("SC_PAGE_SIZE")
+        assert 0.8 * summed < samples[("process_resident_memory_bytes", ())] < 1.25 * summed
+        fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+        assert abs(samples[("process_open_fds", ())] - fds) <= 10
+        gateway.signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gateway.process.wait(), 15) == 0
+
+
+async def fetch(url: str, path: str) -> str:
+    """On a new connection each time: the kernel may hand it to either worker."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.get(f"{url}{path}") as response:
+            assert response.status == 200
+            return await response.text()
