@@ -51,6 +51,19 @@ RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": Tr
 
 LINGERING_SECONDS = 2.0
 QDRANT_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")  # HEAD comes with GET
+# OpenAI-compatible routes vLLM serves besides chat and completions, each naming its model:
+# JSON bodies (routed and, for "auto" or a fallback, rewritten like chat) and multipart forms.
+MODEL_ROUTED_JSON = (
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/v1/score",
+    "/tokenize",
+    "/detokenize",
+    "/v1/audio/speech",
+)
+MODEL_ROUTED_FORMS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 RUNTIME_KEY = web.AppKey("runtime", LiveRuntime)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)
@@ -126,8 +139,18 @@ def build_app(
                 partial(routes.completion, path="/v1/completions"),
                 expect_handler=expect,
             ),
+            # vLLM's other model-routed JSON routes: routed by their model like chat.
+            *(
+                web.post(path, partial(routes.completion, path=path), expect_handler=expect)
+                for path in MODEL_ROUTED_JSON
+            ),
+            *(
+                web.post(path, partial(routes.model_form, path=path), expect_handler=expect)
+                for path in MODEL_ROUTED_FORMS
+            ),
             web.post("/v1/embeddings", routes.embeddings, expect_handler=expect),
             web.get("/v1/models", routes.list_models),
+            web.get("/v1/models/{model}", routes.get_model),
             web.post("/api/v1/vectors/search", routes.vector_search, expect_handler=expect),
             # Qdrant's REST methods only: TRACE and the like are not passed through (405).
             *(

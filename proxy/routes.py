@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -123,6 +124,22 @@ def request_id(runtime: Runtime, request: web.Request) -> str:
     return given
 
 
+FORM_FIELD = re.compile(
+    rb'Content-Disposition:[^\r\n]*\bname="([^"]*)"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n',
+    re.IGNORECASE,
+)
+
+
+def form_field(body: bytes, name: bytes) -> str | None:
+    """A small text field of a multipart/form-data body, without parsing the whole body (an
+    audio file can be megabytes): the first part named `name`."""
+    for match in FORM_FIELD.finditer(body):
+        if match[1] == name:
+            value = match[2].decode("utf-8", "replace").strip()
+            return value or None
+    return None
+
+
 class Routes:
     """Route handlers over the live runtime: each reads the runtime once and keeps it."""
 
@@ -132,7 +149,8 @@ class Routes:
     # --- OpenAI-compatible routes -------------------------------------------------------------
 
     async def completion(self, request: web.Request, path: str) -> web.StreamResponse:
-        """POST /v1/chat/completions and /v1/completions (registered with their path bound)."""
+        """POST /v1/chat/completions, /v1/completions and the other JSON routes that name their
+        model (proxy.app.MODEL_ROUTED_JSON), registered with their path bound."""
         runtime = self.live.runtime
         rid = request_id(runtime, request)
         body = await read_body(request, runtime.body_timeout)
@@ -191,6 +209,35 @@ class Routes:
 
     async def list_models(self, request: web.Request) -> web.Response:
         return web.Response(body=self.live.runtime.models_body, content_type="application/json")
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: one model object, or OpenAI's 404 for an unknown one."""
+        runtime = self.live.runtime
+        model = request.match_info["model"]
+        body = runtime.model_bodies.get(model)
+        if body is None:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist. Available models: {runtime.model_names}."
+            )
+        return web.Response(body=body, content_type="application/json")
+
+    async def model_form(self, request: web.Request, path: str) -> web.StreamResponse:
+        """Multipart routes that name their model in a form field (/v1/audio/transcriptions,
+        /v1/audio/translations): routed to that model's pool, the body forwarded as sent (a
+        multipart body is not rewritten, so the model must be named, not "auto")."""
+        runtime = self.live.runtime
+        rid = request_id(runtime, request)
+        body = await read_body(request, runtime.body_timeout)
+        model = form_field(body, b"model")
+        if model is None:
+            raise InvalidRequest("the form field 'model' is required", code="missing_field")
+        pool = runtime.router.models.get(model)
+        if pool is None:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist. Available models: {runtime.model_names}."
+            )
+        state = RequestState(rid, pool, path, body)
+        return await forward(runtime, request, state)
 
     # --- vector routes ------------------------------------------------------------------------
 

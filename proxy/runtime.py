@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from admission.queue import Admission
 from admission.ratelimit import RateLimiter
 from admission.shedding import LoadShedder
@@ -88,6 +90,7 @@ class Runtime:
         "models",
         "model_names",
         "models_body",
+        "model_bodies",
     )
 
     def __init__(
@@ -126,6 +129,9 @@ class Runtime:
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.model_names = ", ".join(self.models)
         self.models_body = models_list_body(config)
+        self.model_bodies = {
+            entry["id"]: json_bytes(entry) for entry in orjson.loads(self.models_body)["data"]
+        }
         self.bind_origins()
         if self.sharing is not None:
             self.sharing.bind(self)

@@ -49,6 +49,20 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, len(text.split()))
 
 
+OTHER_ROUTES = (
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/v1/score",
+    "/tokenize",
+    "/detokenize",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+)
+
+
 def build_model_app(model: str, behaviour: Behaviour | None = None) -> web.Application:
     behaviour = behaviour if behaviour is not None else Behaviour()
     app = web.Application(middlewares=[misbehaviour_middleware(behaviour)])
@@ -158,12 +172,18 @@ def build_model_app(model: str, behaviour: Behaviour | None = None) -> web.Appli
     async def health(request: web.Request) -> web.Response:
         return json_response({"status": "ok", "model": model})
 
+    async def other(request: web.Request) -> web.Response:
+        """vLLM's other model-named routes (responses, messages, rerank, score, tokenize,
+        audio): an answer that says who served which route, enough for routing tests."""
+        return json_response({"object": "simulated", "path": request.path, "served_by": model})
+
     app.add_routes(
         [
             web.post("/v1/chat/completions", chat_completions),
             web.post("/v1/completions", completions),
             web.get("/v1/models", models),
             web.get("/health", health),
+            *(web.post(path, other) for path in OTHER_ROUTES),
             *control_routes(behaviour),
         ]
     )
