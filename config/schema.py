@@ -368,6 +368,21 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsConfig:
+    """Browsers calling the proxied API from other sites' pages (the admin API never answers
+    them). Read at start: restart to turn it on or off; a reload changes the lists."""
+
+    allowed_origins: tuple[str, ...] = setting(
+        (), help='origins a page may call the proxied API from ("https://app.example"), or "*"'
+    )
+    allowed_headers: tuple[str, ...] = setting(
+        ("Authorization", "Content-Type", "X-API-Key", "X-Request-ID", "X-Priority"),
+        help="request headers a page may send",
+    )
+    max_age: int = setting(600, minimum=0, help="seconds a browser may cache a preflight answer")
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """Client authentication for the proxied API (README: Client keys)."""
 
@@ -496,6 +511,7 @@ class Config:
     chaos: ChaosConfig = setting(ChaosConfig(), help="fault injection")
     admin: AdminConfig = setting(AdminConfig(), help="admin plane access")
     auth: AuthConfig = setting(AuthConfig(), help="client keys")
+    cors: CorsConfig = setting(CorsConfig(), help="cross-origin calls of the proxied API")
     accounting: AccountingConfig = setting(AccountingConfig(), help="per-request rows")
     budget: BudgetConfig = setting(BudgetConfig(), help="spend limit")
     logging: LoggingConfig = setting(LoggingConfig(), help="access and audit logs")

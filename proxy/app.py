@@ -32,6 +32,7 @@ from config.schema import Config
 from control.access import AccessControl, Kind
 from control.admin import AdminApi
 from control.audit import AuditLog
+from control.cors import Cors
 from control.reload import HealthService, Reloader
 from control.routing_api import RoutingApi
 from proxy.errors import error_middleware, error_response
@@ -124,41 +125,43 @@ def build_app(
     routes = Routes(live)
     expect = partial(expect_continue, limit, partial(count_refusal, live))
     qdrant = QDRANT_PREFIX + "/{tail:.*}"
-    access.add(
-        app,
-        Kind.DATA,
-        [
-            # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
-            web.post(
-                "/v1/chat/completions",
-                partial(routes.completion, path="/v1/chat/completions"),
-                expect_handler=expect,
-            ),
-            web.post(
-                "/v1/completions",
-                partial(routes.completion, path="/v1/completions"),
-                expect_handler=expect,
-            ),
-            # vLLM's other model-routed JSON routes: routed by their model like chat.
-            *(
-                web.post(path, partial(routes.completion, path=path), expect_handler=expect)
-                for path in MODEL_ROUTED_JSON
-            ),
-            *(
-                web.post(path, partial(routes.model_form, path=path), expect_handler=expect)
-                for path in MODEL_ROUTED_FORMS
-            ),
-            web.post("/v1/embeddings", routes.embeddings, expect_handler=expect),
-            web.get("/v1/models", routes.list_models),
-            web.get("/v1/models/{model}", routes.get_model),
-            web.post("/api/v1/vectors/search", routes.vector_search, expect_handler=expect),
-            # Qdrant's REST methods only: TRACE and the like are not passed through (405).
-            *(
-                web.route(method, qdrant, routes.qdrant_passthrough, expect_handler=expect)
-                for method in QDRANT_METHODS
-            ),
-        ],
-    )
+    data_routes = [
+        # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
+        web.post(
+            "/v1/chat/completions",
+            partial(routes.completion, path="/v1/chat/completions"),
+            expect_handler=expect,
+        ),
+        web.post(
+            "/v1/completions",
+            partial(routes.completion, path="/v1/completions"),
+            expect_handler=expect,
+        ),
+        # vLLM's other model-routed JSON routes: routed by their model like chat.
+        *(
+            web.post(path, partial(routes.completion, path=path), expect_handler=expect)
+            for path in MODEL_ROUTED_JSON
+        ),
+        *(
+            web.post(path, partial(routes.model_form, path=path), expect_handler=expect)
+            for path in MODEL_ROUTED_FORMS
+        ),
+        web.post("/v1/embeddings", routes.embeddings, expect_handler=expect),
+        web.get("/v1/models", routes.list_models),
+        web.get("/v1/models/{model}", routes.get_model),
+        web.post("/api/v1/vectors/search", routes.vector_search, expect_handler=expect),
+        # Qdrant's REST methods only: TRACE and the like are not passed through (405).
+        *(
+            web.route(method, qdrant, routes.qdrant_passthrough, expect_handler=expect)
+            for method in QDRANT_METHODS
+        ),
+    ]
+    access.add(app, Kind.DATA, data_routes)
+    if config.cors.allowed_origins:
+        cors = Cors(live, access)
+        access.add(app, Kind.PUBLIC, cors.routes(sorted({r.path for r in data_routes})))
+        app.on_response_prepare.append(cors.on_prepare)
+
     admin = AdminApi(live, reloader, access.audit, access.data_port)
     cluster = share_with_workers(app, live, peers, reloader, admin)
     reports = Reports(live)
