@@ -5,12 +5,25 @@ invariants of issue 11 checked on what the clients saw.
     python scripts/chaos.py                   # 90 s, the operators' run
     python scripts/chaos.py --duration 600    # longer faults, same schedule
     python scripts/chaos.py --short           # ~13 s of traffic, faster timers: what CI runs
+    python scripts/chaos.py --workers 2       # the same through the supervisor and 2 workers
 
 Everything runs on 127.0.0.1 on free ports. The simulated backends (simulator.cluster) live in
 this process, so a fault is a call on them; the gateway runs in its own process (this script
 with --serve-gateway: proxy.app's build_app and make_runner on uvloop, as `python -m proxy`
 serves, plus one read-only route, GET /_chaos/tasks, that counts its asyncio tasks), so its
 file descriptors and memory are its own. Accounting is on, in SQLite in a temporary directory.
+
+With --workers N (N > 1) the gateway is `python -m proxy --config FILE --workers N`: the real
+supervisor (cluster.supervisor) over N workers sharing the port and the accounting file. The
+supervisor starts each worker as `<sys.executable> -m proxy ARGS`; the script runs it with
+sys.executable pointing at a two-line wrapper, so each worker is this script with
+--serve-worker: proxy.__main__'s own main() with GET /_chaos/tasks added and an
+x-chaos-worker header (the worker's index) on every answer. The invariants then hold for the
+whole gateway: in_flight and queued from the merged GET /api/v1/router/state (every worker
+reporting) and the workers' shared table (GET /api/v1/router/cluster) at 0, fds and tasks of
+each worker (the supervisor's children) back to that worker's baseline and no worker
+restarted, one accounting row per request in the file they share, and each faulted backend
+answering again through every worker (health checks are per worker) within the bound.
 
 Traffic, from --concurrency clients in a fixed mix: chat completions with "model": "auto"
 (non-streamed, class `auto`, and streamed, `auto-sse`) and named for each model (half of them
@@ -37,7 +50,8 @@ Invariants (exit 1 when one fails, each printed with its numbers):
   2. each faulted backend answers again (x-router-backend) within its bound, breaker timeout +
      health interval + 2 s, of the fault's end
   3. afterwards `in_flight` and `queued` are 0 (GET /api/v1/router/state, "admission")
-  4. the gateway's open fds and asyncio tasks back to their baseline (taken before any traffic)
+  4. the gateway's open fds and asyncio tasks back to their baseline (taken before any traffic;
+     with workers, per worker)
   5. accounting rows = requests sent (every request the suite sends reaches routing)
 A timeline (time, phase, requests/s, success per traffic class, p50/p99) is printed at the end.
 """
@@ -48,6 +62,7 @@ import argparse
 import asyncio
 import os
 import random
+import shlex
 import signal
 import socket
 import sqlite3
@@ -60,6 +75,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from unittest import mock
 
 import aiohttp
 import yaml
@@ -175,10 +191,21 @@ def gateway_config(cluster: Cluster, timers: Timers, data: Path, port: int) -> d
 
 # --- the gateway process --------------------------------------------------------------------
 
+WORKER_HEADER = "x-chaos-worker"  # with --workers: the index of the worker that answered
+# cluster.supervisor starts every worker as `<sys.executable> -m proxy ARGS`; the supervisor of
+# a --workers run has sys.executable pointing at this wrapper, so each worker is this script's
+# --serve-worker with the same ARGS.
+WORKER_COMMAND = """#!/bin/sh
+[ "$1" = -m ] && [ "$2" = proxy ] || {{ echo "chaos: unexpected worker command: $*" >&2; exit 2; }}
+shift 2
+exec {python} {script} --serve-worker "$@"
+"""
+
 
 async def tasks_handler(request: web.Request) -> web.Response:
-    """GET /_chaos/tasks: the gateway process's live asyncio tasks, this handler's included."""
-    return web.json_response({"tasks": len(asyncio.all_tasks())})
+    """GET /_chaos/tasks: the gateway process's live asyncio tasks, this handler's included,
+    and its pid (with workers: which one answered)."""
+    return web.json_response({"tasks": len(asyncio.all_tasks()), "pid": os.getpid()})
 
 
 async def serve_gateway(config_path: str) -> None:
@@ -205,20 +232,69 @@ async def serve_gateway(config_path: str) -> None:
         await runner.cleanup()
 
 
+def serve_supervisor(config_path: str, workers: int) -> int:
+    """The child with --workers: the gateway as `python -m proxy --config FILE --workers N`
+    runs (proxy.__main__'s main(), which hands over to cluster.supervisor), each worker started
+    through the wrapper, which lies beside the config."""
+    wrapper = Path(config_path).with_name("chaos-worker")
+    script = str(Path(__file__).resolve())
+    wrapper.write_text(
+        WORKER_COMMAND.format(python=shlex.quote(sys.executable), script=shlex.quote(script))
+    )
+    wrapper.chmod(0o700)
+    sys.executable = str(wrapper)
+    from proxy.__main__ import main as gateway_main
+
+    return gateway_main(["--config", config_path, "--workers", str(workers)])
+
+
+def serve_worker(argv: Sequence[str]) -> int:
+    """A worker, as the supervisor's `python -m proxy ARGS` runs it (proxy.__main__'s main()),
+    with GET /_chaos/tasks and the x-chaos-worker header added to the app it builds."""
+    import proxy.__main__ as gateway_main
+    from proxy.app import build_app
+
+    index = os.environ.get("ROUTER_WORKER_INDEX", "")
+
+    async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = index
+
+    def instrumented(*args: Any, **kwargs: Any) -> web.Application:
+        app = build_app(*args, **kwargs)
+        app.router.add_get("/_chaos/tasks", tasks_handler)
+        app.on_response_prepare.append(name_worker)
+        return app
+
+    with mock.patch.object(gateway_main, "build_app", instrumented):
+        return gateway_main.main(list(argv))
+
+
 @dataclass
 class Gateway:
     url: str
     process: asyncio.subprocess.Process
     log_path: Path
     db_path: Path
+    workers: int = 1
 
     @property
     def pid(self) -> int:
+        """The process started: the gateway, or with workers their supervisor."""
         return self.process.pid
 
-    def fds(self) -> list[str]:
-        """What each open descriptor of the gateway process points to."""
-        fd_dir = f"/proc/{self.pid}/fd"
+    def serving_pids(self) -> list[int]:
+        """The processes that serve requests: the gateway, or the supervisor's children."""
+        if self.workers == 1:
+            return [self.pid]
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return sorted(int(pid) for pid in children.split())
+
+    def fds(self, pid: int | None = None) -> list[str]:
+        """What each open descriptor of the gateway process (or of `pid`) points to."""
+        fd_dir = f"/proc/{self.pid if pid is None else pid}/fd"
         targets = []
         for fd in os.listdir(fd_dir):
             try:
@@ -227,8 +303,19 @@ class Gateway:
                 continue
         return targets
 
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+    def fds_by_process(self) -> dict[int, list[str]]:
+        """fds() of every serving process, by pid; one that went away is left out."""
+        found = {}
+        for pid in self.serving_pids():
+            try:
+                found[pid] = self.fds(pid)
+            except FileNotFoundError:
+                continue
+        return found
+
+    def rss_mb(self, pid: int | None = None) -> float:
+        status = Path(f"/proc/{self.pid if pid is None else pid}/status")
+        for line in status.read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
@@ -244,9 +331,34 @@ class Gateway:
     async def tasks(self) -> int:
         return int((await self.get("/_chaos/tasks"))["tasks"])
 
-    async def admission(self) -> tuple[int, int]:
-        state = (await self.get("/api/v1/router/state"))["admission"]
-        return int(state["in_flight"]), int(state["queued"])
+    async def tasks_by_process(self) -> dict[int, int]:
+        """The live tasks of every serving process, by pid. With workers the kernel picks
+        which one a new connection reaches (SO_REUSEPORT): reads until each has answered, at
+        most 20 per worker."""
+        pids = set(self.serving_pids())
+        counts: dict[int, int] = {}
+        for _ in range(20 * max(1, len(pids))):
+            answer = await self.get("/_chaos/tasks")
+            counts[int(answer["pid"])] = int(answer["tasks"])
+            if pids <= counts.keys():
+                break
+        return counts
+
+    async def admission(self) -> tuple[int, int, int]:
+        """In flight and queued, summed over the workers by the merged report, and how many
+        workers it merged (1 without workers)."""
+        state = await self.get("/api/v1/router/state")
+        admission = state["admission"]
+        reporting = int(state.get("workers", {}).get("reporting", 1))
+        return int(admission["in_flight"]), int(admission["queued"]), reporting
+
+    async def shared_in_flight(self) -> dict[str, int]:
+        """With workers: the in-flight counts of their shared table, per worker and for the
+        gateway (GET /api/v1/router/cluster, answered from the table, not by asking them)."""
+        report = await self.get("/api/v1/router/cluster")
+        counts = {f"worker {w['worker']}": int(w["in_flight"]) for w in report["workers"]}
+        counts["shared"] = int(report["shared"]["in_flight"])
+        return counts
 
     def rows(self) -> int:
         db = sqlite3.connect(self.db_path)
@@ -259,7 +371,7 @@ class Gateway:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-async def start_gateway(document: dict[str, Any], data: Path) -> Gateway:
+async def start_gateway(document: dict[str, Any], data: Path, workers: int = 1) -> Gateway:
     config_path = data / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(document, sort_keys=False))
     log_path = data / "gateway.log"
@@ -269,6 +381,7 @@ async def start_gateway(document: dict[str, Any], data: Path) -> Gateway:
             str(Path(__file__).resolve()),
             "--serve-gateway",
             str(config_path),
+            *(["--workers", str(workers)] if workers > 1 else []),
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -280,20 +393,31 @@ async def start_gateway(document: dict[str, Any], data: Path) -> Gateway:
         process,
         log_path,
         Path(document["accounting"]["sqlite_path"]),
+        workers,
     )
-    async with aiohttp.ClientSession() as http:
-        for _ in range(200):
+    # Up once every worker has answered; each read on a new connection, which the kernel
+    # gives to any of them.
+    answered: set[int] = set()
+    patience = 10 * workers
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for _ in range(20 * patience):
             if process.returncode is not None:
                 raise RuntimeError(f"gateway exited early:\n{gateway.log_tail()}")
             try:
                 async with http.get(gateway.url + "/health/live") as response:
                     if response.status == 200:
-                        return gateway
+                        answered.add(int((await response.json())["pid"]))
+                        if len(answered) >= workers:
+                            return gateway
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.05)
     await stop_gateway(gateway)
-    raise RuntimeError(f"gateway did not come up in 10 s:\n{gateway.log_tail()}")
+    raise RuntimeError(
+        f"gateway did not come up in {patience} s ({len(answered)} of {workers} workers"
+        f" answered):\n{gateway.log_tail()}"
+    )
 
 
 async def stop_gateway(gateway: Gateway) -> None:
@@ -544,6 +668,7 @@ class Result:
     ok: bool
     abandoned: bool  # the client left after the first chunk, on purpose
     backend: str
+    worker: str = ""  # with --workers: the index of the worker that answered
 
     @property
     def latency(self) -> float:
@@ -591,20 +716,23 @@ class Traffic:
 
     async def _exchange(self, http: aiohttp.ClientSession, call: Call, abandon: bool) -> Result:
         sent = self.clock()
-        status, ok, backend = 0, False, "-"
+        status, ok, backend, worker = 0, False, "-", ""
         try:
             async with http.request(call.method, self.url + call.path, json=call.body) as response:
                 status = response.status
                 backend = response.headers.get("x-router-backend", "-")
+                worker = response.headers.get(WORKER_HEADER, "")
                 if abandon and status == 200:
                     await response.content.readany()
                     response.close()  # gone mid-stream
-                    return Result(call.label, sent, self.clock(), status, False, True, backend)
+                    return Result(
+                        call.label, sent, self.clock(), status, False, True, backend, worker
+                    )
                 body = await response.read()
                 ok = status == 200 and (not call.stream or body.rstrip().endswith(b"[DONE]"))
         except (aiohttp.ClientError, TimeoutError):
             ok = False
-        return Result(call.label, sent, self.clock(), status, ok, False, backend)
+        return Result(call.label, sent, self.clock(), status, ok, False, backend, worker)
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -692,28 +820,58 @@ def phase_checks(results: list[Result], faults: list[Fault], bound: float) -> li
     return checks
 
 
-def recovery(results: list[Result], fault: Fault) -> float | None:
+def recovery(results: list[Result], fault: Fault, worker: str | None = None) -> float | None:
     """Seconds from the fault's end to the first good answer from its backend to a request
-    sent after it ended."""
+    sent after it ended (through `worker`, if given)."""
     if fault.ended is None:
         return None
     answers = [
-        r.done for r in results if r.backend == fault.target and r.ok and r.sent >= fault.ended
+        r.done
+        for r in results
+        if r.backend == fault.target
+        and r.ok
+        and r.sent >= fault.ended
+        and (worker is None or r.worker == worker)
     ]
     return min(answers) - fault.ended if answers else None
 
 
-def recovery_checks(results: list[Result], faults: list[Fault], bound: float) -> list[Check]:
+def recoveries(
+    results: list[Result], fault: Fault, workers: Sequence[str]
+) -> dict[str, float | None]:
+    """recovery() through each worker: each has its own health checks, and serves the backend
+    again only once they pass."""
+    return {worker: recovery(results, fault, worker) for worker in workers}
+
+
+def slowest(seconds: Iterable[float | None]) -> float | None:
+    """The last of several recoveries: None if one never came."""
+    measured = list(seconds)
+    return None if None in measured else max(s for s in measured if s is not None)
+
+
+def recovery_checks(
+    results: list[Result], faults: list[Fault], bound: float, workers: Sequence[str] = ()
+) -> list[Check]:
+    """Invariant 2; with `workers` (their indexes), through every worker."""
     checks = []
     for fault in faults:
-        seconds = recovery(results, fault)
-        measured = "never" if seconds is None else f"{seconds:.2f} s"
+        if workers:
+            each = recoveries(results, fault, workers)
+            seconds = slowest(each.values())
+            measured = ", ".join(
+                f"worker {w} {'never' if s is None else f'{s:.2f} s'}" for w, s in each.items()
+            )
+            detail = f"{fault.target} answered again after the fault ended through {measured}"
+        else:
+            seconds = recovery(results, fault)
+            measured = "never" if seconds is None else f"{seconds:.2f} s"
+            detail = f"{fault.target} answered again {measured} after the fault ended"
         checks.append(
             Check(
                 f"{fault.name}: {fault.target} serves again",
                 seconds is not None and seconds <= bound,
-                f"{fault.target} answered again {measured} after the fault ended"
-                f" (bound {bound:.2f} s)",
+                f"{detail} (bound {bound:.2f} s)",
             )
         )
     return checks
@@ -754,55 +912,103 @@ def describe_sockets(pid: int, targets: Iterable[str]) -> list[str]:
     return described
 
 
+def against_baseline(before: dict[int, int], after: dict[int, int], slack: int) -> tuple[bool, str]:
+    """Each serving process's count (fds, tasks) against its own baseline, by pid: whether
+    every one is within `slack` of it and none came or went (a worker restarted), and the
+    figures."""
+    passed = before.keys() == after.keys() and all(
+        after[pid] <= before[pid] + slack for pid in before
+    )
+    if len(before) == 1 and before.keys() == after.keys():
+        (pid,) = before
+        return passed, f"{before[pid]} before the traffic, {after[pid]} after"
+    figures = [f"worker {pid} {before[pid]} -> {after.get(pid, 'gone')}" for pid in sorted(before)]
+    figures += [f"worker {pid} (new) {after[pid]}" for pid in sorted(after.keys() - before)]
+    return passed, "before the traffic -> after: " + ", ".join(figures)
+
+
+async def admission_check(gateway: Gateway) -> Check:
+    """Invariant 3. With workers, from the merged report with every worker reporting, and
+    their shared table's in-flight counts (what the gateway-wide caps read) at 0 too."""
+    workers = gateway.workers
+    (in_flight, queued, reporting), waited = await settle(
+        gateway.admission, lambda v: v == (0, 0, workers), 5
+    )
+    passed = (in_flight, queued, reporting) == (0, 0, workers)
+    detail = f"in_flight {in_flight}, queued {queued} ({waited:.1f} s after the traffic)"
+    if workers > 1:
+        shared, _ = await settle(
+            gateway.shared_in_flight, lambda v: not any(v.values()), max(0.0, 5 - waited)
+        )
+        passed = passed and not any(shared.values())
+        counts = ", ".join(f"{name} {count}" for name, count in shared.items())
+        detail += f"; {reporting} of {workers} workers reporting; shared table in flight: {counts}"
+    return Check("in_flight and queued 0", passed, detail)
+
+
+async def process_checks(
+    gateway: Gateway,
+    baseline_fds: dict[int, list[str]],
+    baseline_tasks: dict[int, int],
+    wait: float,
+) -> list[Check]:
+    """Invariant 4, for each serving process against its own baseline."""
+    before = {pid: len(targets) for pid, targets in baseline_fds.items()}
+
+    def counts(found: dict[int, list[str]]) -> dict[int, int]:
+        return {pid: len(targets) for pid, targets in found.items()}
+
+    async def fds() -> dict[int, list[str]]:
+        return gateway.fds_by_process()
+
+    final_fds, waited = await settle(
+        fds, lambda v: against_baseline(before, counts(v), FD_SLACK)[0], wait
+    )
+    passed, figures = against_baseline(before, counts(final_fds), FD_SLACK)
+    detail = f"{figures} ({waited:.1f} s)"
+    for pid, targets in final_fds.items():
+        if pid in before and len(targets) > before[pid] + FD_SLACK:
+            extra = sorted(set(targets) - set(baseline_fds[pid]))
+            owner = "" if len(final_fds) == 1 else f" in worker {pid}"
+            detail += f"; new{owner}: " + ", ".join(describe_sockets(pid, extra)[:12])
+    checks = [Check("fds back to baseline", passed, detail)]
+    final_tasks, waited = await settle(
+        gateway.tasks_by_process, lambda v: against_baseline(baseline_tasks, v, 0)[0], wait
+    )
+    passed, figures = against_baseline(baseline_tasks, final_tasks, 0)
+    checks.append(Check("tasks back to baseline", passed, f"{figures} ({waited:.1f} s)"))
+    return checks
+
+
 async def final_checks(
     gateway: Gateway,
-    baseline_fds: list[str],
-    baseline_tasks: int,
+    baseline_fds: dict[int, list[str]],
+    baseline_tasks: dict[int, int],
     requests: int,
     wait: float,
 ) -> list[Check]:
-    checks = []
-    (in_flight, queued), waited = await settle(gateway.admission, lambda v: v == (0, 0), 5)
-    checks.append(
-        Check(
-            "in_flight and queued 0",
-            (in_flight, queued) == (0, 0),
-            f"in_flight {in_flight}, queued {queued} ({waited:.1f} s after the traffic)",
-        )
-    )
-
-    async def fds() -> list[str]:
-        return gateway.fds()
-
-    final_fds, waited = await settle(fds, lambda v: len(v) <= len(baseline_fds) + FD_SLACK, wait)
-    extra = sorted(set(final_fds) - set(baseline_fds))
-    detail = f"{len(baseline_fds)} before the traffic, {len(final_fds)} after ({waited:.1f} s)"
-    if len(final_fds) > len(baseline_fds) + FD_SLACK:
-        detail += "; new: " + ", ".join(describe_sockets(gateway.pid, extra)[:12])
-    checks.append(
-        Check("fds back to baseline", len(final_fds) <= len(baseline_fds) + FD_SLACK, detail)
-    )
-    final_tasks, waited = await settle(gateway.tasks, lambda v: v <= baseline_tasks, wait)
-    checks.append(
-        Check(
-            "tasks back to baseline",
-            final_tasks <= baseline_tasks,
-            f"{baseline_tasks} before the traffic, {final_tasks} after ({waited:.1f} s)",
-        )
-    )
+    if gateway.workers == 1:
+        admission = await admission_check(gateway)
+        processes = await process_checks(gateway, baseline_fds, baseline_tasks, wait)
+    else:
+        # The merged read leaves the workers' connections to each other open (aiohttp's
+        # keep-alive, 15 s): fds and tasks that are no leak, so it comes after them.
+        processes = await process_checks(gateway, baseline_fds, baseline_tasks, wait)
+        admission = await admission_check(gateway)
 
     async def rows() -> int:
         return gateway.rows()
 
     counted, waited = await settle(rows, lambda v: v >= requests, 5)
-    checks.append(
+    return [
+        admission,
+        *processes,
         Check(
             "accounting rows = requests",
             counted == requests,
             f"{counted} rows for {requests} requests ({waited:.1f} s for the flush)",
-        )
-    )
-    return checks
+        ),
+    ]
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -871,10 +1077,16 @@ def broke_off(results: list[Result], fault: Fault) -> list[Result]:
     ]
 
 
-def fault_table(faults: list[Fault], results: list[Result], bound: float) -> str:
+def fault_table(
+    faults: list[Fault], results: list[Result], bound: float, workers: Sequence[str] = ()
+) -> str:
+    """One line per fault; with `workers`, it serves again when the last of them serves it."""
     lines = []
     for fault in faults:
-        seconds = recovery(results, fault)
+        if workers:
+            seconds = slowest(recoveries(results, fault, workers).values())
+        else:
+            seconds = recovery(results, fault)
         back = "never" if seconds is None else f"{seconds:.2f} s"
         touched = ", ".join(fault.touches) or "-"
         broken = broke_off(results, fault)
@@ -909,8 +1121,10 @@ async def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> Outcome:
     lead = 1.0 if args.short else 3.0
     faults = schedule()
     length = plan(faults, duration, lead, timers.bound)
+    through = f" through {args.workers} workers" if args.workers > 1 else ""
     print(
-        f"chaos: {duration:g} s of traffic from {args.concurrency} clients; {len(faults)} faults"
+        f"chaos: {duration:g} s of traffic from {args.concurrency} clients{through};"
+        f" {len(faults)} faults"
         f" of {length:.1f} s; breaker timeout {timers.breaker_timeout:g} s, health interval"
         f" {timers.health_interval:g} s, idle timeout {timers.idle_timeout:g} s: recovery"
         f" bound {timers.bound:g} s",
@@ -922,7 +1136,7 @@ async def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> Outcome:
         cluster = await start_cluster()
         try:
             document = gateway_config(cluster, timers, data, free_port())
-            gateway = await start_gateway(document, data)
+            gateway = await start_gateway(document, data, args.workers)
             try:
                 return await drive(args, out, cluster, gateway, faults, timers, duration)
             finally:
@@ -942,8 +1156,13 @@ async def drive(
 ) -> Outcome:
     # Every backend probed before the baseline: the health checker's connections are part of it.
     await asyncio.sleep(timers.health_interval * 3)
-    baseline_fds = gateway.fds()
-    baseline_tasks = await gateway.tasks()
+    baseline_fds = gateway.fds_by_process()
+    baseline_tasks = await gateway.tasks_by_process()
+    if len(baseline_fds) != gateway.workers or baseline_tasks.keys() != baseline_fds.keys():
+        raise RuntimeError(
+            f"expected {gateway.workers} gateway processes, found the fds of"
+            f" {sorted(baseline_fds)} and the tasks of {sorted(baseline_tasks)}"
+        )
     started = time.perf_counter()
 
     def clock() -> float:
@@ -967,19 +1186,26 @@ async def drive(
     await asyncio.gather(run_faults(), traffic.run())
     results = traffic.results
     checks = phase_checks(results, faults, timers.bound)
-    checks += recovery_checks(results, faults, timers.bound)
+    workers = [str(index) for index in range(gateway.workers)] if gateway.workers > 1 else []
+    checks += recovery_checks(results, faults, timers.bound, workers)
     checks += await final_checks(gateway, baseline_fds, baseline_tasks, len(results), wait=5.0)
 
     step = args.step if args.step else (1.0 if args.short else 3.0)
     print("\ntimeline (success % per traffic class, by time sent):", file=out)
     print(timeline(results, faults, timers.bound, step), file=out)
     print("\nfaults:", file=out)
-    print(fault_table(faults, results, timers.bound), file=out)
+    print(fault_table(faults, results, timers.bound, workers), file=out)
     abandoned = sum(r.abandoned for r in results)
     no_answer = sum(r.status == 0 for r in results)
+    if workers:
+        by_worker = ", ".join(f"worker {w} {sum(r.worker == w for r in results)}" for w in workers)
+        rss = " + ".join(f"{gateway.rss_mb(pid):.1f}" for pid in gateway.serving_pids())
+        memory = f"answered by {by_worker}; workers' RSS {rss} MB"
+    else:
+        memory = f"gateway RSS {gateway.rss_mb():.1f} MB"
     print(
         f"\n{len(results)} requests ({abandoned} streams left by their clients, {no_answer}"
-        f" without an HTTP answer); gateway RSS {gateway.rss_mb():.1f} MB",
+        f" without an HTTP answer); {memory}",
         file=out,
     )
     print("\ninvariants:", file=out)
@@ -1001,12 +1227,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="client connections")
     parser.add_argument("--step", type=float, help="timeline row, seconds (default 3; short 1)")
     parser.add_argument("--seed", type=int, default=11, help="order of the traffic mix")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway worker processes: above 1, `python -m proxy --workers N` (default 1)",
+    )
     parser.add_argument("--serve-gateway", metavar="CONFIG", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["--serve-worker"]:  # the rest is the gateway's command line
+        return serve_worker(arguments[1:])
+    args = parse_args(arguments)
+    if args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if args.serve_gateway and args.workers > 1:
+        return serve_supervisor(args.serve_gateway, args.workers)
     if args.serve_gateway:
         from proxy.__main__ import install_uvloop
 
