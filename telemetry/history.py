@@ -65,7 +65,7 @@ HISTORY_MERGE = {
 class Reading:
     """The cumulative counters at one tick; a point is the difference of two readings."""
 
-    __slots__ = ("requests", "by_status", "events", "backends", "latency_at", "ttft_at")
+    __slots__ = ("requests", "by_status", "events", "backends", "ttft_at")
 
     def __init__(self, runtime: Runtime) -> None:
         telemetry = runtime.telemetry
@@ -85,7 +85,6 @@ class Reading:
             "client_closed": stats.client_closed,
         }
         self.backends = {u.name: u.requests for u in runtime.router.upstreams}
-        self.latency_at = (telemetry.latency.next, telemetry.latency.count)
         self.ttft_at = (telemetry.ttft.next, telemetry.ttft.count)
 
 
@@ -99,18 +98,18 @@ def rise(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return rises
 
 
-def added_since(ring: LatencyRing, at: tuple[int, int], limit: int) -> list[float]:
-    """The values `ring` took since it stood at `at` (its next slot and count), at most
-    `limit` of them (the requests finished meanwhile: a ring that went round once or more
-    looks unchanged by its index alone)."""
+def added_since(ring: LatencyRing, at: tuple[int, int]) -> int:
+    """How many values `ring` took since it stood at `at` (its next slot and count). Once the
+    ring is full, only modulo its size: a ring that went exactly round reads as unchanged."""
     next_before, count_before = at
     if ring.count < SAMPLES:
-        added = ring.count - count_before
-    else:
-        added = (ring.next - next_before) % SAMPLES
-        if added == 0 and limit >= SAMPLES:
-            added = SAMPLES
-    added = min(added, limit, ring.count)
+        return ring.count - count_before
+    return (ring.next - next_before) % SAMPLES
+
+
+def last_values(ring: LatencyRing, added: int) -> list[float]:
+    """The `added` values `ring` took last (at most its size), oldest first."""
+    added = min(added, ring.count)
     if added <= 0:
         return []
     end = ring.next
@@ -127,8 +126,9 @@ def percentile(values: list[float], fraction: float) -> float:
 def point_of(runtime: Runtime, now: Reading, before: Reading) -> HistoryPoint:
     telemetry = runtime.telemetry
     finished = now.requests - before.requests
-    latency = added_since(telemetry.latency, before.latency_at, finished)
-    ttft = added_since(telemetry.ttft, before.ttft_at, finished)
+    # Every finished request adds one latency; only streams add a TTFT.
+    latency = last_values(telemetry.latency, finished)
+    ttft = last_values(telemetry.ttft, min(finished, added_since(telemetry.ttft, before.ttft_at)))
     point: HistoryPoint = {
         "requests": finished,
         "by_status": {},

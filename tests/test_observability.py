@@ -12,7 +12,9 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from health.stats import SAMPLES, LatencyRing
 from simulator.cluster import Cluster
+from telemetry.history import added_since, last_values
 from tests.conftest import ManualClock, StartGateway, chat, config_document
 from tests.process import gateway_process
 from tests.test_metrics_merge import send, worker_pids
@@ -378,3 +380,22 @@ async def fetch(url: str, path: str) -> str:
         async with http.get(f"{url}{path}") as response:
             assert response.status == 200
             return await response.text()
+
+
+def test_history_reads_the_values_a_ring_took_since_the_last_point() -> None:
+    """The interval's percentiles come from the samples added since the previous point, read
+    across the ring's wrap; a ring that went exactly round reads as unchanged (TTFT: no
+    stream seen rather than a stale mean)."""
+    ring = LatencyRing()
+    for value in range(SAMPLES - 2):
+        ring.add(float(value))
+    at = (ring.next, ring.count)
+    for value in (1000.0, 1001.0, 1002.0, 1003.0, 1004.0):
+        ring.add(value)
+    assert added_since(ring, at) == 5
+    assert last_values(ring, 5) == [1000.0, 1001.0, 1002.0, 1003.0, 1004.0]
+    assert last_values(ring, 0) == [] and len(last_values(ring, 10 * SAMPLES)) == SAMPLES
+    at = (ring.next, ring.count)
+    for _ in range(SAMPLES):
+        ring.add(7.0)
+    assert added_since(ring, at) == 0
