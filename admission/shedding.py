@@ -15,7 +15,12 @@ it, and the other pools must keep serving. Three signals, each cheap on the requ
   OK and CLIENT_ERROR succeed, THROTTLED, RETRYABLE and BACKEND_FAILED fail); the gateway's
   own fast refusals (no backend, open breaker, queue, shed, rate limit) and clients that
   left are no evidence of overload. A pool with a half-open breaker is never shed, so its
-  trial requests get through.
+  trial requests get through. A pool whose latest bucket (a tenth of the window; the one
+  before while the current holds fewer than RECOVERY_SAMPLE answers) has its answers within
+  the allowed failure rate has recovered: it is not shed on the strength of older failures,
+  so the end of a fault is felt within a bucket or two rather than after the whole window
+  (with several workers, each judging its own share of the traffic, the one that saw most of
+  a fault would otherwise keep shedding longest).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from proxy.upstream import Pool
 from proxy.verdict import ADMISSION_FAILURES, ADMISSION_SUCCESSES, Verdict
 
 WINDOW_BUCKETS = 10  # the window slides a tenth at a time
+RECOVERY_SAMPLE = 5  # answers in the last two buckets that can show a pool has recovered
 
 
 class PoolWindow:
@@ -64,6 +70,14 @@ class PoolWindow:
     def totals(self, now: float) -> tuple[int, int]:
         self._advance(now)
         return self.requests, self.successes
+
+    def latest(self, now: float, enough: int) -> tuple[int, int]:
+        """Requests and successes of the current bucket, or of the one before it while the
+        current holds fewer than `enough`."""
+        index = self._advance(now)
+        if self._requests[index] < enough:
+            index = (index - 1) % WINDOW_BUCKETS
+        return self._requests[index], self._successes[index]
 
     def _advance(self, now: float) -> int:
         bucket = int(now / self._width)
@@ -149,8 +163,15 @@ class LoadShedder:
         window = self.windows.get(pool)
         if window is None:
             return 0.0
-        requests, successes = window.totals(self._clock())
-        return rejection_probability(requests, successes, self.config)
+        now = self._clock()
+        requests, successes = window.totals(now)
+        p = rejection_probability(requests, successes, self.config)
+        if p:
+            recent, recent_successes = window.latest(now, RECOVERY_SAMPLE)
+            failed = recent - recent_successes
+            if recent >= RECOVERY_SAMPLE and failed <= self.config.max_failure_rate * recent:
+                return 0.0  # the fault has ended: what fails now is within the allowance
+        return p
 
     def gateway_reason(self) -> str | None:
         """Why every request should be refused now (the whole gateway is overloaded)."""

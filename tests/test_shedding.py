@@ -195,3 +195,24 @@ def test_a_reload_keeps_the_window_unless_its_length_changed() -> None:
     reloaded.upstreams[0].healthy = False
     shed.reconfigure(LoadSheddingConfig(min_healthy_backends=2), reloaded)
     assert shed.gateway_reason() == "fewer than 2 healthy backends"  # the new router's
+
+
+def test_a_pool_that_answers_again_is_not_shed_for_its_older_failures() -> None:
+    """The fault ends: a bucket of answers within the allowed failure rate ends the shedding,
+    though the window still holds the failures (issue 11 item 8: with two workers, the one
+    that saw more of the fault shed beyond the recovery bound)."""
+    clock = ManualClock()
+    shed, router = shedder(clock, max_rejection_probability=0.5)
+    for _ in range(40):
+        shed.record("a", BACKEND_FAILED)
+    assert shed.pool_rejection("a") == 0.5
+    clock.advance(1.0)  # the fault ends; answers succeed again
+    for _ in range(4):
+        shed.record("a", OK)
+    assert shed.pool_rejection("a") == 0.5  # four answers are too few: the bucket before counts
+    shed.record("a", OK)
+    assert shed.pool_rejection("a") == 0.0
+    assert refused(shed, router.models["a"], 200) == 0
+    assert shed.windows["a"].totals(clock())[0] == 45  # the failures are still in the window
+    shed.record("a", BACKEND_FAILED)  # one failure in six: more than the allowed 10%
+    assert shed.pool_rejection("a") > 0
