@@ -67,6 +67,10 @@ async def test_dashboard_renders_live_numbers_and_switches_strategy(
             assert spread is not None and "models 0.0 (40 requests)" in spread
             assert await page.text_content("#refused") == "0"
             assert float(await page.text_content("#rps")) > 0
+            # The charts draw the server's history: one point every 2 s.
+            await page.wait_for_function(
+                "Number(document.body.dataset.historyPoints || 0) >= 2", timeout=10_000
+            )
             for chart in ("chart-rps", "chart-latency", "chart-queue"):
                 points = await page.get_attribute(f"#{chart}", "data-points")
                 assert points is not None and int(points) >= 2
