@@ -165,6 +165,7 @@ def build_app(
     admin = AdminApi(live, reloader, access.audit, access.data_port)
     cluster = share_with_workers(app, live, peers, reloader, admin)
     reports = Reports(live)
+    app.cleanup_ctx.append(reports.sampling)
     access.add(app, Kind.PUBLIC, admin.public_routes())
     access.add(
         app,

@@ -9,8 +9,7 @@ every worker (cluster.merge): percentiles come from the samples, shares from the
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -320,12 +319,16 @@ class Reports:
         self.health = MergedReport(self.health_snapshot, render_health, HEALTH_MERGE)
         self.metrics = MergedReport(self.metrics_snapshot, render_metrics, METRICS_MERGE)
         self.models = MergedReport(self.models_snapshot, render_models, MODELS_MERGE)
-        # The dashboard's history is sampled from the moment the gateway is built, whether or
-        # not a page is open (an app built outside a running loop starts it at the first read).
+        # The dashboard's history is sampled while the app runs (`sampling`), whether or not
+        # a page is open.
         self.history = History(live)
         self.history_report = MergedReport(self.history.snapshot, render_history, HISTORY_MERGE)
-        with contextlib.suppress(RuntimeError):  # no running loop yet
-            self.history.start()
+
+    async def sampling(self, app: web.Application) -> AsyncIterator[None]:
+        """For the app's cleanup context: the history's timer runs from start-up to cleanup."""
+        self.history.start()
+        yield
+        self.history.stop()
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """A self-contained page (no CDN: inline script and canvas charts) that reads only the
