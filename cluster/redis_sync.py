@@ -6,7 +6,8 @@ process memory (token buckets, `runtime.spend_elsewhere`, breakers, the router's
 Each worker process is a member on its own (host:port:worker:pid), so with several workers
 the one-host table (cluster.worker_share) leaves limits and spend to this sync.
 
-One sync:
+One sync is one Lua script (`SYNC`, with a single JSON reply, which costs the client far
+less to parse than many small replies) and, now and then, the override record's:
 - membership: a heartbeat into a sorted set scored with Redis's own clock (hosts' clocks
   may differ; Redis's is the one they share), with the member's host, port, pid, generation
   and totals; a member is live while its heartbeat is younger than `redis.member_ttl`;
@@ -14,9 +15,10 @@ One sync:
   once) in one hash per key, read back with the other members' (cluster.redis_limits);
   the others' spend becomes `runtime.spend_elsewhere`, so budgets hold across hosts within
   one interval;
-- breaker and 429 hints: a breaker this member opened is published with its end in Redis's
-  clock and a TTL of what is left; the others convert it to their monotonic clock and hold
-  their own breaker open until then (their own half-open trial decides afterwards);
+- breaker and 429 hints: a breaker this member opened (or a 429's cool-down) is published
+  with its end in Redis's clock, and dropped when that has passed; the others convert it to
+  their monotonic clock and hold their own breaker open until then (their own half-open
+  trial decides afterwards);
 - overrides: a local change (strategy, reload) is published as a versioned record, which
   Redis gives the next generation atomically (a Lua script) and announces on a channel. The
   other members apply records with a newer generation: at once from the channel, or from
@@ -60,39 +62,56 @@ REREAD_EVERY = 1.0  # seconds between re-reads of the override record
 HINT_TOLERANCE = 0.05  # seconds: a hint no later than what a breaker holds already is an echo
 FORGET_AFTER = 100  # member TTLs after which a silent member leaves the report
 
-# Heartbeat: KEYS members (sorted set), member info (hash); ARGV id, info, ttl ms.
-# Returns Redis's time (ms), then id, last heartbeat (ms), info for every recent member.
-HEARTBEAT = """
+# One sync: KEYS members (sorted set), member info (hash), hints (hash), then one hash per
+# running total (spend, each limit). ARGV: member id, its info (JSON), member TTL (ms), TTLs
+# after which a silent member is forgotten, the member's hints (JSON: {field: until in
+# Redis's ms}), then per total its value and the key's TTL in ms (0: none).
+# - the heartbeat, scored with Redis's own clock (hosts' clocks may differ);
+# - the totals: this member's field written, the others' returned;
+# - hints: each kept if later than the one stored; those still running are returned, the
+#   others removed, and the hash expires with the last one.
+# One JSON reply: {now, members: [[id, last heartbeat, info]...], totals: [[field, value,
+# ...] per total], hints: {field: until}} (an empty Lua table encodes as {}).
+SYNC = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member = ARGV[1]
 local ttl = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ARGV[4] * ttl)
+redis.call('ZADD', KEYS[1], now, member)
+redis.call('HSET', KEYS[2], member, ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]) * ttl)
 for _, id in ipairs(gone) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('HDEL', KEYS[2], id)
 end
-local reply = {tostring(now)}
+local members = {}
 local recent = redis.call('ZRANGEBYSCORE', KEYS[1], now - 10 * ttl, '+inf', 'WITHSCORES')
 for i = 1, #recent, 2 do
-  reply[#reply + 1] = recent[i]
-  reply[#reply + 1] = recent[i + 1]
-  reply[#reply + 1] = redis.call('HGET', KEYS[2], recent[i]) or '{}'
+  members[#members + 1] = {recent[i], recent[i + 1], redis.call('HGET', KEYS[2], recent[i]) or '{}'}
 end
-return reply
-"""
-
-# Exchange of running totals: KEYS one hash per total; ARGV member id, then per key its
-# value and TTL in ms (0: none). Returns per key the other members' fields, flattened.
-EXCHANGE = """
-local member = ARGV[1]
-local replies = {}
-for i, key in ipairs(KEYS) do
-  redis.call('HSET', key, member, ARGV[2 * i])
-  local ttl = tonumber(ARGV[2 * i + 1])
-  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
-  local fields = redis.call('HGETALL', key)
+for field, untl in pairs(cjson.decode(ARGV[5])) do
+  local stored = tonumber(redis.call('HGET', KEYS[3], field) or '0')
+  if untl > stored then redis.call('HSET', KEYS[3], field, untl) end
+end
+local hints = {}
+local last = 0
+local all = redis.call('HGETALL', KEYS[3])
+for i = 1, #all, 2 do
+  local untl = tonumber(all[i + 1])
+  if untl > now then
+    hints[all[i]] = all[i + 1]
+    if untl > last then last = untl end
+  else
+    redis.call('HDEL', KEYS[3], all[i])
+  end
+end
+if last > 0 then redis.call('PEXPIRE', KEYS[3], last - now) end
+local totals = {}
+for i = 4, #KEYS do
+  local at = 6 + 2 * (i - 4)
+  redis.call('HSET', KEYS[i], member, ARGV[at])
+  if tonumber(ARGV[at + 1]) > 0 then redis.call('PEXPIRE', KEYS[i], ARGV[at + 1]) end
+  local fields = redis.call('HGETALL', KEYS[i])
   local others = {}
   for j = 1, #fields, 2 do
     if fields[j] ~= member then
@@ -100,9 +119,9 @@ for i, key in ipairs(KEYS) do
       others[#others + 1] = fields[j + 1]
     end
   end
-  replies[i] = others
+  totals[#totals + 1] = others
 end
-return replies
+return cjson.encode({now = now, members = members, totals = totals, hints = hints})
 """
 
 # The override record: KEYS record, channel; ARGV record (JSON), mode. Mode "bump" (a local
@@ -150,18 +169,13 @@ class Keys:
         self.members = f"{prefix}:members"
         self.member_info = f"{prefix}:member-info"
         self.spend = f"{prefix}:spend"
+        self.hints = f"{prefix}:hints"  # fields open:<backend>, cooldown:<backend>
         self.record = f"{prefix}:overrides"
         self.channel = f"{prefix}:overrides"
         self._prefix = prefix
 
     def limit(self, name: str) -> str:
         return f"{self._prefix}:limit:{name}"
-
-    def open_until(self, backend: str) -> str:
-        return f"{self._prefix}:open:{backend}"
-
-    def cooldown_until(self, backend: str) -> str:
-        return f"{self._prefix}:cooldown:{backend}"
 
 
 def connect(settings: RedisConfig) -> redis.Redis:
@@ -220,13 +234,13 @@ class RedisSync:
         self.client: redis.Redis | None = None
         self.last_sync_seconds: float | None = None
         self.last_success: float | None = None  # wall clock
-        self.members: list[dict[str, Any]] = []
         self.live_members = 1
         self._redis_offset: float | None = None  # Redis's clock (s) minus our monotonic clock
         self._pending: OverrideRecord | None = None  # a local change not yet in Redis
         self._reread_at = 0.0
         self._held: dict[str, tuple[float, float]] = {}  # backend -> hinted (open, cool-down)
-        self._published = 0  # hints the current sync sends before it reads the others'
+        self.published_hints = 0  # this member's own hints in the last sync
+        self._seen: tuple[float, list[list[str]]] = (0.0, [])  # Redis's time, members
         overrides.on_write.append(self.publish)
 
     # --- the tasks ----------------------------------------------------------------------------
@@ -288,49 +302,48 @@ class RedisSync:
     async def _sync(self, runtime: Runtime) -> None:
         assert self.client is not None
         keys = self.keys
-        member = self.member.id
         self.limits.track(runtime.rate_limiter)
         totals = self.limits.totals()
-        pipe = self.client.pipeline(transaction=False)
-        pipe.eval(
-            HEARTBEAT,
-            2,
-            keys.members,
-            keys.member_info,
-            member,
-            orjson.dumps(self._info(runtime)),
-            int(self.settings.member_ttl * 1000),
-            FORGET_AFTER,
-        )
         exchanged = [keys.spend, *(keys.limit(name) for name, _ in totals)]
         values: list[Any] = [repr(runtime.telemetry.cost_total), 0]
         for _, granted in totals:
             values += [granted, LIMIT_TTL_MS]
-        pipe.eval(EXCHANGE, len(exchanged), *exchanged, member, *values)
-        upstreams = runtime.router.upstreams
-        self._publish_hints(pipe, runtime)
-        hint_keys = [keys.open_until(u.name) for u in upstreams]
-        hint_keys += [keys.cooldown_until(u.name) for u in upstreams]
-        if hint_keys:
-            pipe.mget(hint_keys)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.eval(
+            SYNC,
+            3 + len(exchanged),
+            keys.members,
+            keys.member_info,
+            keys.hints,
+            *exchanged,
+            self.member.id,
+            orjson.dumps(self._info(runtime)),
+            int(self.settings.member_ttl * 1000),
+            FORGET_AFTER,
+            orjson.dumps(self._own_hints(runtime)),
+            *values,
+        )
         record_mode = self._record_mode()
+        sending = self._pending
         if record_mode is not None:
             mode, record = record_mode
             pipe.eval(RECORD, 2, keys.record, keys.channel, record, mode)
         sent = self.clock()
         replies = await pipe.execute()
         received = self.clock()
-        heartbeat, exchange = replies[0], replies[1]
-        self._redis_offset = int(heartbeat[0]) / 1000 - (sent + received) / 2
-        self._read_members(heartbeat)
-        others = [_pairs(flat) for flat in exchange]
+        reply = orjson.loads(replies[0])
+        self._redis_offset = reply["now"] / 1000 - (sent + received) / 2
+        self._read_members(reply["now"], reply["members"] or [])
+        others = [_pairs(flat or []) for flat in reply["totals"]]
         runtime.spend_elsewhere = sum(float(v) for v in others[0].values())
         for (name, _), fields in zip(totals, others[1:], strict=True):
             self.limits.settle(name, {m: int(v) for m, v in fields.items()})
-        if hint_keys:
-            self._apply_hints(runtime, replies[2 + self._published])
+        self._apply_hints(runtime, reply["hints"] or {})
         if record_mode is not None:
-            self._record_answered(record_mode[0], replies[-1])
+            if record_mode[0] == "bump" and self._pending is sending:
+                self._pending = None  # unless another change came meanwhile: that one goes next
+            if replies[-1] is not None:
+                self._adopt(replies[-1])
 
     def _info(self, runtime: Runtime) -> dict[str, Any]:
         telemetry = runtime.telemetry
@@ -346,16 +359,26 @@ class RedisSync:
             "in_flight": runtime.admission.in_flight,
         }
 
-    def _read_members(self, heartbeat: list[Any]) -> None:
-        now_ms = int(heartbeat[0])
+    def _read_members(self, now_ms: float, members: list[list[str]]) -> None:
+        """The members the sync saw: counted now (limits fall back by them), described
+        when the report asks."""
         ttl_ms = self.settings.member_ttl * 1000
-        members = []
-        for i in range(1, len(heartbeat), 3):
-            seen_ms = float(heartbeat[i + 1])
-            info = orjson.loads(heartbeat[i + 2])
-            members.append(
+        self._seen = (now_ms, members)
+        self.live_members = max(
+            1, sum(1 for _, seen, _ in members if now_ms - float(seen) < ttl_ms)
+        )
+        self.metrics.live_members = self.live_members
+
+    def describe_members(self) -> list[dict[str, Any]]:
+        now_ms, members = self._seen
+        ttl_ms = self.settings.member_ttl * 1000
+        described = []
+        for member, seen, raw in members:
+            info = orjson.loads(raw)
+            seen_ms = float(seen)
+            described.append(
                 {
-                    "member": _text(heartbeat[i]),
+                    "member": member,
                     **{k: info.get(k) for k in ("host", "port", "worker", "pid", "generation")},
                     "alive": now_ms - seen_ms < ttl_ms,
                     "last_heartbeat": iso_utc(seen_ms / 1000),
@@ -363,43 +386,44 @@ class RedisSync:
                     **{k: info.get(k) for k in ("requests", "spend", "tokens", "in_flight")},
                 }
             )
-        self.members = members
-        self.live_members = max(1, sum(1 for m in members if m["alive"]))
-        self.metrics.live_members = self.live_members
+        return described
 
     # --- breaker and 429 hints ---------------------------------------------------------------
 
-    def _publish_hints(self, pipe: Any, runtime: Runtime) -> None:
-        """This member's own open breakers and cool-downs, in Redis's clock, with a TTL of
-        what is left. Periods that only hold a hint from elsewhere are not sent back."""
-        self._published = 0
+    def _own_hints(self, runtime: Runtime) -> dict[str, int]:
+        """This member's own open breakers and cool-downs, as their end in Redis's clock (ms).
+        Periods that only hold a hint from elsewhere are not sent back."""
         offset = self._redis_offset
-        if offset is None:
-            return
+        if offset is None:  # Redis's clock not known yet: the next sync sends them
+            return {}
+        hints = {}
         now = self.clock()
         for upstream in runtime.router.upstreams:
             held_open, held_cool = self._held.get(upstream.name, (0.0, 0.0))
-            for until, held, key in (
-                (upstream.breaker.open_until(), held_open, self.keys.open_until(upstream.name)),
-                (upstream.cooldown_until, held_cool, self.keys.cooldown_until(upstream.name)),
+            for kind, until, held in (
+                ("open:", upstream.breaker.open_until(), held_open),
+                ("cooldown:", upstream.cooldown_until, held_cool),
             ):
                 if until > now and until > held + HINT_TOLERANCE:
-                    pipe.set(
-                        key, int((until + offset) * 1000), px=max(1, int((until - now) * 1000))
-                    )
-                    self._published += 1
+                    hints[kind + upstream.name] = int((until + offset) * 1000)
+        self.published_hints = len(hints)
+        return hints
 
-    def _apply_hints(self, runtime: Runtime, values: list[Any]) -> None:
+    def _apply_hints(self, runtime: Runtime, hints: dict[str, Any]) -> None:
+        """The running hints of every member, converted to this member's monotonic clock:
+        a breaker held open, a cool-down extended; this member's half-open trial decides
+        after that."""
         offset = self._redis_offset
         assert offset is not None
         now = self.clock()
-        upstreams = runtime.router.upstreams
-        count = len(upstreams)
-        for index, upstream in enumerate(upstreams):
+        for upstream in runtime.router.upstreams:
+            opened = hints.get("open:" + upstream.name)
+            cooling = hints.get("cooldown:" + upstream.name)
+            if opened is None and cooling is None:
+                continue
             held_open, held_cool = self._held.get(upstream.name, (0.0, 0.0))
-            opened, cooling = values[index], values[count + index]
             if opened is not None:
-                until = int(opened) / 1000 - offset
+                until = float(opened) / 1000 - offset
                 if until > now and until > upstream.breaker.open_until() + HINT_TOLERANCE:
                     log.warning(
                         "backend %s: avoided for %.1fs, a breaker on another gateway opened on it",
@@ -409,7 +433,7 @@ class RedisSync:
                     upstream.breaker.hold_open(until)
                     held_open = until
             if cooling is not None:
-                until = int(cooling) / 1000 - offset
+                until = float(cooling) / 1000 - offset
                 if until > now and until > upstream.cooldown_until + HINT_TOLERANCE:
                     upstream.cooldown_until = until
                     held_cool = until
@@ -424,6 +448,8 @@ class RedisSync:
         self._pending = record
 
     def _record_mode(self) -> tuple[str, bytes] | None:
+        """What this sync does with the override record, if anything: publish a local
+        change, re-read (putting ours back if Redis's is older or gone), or nothing."""
         if self._pending is not None:
             return "bump", orjson.dumps(self._pending.as_dict())
         if self.clock() < self._reread_at:
@@ -434,12 +460,6 @@ class RedisSync:
             return "read", b"{}"
         # Redis restarted empty, or holds an older record than ours: ours goes (back) in.
         return "newer", orjson.dumps(own.as_dict())
-
-    def _record_answered(self, mode: str, stored: Any) -> None:
-        if mode == "bump":
-            self._pending = None
-        if stored is not None:
-            self._adopt(stored)
 
     def _adopt(self, raw: Any) -> None:
         """A record from Redis: applied when its generation is newer than this host's."""
@@ -502,6 +522,7 @@ class RedisSync:
     async def report(self) -> dict[str, Any]:
         """The cluster report's `redis` part: read from what the last sync saw, never from
         Redis itself (a report must not wait on it either)."""
+        members = self.describe_members()
         return {
             "enabled": True,
             "member": self.member.id,
@@ -517,5 +538,32 @@ class RedisSync:
             "generation": self.overrides.generation,
             "live_members": self.live_members,
             "spend_elsewhere": round(self.live.runtime.spend_elsewhere, 6),
-            "members": self.members,
+            "hosts": hosts(members),
+            "members": members,
         }
+
+
+def hosts(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The members grouped by gateway (host and port): its live workers, the newest
+    generation among them, and their spend and requests added up."""
+    grouped: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for member in members:
+        key = (member["host"], member["port"])
+        host = grouped.setdefault(
+            key,
+            {
+                "host": member["host"],
+                "port": member["port"],
+                "live_workers": 0,
+                "generation": 0,
+                "last_heartbeat": None,
+                "requests": 0,
+                "spend": 0.0,
+            },
+        )
+        host["live_workers"] += 1 if member["alive"] else 0
+        host["generation"] = max(host["generation"], member["generation"] or 0)
+        host["last_heartbeat"] = max(host["last_heartbeat"] or "", member["last_heartbeat"] or "")
+        host["requests"] += member["requests"] or 0
+        host["spend"] = round(host["spend"] + (member["spend"] or 0.0), 6)
+    return list(grouped.values())

@@ -4,6 +4,7 @@
     python scripts/bench.py                 # 10 s per load phase
     python scripts/bench.py --replicas 4    # also one model on 4 replicas, as the peers get it
     python scripts/bench.py --replicas 4 --compare-vllm-router   # and vllm-router beside us
+    python scripts/bench.py --redis         # also the gateway with redis: on vs off
     python scripts/bench.py --smoke         # 1 s phases, for CI: keeps the script working
 
 What it does, all on 127.0.0.1:
@@ -26,6 +27,11 @@ What it does, all on 127.0.0.1:
    (round robin over the same replicas) and, with `--compare-vllm-router`, vllm-router
    (`pip install vllm-router`; `--worker-urls ... --policy round_robin`), each non-streamed and
    paced, one after the other.
+8. with `--redis`: the gateway with the `redis:` section off and on (a local redis-server,
+   pinned with the load), one after the other, twice, non-streamed under wrk, with a global
+   rate limit too high to refuse anything so the limit sync has work: CPU per request (the
+   sync's own CPU included) and idle CPU per second. Nothing is on the request path, so the
+   two should be within a few percent.
 Target CPU comes from /proc (utime + stime of the process, its threads and its children).
 """
 
@@ -61,6 +67,7 @@ STREAM_BODY = (
     b' "messages": [{"role": "user", "content": "Hi"}]}'
 )
 PLAIN = {"tokens": 8, "token_delay": 0}  # the simulator's defaults: non-streamed phases, TTFB
+IDLE_SECONDS = 5.0  # --redis: how long idle CPU is measured (CPU time comes in 10 ms ticks)
 
 
 def free_port() -> int:
@@ -566,6 +573,100 @@ async def replicas_mode(bench: Bench, gateway_core: int | None) -> list[Target]:
     return targets
 
 
+@dataclass
+class RedisRun:
+    """One gateway run of `--redis`: with the section on or off."""
+
+    redis: bool
+    load: LoadResult
+    request_cpu: float  # seconds per request
+    idle_cpu: float  # seconds of CPU per second, idle
+
+
+async def redis_mode(bench: Bench, gateway_core: int | None) -> list[RedisRun]:
+    """The same gateway with the redis: section off and on, alternately, twice."""
+    server = shutil.which("redis-server")
+    if server is None:
+        print("redis-server not found (Debian: apt-get install redis-server): skipped", flush=True)
+        return []
+    args = bench.args
+    python = sys.executable
+    names = ["mixtral-8x7b", "hermes-2", "openchat-3.5", "phi-3-mini"]
+    names += ["qdrant-primary", "embedding-gpu0"]
+    ports = {name: free_port() for name in names}
+    redis_port = free_port()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="router-bench-redis-") as tmp:
+        data = Path(tmp)
+        config = config_for(ports, data, accounting=not args.no_accounting)
+        # High enough never to refuse: the buckets are synced, the load is not limited.
+        config["rate_limit"] = {"rps": 1_000_000}
+        sims_config = data / "sims.yaml"
+        sims_config.write_text(yaml.safe_dump(config, sort_keys=False))
+        redis = start(
+            [server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no"],
+            bench.load_core,
+        )
+        sims = start([python, "-m", "simulator", "--config", str(sims_config)], bench.load_core)
+        try:
+            await wait_up(f"http://127.0.0.1:{ports[MODEL]}/health", sims)
+            for enabled in (False, True, False, True):
+                config["redis"] = {"enabled": enabled, "url": f"redis://127.0.0.1:{redis_port}/0"}
+                path = data / f"redis-{enabled}.yaml"
+                path.write_text(yaml.safe_dump(config, sort_keys=False))
+                port = free_port()
+                gateway = start(
+                    [python, "-m", "proxy", "--config", str(path), "--port", str(port)],
+                    gateway_core,
+                )
+                try:
+                    await wait_up(f"http://127.0.0.1:{port}/health/live", gateway)
+                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                    await python_load(url, 10, 1.0)  # warm up connection pools
+                    load, request_cpu = await bench.request_cost(gateway.pid, url)
+                    before = cpu_seconds(gateway.pid)
+                    await asyncio.sleep(IDLE_SECONDS)
+                    idle = (cpu_seconds(gateway.pid) - before) / IDLE_SECONDS
+                    runs.append(RedisRun(enabled, load, request_cpu, idle))
+                finally:
+                    stop(gateway)
+        finally:
+            stop(sims, redis)
+    return runs
+
+
+def print_redis(runs: list[RedisRun], args: argparse.Namespace) -> None:
+    print(
+        f"\nredis mode: the gateway with the redis: section off and on (a local redis-server,"
+        f" sync every 100 ms, a global limit that never refuses), {args.connections}"
+        f" connections, off / on twice, one after the other"
+    )
+    header = ("redis", "req/s", "p50 / p99", "CPU/request", "idle CPU")
+    lines = [header]
+    for run in runs:
+        lines.append(
+            (
+                "on" if run.redis else "off",
+                f"{run.load.rps:,.0f} ({run.load.errors} errors)",
+                f"{run.load.p50_ms or 0:.2f} / {run.load.p99_ms or 0:.2f} ms",
+                f"{run.request_cpu * 1e6:,.1f} µs",
+                f"{run.idle_cpu * 1000:.1f} ms/s",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    on = [run.request_cpu for run in runs if run.redis]
+    off = [run.request_cpu for run in runs if not run.redis]
+    if on and off:
+        print(
+            f"redis on / off: CPU per request {ratio(statistics.mean(on), statistics.mean(off))}"
+            f" (means of {len(on)} runs each)"
+        )
+
+
 def ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.2f}" if theirs else "-"
 
@@ -630,6 +731,11 @@ async def main() -> None:
         "--vllm-router",
         default=os.environ.get("VLLM_ROUTER") or shutil.which("vllm-router"),
         help="the vllm-router command (default: $VLLM_ROUTER, else on PATH)",
+    )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also measure the gateway with the redis: section on vs off (needs redis-server)",
     )
     parser.add_argument("--smoke", action="store_true", help="1 s phases, small samples")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
@@ -721,6 +827,7 @@ async def main() -> None:
             stop(gateway, sims)
 
     replicas = await replicas_mode(bench, gateway_core) if args.replicas else []
+    redis_runs = await redis_mode(bench, gateway_core) if args.redis else []
 
     generator = "wrk" if bench.wrk else "python"
     pinning = "unpinned" if gateway_core is None else "gateway on core 0, load + backends on core 1"
@@ -783,6 +890,8 @@ async def main() -> None:
     )
     if replicas:
         print_replicas(replicas, args)
+    if redis_runs:
+        print_redis(redis_runs, args)
 
 
 if __name__ == "__main__":
