@@ -265,7 +265,12 @@ class BudgetConfig:
 def redis_url(value: str, path: str) -> str:
     """redis://, rediss:// or unix://; the message never repeats the URL (it may hold a
     password)."""
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ValueError(f"{path}: not a valid URL (expected redis://host:port/db)") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"{path}: expected a redis://, rediss:// or unix:// URL")
     return value
 

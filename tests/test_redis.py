@@ -25,6 +25,7 @@ from admission.ratelimit import RateLimiter
 from cluster.overrides import OverrideMemory, OverrideRecord
 from cluster.redis_limits import SharedLimits
 from cluster.redis_sync import Member, RedisSync, connect
+from config.reader import ConfigError
 from config.schema import parse
 from proxy.router import Router
 from proxy.runtime import LiveRuntime, Runtime
@@ -582,3 +583,15 @@ async def test_a_hint_crosses_clocks_by_redis_time(redis_server: RedisServer) ->
         await b.tick()
         assert b.published_hints == 0  # b does not send a's hint back as its own
         assert mirrored.trips == 0 and upstream.breaker.trips == 1
+
+
+def test_a_bad_redis_url_is_refused_without_repeating_it() -> None:
+    for url in ("http://10.0.0.20:6379", "redis://user:secret@10.0.0.20:notaport/0"):
+        with pytest.raises(ConfigError) as refused:
+            parse({"redis": {"url": url}}, {})
+        assert str(refused.value).startswith("redis.url: ") and "secret" not in str(refused.value)
+    settings = parse({}, {"ROUTER_REDIS_URL": "rediss://10.0.0.20:6380/1"}).redis
+    assert (settings.enabled, settings.url) == (
+        False,
+        "rediss://10.0.0.20:6380/1",
+    )  # off by default
