@@ -47,6 +47,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from circuit.breaker import CircuitBreaker, iso_utc
 from cluster.overrides import OverrideRecord, OverrideStore, apply_strategies, current_state
@@ -180,7 +181,8 @@ class Keys:
 
 def connect(settings: RedisConfig) -> redis.Redis:
     """A client that never waits long and never retries (redis-py retries by default): a
-    failed sync is simply the next one's business."""
+    failed sync is simply the next one's business. Maintenance notifications are off: they
+    would relax the timeouts to 10 s while a managed Redis announces maintenance."""
     return redis.Redis.from_url(
         settings.url,
         socket_timeout=settings.timeout,
@@ -188,6 +190,7 @@ def connect(settings: RedisConfig) -> redis.Redis:
         retry=Retry(NoBackoff(), 0),
         retry_on_error=[],
         health_check_interval=0,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
 
 
