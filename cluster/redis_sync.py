@@ -293,8 +293,8 @@ class RedisSync:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._adopt(message["data"])
-            except (RedisError, OSError, TimeoutError, ValueError) as exc:
-                log.debug("redis channel: %r", exc)
+            except (RedisError, OSError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+                log.debug("redis channel: %r", exc)  # a bad record too: the re-read decides
             finally:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
