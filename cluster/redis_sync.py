@@ -59,6 +59,7 @@ from proxy.runtime import LiveRuntime, Runtime
 log = logging.getLogger("request_router.redis")
 
 LIMIT_TTL_MS = 600_000  # a limit's hash outlives its last member by ten minutes
+PERIOD_SPEND_TTL_MS = 40 * 86_400_000  # a period's spend hash outlives a month
 REREAD_EVERY = 1.0  # seconds between re-reads of the override record
 HINT_TOLERANCE = 0.05  # seconds: a hint no later than what a breaker holds already is an echo
 FORGET_AFTER = 100  # member TTLs after which a silent member leaves the report
@@ -307,8 +308,14 @@ class RedisSync:
         keys = self.keys
         self.limits.track(runtime.rate_limiter)
         totals = self.limits.totals()
-        exchanged = [keys.spend, *(keys.limit(name) for name, _ in totals)]
-        values: list[Any] = [repr(runtime.telemetry.cost_total), 0]
+        # Spend is exchanged per budget period (proxy.budget_period): a new day or month is a
+        # new hash, so members only add up the current period's running totals.
+        own_spend = runtime.period_spend()
+        period = runtime.spend_period
+        spend_key = f"{keys.spend}:{period.key}" if period.key else keys.spend
+        spend_ttl = PERIOD_SPEND_TTL_MS if period.key else 0
+        exchanged = [spend_key, *(keys.limit(name) for name, _ in totals)]
+        values: list[Any] = [repr(own_spend), spend_ttl]
         for _, granted in totals:
             values += [granted, LIMIT_TTL_MS]
         pipe = self.client.pipeline(transaction=False)

@@ -9,10 +9,11 @@ Layout (little-endian 8-byte cells, read as int64 or float64 views of the same m
 - key names: columns are named ("backend:<name>", "limit:global", ...) so workers agree on
   them whatever order their configs list things in; a worker adds a name under a file lock
   (off the request path: at start and on reload);
-- per row: the worker's pid, heartbeat (wall clock), config generation, in-flight total and
-  spend, then per key: a count (in-flight requests, or tokens granted), a breaker's open-until
-  and a 429 cool-down-until (monotonic clock: the same clock in every process of one host),
-  then the tokens granted per client, by a hash of the client key.
+- per row: the worker's pid, heartbeat (wall clock), config generation, in-flight total,
+  spend and the budget period it is for (proxy.budget_period), then per key: a count
+  (in-flight requests, or tokens granted), a breaker's open-until and a 429
+  cool-down-until (monotonic clock: the same clock in every process of one host), then the
+  tokens granted per client, by a hash of the client key.
 
 Writes are single 8-byte stores of the worker's own cells, so readers see old or new values,
 never torn ones; nobody writes another worker's row except the supervisor, which clears the
@@ -36,14 +37,14 @@ CLIENT_SLOTS = 4096
 
 HEADER_CELLS = 8
 # Row head cells
-PID, HEARTBEAT, GENERATION, IN_FLIGHT, SPEND, SYNCED_AT = range(6)
+PID, HEARTBEAT, GENERATION, IN_FLIGHT, SPEND, SYNCED_AT, SPEND_PERIOD = range(7)
 ROW_HEAD_CELLS = 8
 # Per-key cells
 COUNT, OPEN_UNTIL, COOLDOWN_UNTIL = range(3)
 KEY_CELLS = 4
 ROW_CELLS = ROW_HEAD_CELLS + MAX_KEYS * KEY_CELLS + CLIENT_SLOTS
 # Header cells
-H_MAGIC, H_ROWS, H_SPEND_BASE, H_SPEND_BASE_SET = range(4)
+H_MAGIC, H_ROWS, H_SPEND_BASE, H_SPEND_BASE_SET, H_SPEND_BASE_PERIOD = range(5)
 
 NAMES_OFFSET = HEADER_CELLS * 8
 ROWS_OFFSET = NAMES_OFFSET + MAX_KEYS * KEY_NAME_BYTES
@@ -146,14 +147,18 @@ class SharedTable:
             found[raw.decode("utf-8", "surrogateescape")] = index
         return found
 
-    def spend_base(self, read: float) -> float:
-        """What accounting had recorded before the gateway started: the first worker to ask
-        sets it from its own reading; later ones (and restarted ones) get that same figure,
-        so spend that workers flushed since is not counted twice."""
+    def spend_base(self, read: float, period: int) -> float:
+        """What accounting had recorded in budget period `period` before the gateway started:
+        the first worker to ask sets it from its own reading; later ones (and restarted ones)
+        get that same figure, so spend that workers flushed since is not counted twice. In a
+        later period it is 0: the workers' rows hold all of that period's spend."""
         with self._locked():
             if not self.ints[H_SPEND_BASE_SET]:
                 self.floats[H_SPEND_BASE] = read
+                self.ints[H_SPEND_BASE_PERIOD] = period
                 self.ints[H_SPEND_BASE_SET] = 1
+            if self.ints[H_SPEND_BASE_PERIOD] != period:
+                return 0.0
             return self.floats[H_SPEND_BASE]
 
     def clear_in_flight(self, row: int) -> None:

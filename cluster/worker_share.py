@@ -39,6 +39,7 @@ from cluster.shared_table import (
     OPEN_UNTIL,
     PID,
     SPEND,
+    SPEND_PERIOD,
     SYNCED_AT,
     SharedTable,
     client_slot,
@@ -110,6 +111,7 @@ class WorkerShare:
         # A restarted worker goes on from its predecessor's spend (its grants stay in the
         # table as they were, so nobody takes them out twice).
         self.spend_before = floats[self._row + SPEND]
+        self.spend_before_period = ints[self._row + SPEND_PERIOD]
         ints[self._row + PID] = os.getpid()
         ints[self._row + IN_FLIGHT] = 0
         self._limits: dict[str, SyncedBucket] = {}
@@ -212,13 +214,23 @@ class WorkerShare:
             self._clients = {k: v for k, v in clients.items() if k in keep}
 
     def _sync_spend(self, runtime: Runtime) -> None:
-        floats = self.table.floats
-        floats[self._row + SPEND] = self.spend_before + runtime.telemetry.cost_total
+        """Each row holds its worker's spend in a budget period, labelled with the period;
+        the budget adds up the rows of the current one."""
+        floats, ints = self.table.floats, self.table.ints
+        own = runtime.period_spend()
+        period = runtime.spend_period.key
+        if self.spend_before_period == period:
+            own += self.spend_before
+        floats[self._row + SPEND] = own
+        ints[self._row + SPEND_PERIOD] = period
         if not self.sync_limits_and_spend:
             return
-        runtime.spend_elsewhere = sum(
-            floats[self.table.row_base(r) + SPEND] for r in self._other_rows
-        )
+        elsewhere = 0.0
+        for r in self._other_rows:
+            base = self.table.row_base(r)
+            if ints[base + SPEND_PERIOD] == period:
+                elsewhere += floats[base + SPEND]
+        runtime.spend_elsewhere = elsewhere
 
     def _sync_hints(self, runtime: Runtime) -> None:
         floats = self.table.floats

@@ -255,6 +255,11 @@ class LoggingConfig:
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
     limit: float = setting(1000.0, help="total spend, in the unit of the models' costs")
+    period: str = setting(
+        "none",
+        choices=("none", "daily", "monthly"),
+        help="the spend counted starts again each UTC day or month; none: a lifetime total",
+    )
     on_exhausted: str = setting(
         "cheapest",
         choices=("cheapest", "refuse"),

@@ -235,6 +235,7 @@ class RoutingApi:
                 },
                 "budget": {
                     "limit": budget.limit,
+                    "period": budget.period,
                     "spent": round(spent, 6),
                     "remaining": round(max(0.0, budget.limit - spent), 6),
                     "exhausted": spent >= budget.limit,

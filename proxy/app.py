@@ -367,10 +367,11 @@ def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> Non
                 # The budget counts what was spent before the gateway started, too (with
                 # several workers, as the first of them read it: the others' spend since
                 # then comes through the shared table).
-                recorded = await accountant.store.total_cost()
+                period = live.runtime.spend_period
+                recorded = await accountant.store.total_cost(since=period.start)
                 share = app.get(SHARE_KEY)
                 live.runtime.spend_offset = (
-                    share.table.spend_base(recorded) if share is not None else recorded
+                    share.table.spend_base(recorded, period.key) if share is not None else recorded
                 )
                 yield
 

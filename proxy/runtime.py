@@ -22,6 +22,7 @@ from admission.queue import Admission
 from admission.ratelimit import RateLimiter
 from admission.shedding import LoadShedder
 from config.schema import Config, ModelConfig
+from proxy.budget_period import SpendPeriod
 from proxy.headers import TrustedProxies
 from proxy.jsonbody import json_bytes
 from proxy.retry import RetryPolicy
@@ -91,6 +92,8 @@ class Runtime:
         "model_names",
         "models_body",
         "model_bodies",
+        "spend_period",
+        "_wall",
     )
 
     def __init__(
@@ -101,10 +104,13 @@ class Runtime:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         previous: Runtime | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """`wall`: the wall clock budget periods (UTC days, months) are read from."""
         self.config = config
         self.router = router
         self.clock = clock
+        self._wall = wall
         self.rng = rng if rng is not None else random.Random()
         if previous is None:
             self._start_fresh(config)
@@ -157,6 +163,7 @@ class Runtime:
         # pool name -> observe(seconds) for gaps between streamed chunks (Prometheus), if on
         self.gap_observer: Callable[[str], Callable[[float], None]] | None = None
         self.draining = False
+        self.spend_period = SpendPeriod(config.budget.period, self._wall)
         self._id_prefix = os.urandom(4).hex() + "-"
         self._ids = itertools.count(1)
 
@@ -176,12 +183,15 @@ class Runtime:
         self.rate_limiter = previous.rate_limiter.reconfigured(config)
         self.shedder = previous.shedder
         self.shedder.reconfigure(config.load_shedding, self.router)
+        self.spend_period = previous.spend_period.reconfigured(config.budget.period)
         for name in CARRIED_AS_IS:
             setattr(self, name, getattr(previous, name))
 
     def reloaded(self, config: Config, router: Router) -> Runtime:
         """The runtime for a reloaded config (see `_carry_over` for what it keeps)."""
-        return Runtime(config, router, clock=self.clock, rng=self.rng, previous=self)
+        return Runtime(
+            config, router, clock=self.clock, rng=self.rng, previous=self, wall=self._wall
+        )
 
     async def start(self) -> None:
         pool = self.config.connection_pool
@@ -212,9 +222,24 @@ class Runtime:
         return self._id_prefix + str(next(self._ids))
 
     def spent(self) -> float:
-        """Spend so far: this process's, what was accounted before the gateway started, and
-        what the other workers and hosts report."""
-        return self.telemetry.cost_total + self.spend_offset + self.spend_elsewhere
+        """Spend in the budget's period (budget.period; lifetime by default): this process's,
+        what was accounted in the period before the gateway started, and what the other
+        workers and hosts report for the period."""
+        total = self.telemetry.cost_total
+        period = self.spend_period
+        if period.current(total):  # a new day or month: what came before is the last one's
+            self.spend_offset = 0.0
+            self.spend_elsewhere = 0.0  # until the others report for the new period
+        return total - period.base + self.spend_offset + self.spend_elsewhere
+
+    def period_spend(self) -> float:
+        """This process's own spend in the budget's period (what it tells the others)."""
+        total = self.telemetry.cost_total
+        period = self.spend_period
+        if period.current(total):
+            self.spend_offset = 0.0
+            self.spend_elsewhere = 0.0
+        return total - period.base
 
     def __repr__(self) -> str:
         return (

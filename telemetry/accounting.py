@@ -84,7 +84,9 @@ class Store(Protocol):
         """(model, day, requests, cost, prompt tokens, completion tokens)"""
         ...
 
-    async def total_cost(self) -> float: ...
+    async def total_cost(self, since: float = 0.0) -> float:
+        """Spend of the rows written at or after `since` (epoch seconds)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -136,8 +138,9 @@ class SqliteStore:
         async with self._db.execute(SPEND_QUERY.format(day="date(ts, 'unixepoch')")) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]
 
-    async def total_cost(self) -> float:
-        async with self._db.execute("SELECT COALESCE(SUM(cost), 0) FROM requests") as cursor:
+    async def total_cost(self, since: float = 0.0) -> float:
+        query = "SELECT COALESCE(SUM(cost), 0) FROM requests WHERE ts >= ?"
+        async with self._db.execute(query, (since,)) as cursor:
             row = await cursor.fetchone()
         return float(row[0])
 
@@ -176,8 +179,9 @@ class PostgresStore:
         query = SPEND_QUERY.format(day="to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
         return [tuple(row) for row in await self._pool.fetch(query)]
 
-    async def total_cost(self) -> float:
-        return float(await self._pool.fetchval("SELECT COALESCE(SUM(cost), 0) FROM requests"))
+    async def total_cost(self, since: float = 0.0) -> float:
+        query = "SELECT COALESCE(SUM(cost), 0) FROM requests WHERE ts >= $1"
+        return float(await self._pool.fetchval(query, datetime.fromtimestamp(since, UTC)))
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from circuit.breaker import iso_utc
 from config.schema import ModelConfig
 from control.admin import json_response, now_iso
 from proxy.errors import AccountingDisabled
@@ -78,12 +79,18 @@ class CostAnalysis:
         recommendations.sort(key=lambda r: r["potential_saving"], reverse=True)
         for daily in by_day.values():
             daily["cost"] = round(daily["cost"], 6)
-        used = sum(entry["cost"] for entry in by_model.values())
+        # The budget counts its period (budget.period), live: every worker's and host's spend,
+        # what is still buffered included; the tables below are the accounting's lifetime.
+        runtime = self.live.runtime
+        used = runtime.spent()
         limit = config.budget.limit
+        period = runtime.spend_period
         return json_response(
             {
                 "budget": {
                     "limit": limit,
+                    "period": config.budget.period,
+                    "period_start": iso_utc(period.start) if period.key else None,
                     "used": round(used, 6),
                     "remaining": round(max(0.0, limit - used), 6),
                     "used_percentage": round(used / limit * 100, 4) if limit else None,

@@ -74,6 +74,8 @@ async def test_cost_analysis_reports_spend_budget_and_savings(
     assert day["requests"] == 3 and day["cost"] == 0.004
     assert report["budget"] == {
         "limit": 0.01,
+        "period": "none",
+        "period_start": None,
         "used": 0.004,
         "remaining": 0.006,
         "used_percentage": 40.0,
