@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -483,10 +484,9 @@ class RedisSync:
         runtime = self.live.runtime
         changed = apply_strategies(runtime.router, record)
         local = current_state(runtime.router, runtime.config)
-        # Stored with this host's own config digest: its file is what it reloads from.
-        self.overrides.accept(
-            OverrideRecord(record.generation, local.strategy, local.pools, local.config_digest)
-        )
+        # Stored as this host now is (its own config digest: its file is what it reloads
+        # from), under the record's generation.
+        self.overrides.accept(dataclasses.replace(local, generation=record.generation))
         if changed:
             log.info(
                 "strategy %s from another gateway (generation %d)",
