@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import orjson
 from balancers.registry import UnknownStrategyError
 from config.schema import Config
 from proxy.router import Router
+from proxy.upstream import ADMIN_STATES, READY
 
 log = logging.getLogger("request_router.workers")
 
@@ -39,9 +40,11 @@ class OverrideRecord:
     strategy: str
     pools: dict[str, str] = field(default_factory=dict)
     config_digest: str = ""
+    # backends an operator drained or put in maintenance (PUT .../backends/{name}/state)
+    backends: dict[str, str] = field(default_factory=dict)
 
-    def state(self) -> tuple[str, dict[str, str], str]:
-        return (self.strategy, self.pools, self.config_digest)
+    def state(self) -> tuple[str, dict[str, str], str, dict[str, str]]:
+        return (self.strategy, self.pools, self.config_digest, self.backends)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class OverrideRecord:
             "strategy": self.strategy,
             "pools": self.pools,
             "config_digest": self.config_digest,
+            "backends": self.backends,
         }
 
     @classmethod
@@ -58,6 +62,7 @@ class OverrideRecord:
             str(document["strategy"]),
             {str(k): str(v) for k, v in dict(document.get("pools", {})).items()},
             str(document.get("config_digest", "")),
+            {str(k): str(v) for k, v in dict(document.get("backends", {})).items()},
         )
 
 
@@ -69,13 +74,14 @@ def config_digest(config: Config) -> str:
 
 def current_state(router: Router, config: Config) -> OverrideRecord:
     pools = {name: pool.strategy for name, pool in router.pools.items()}
-    return OverrideRecord(0, router.strategy, pools, config_digest(config))
+    backends = {u.name: u.admin_state for u in router.upstreams if u.admin_state != READY}
+    return OverrideRecord(0, router.strategy, pools, config_digest(config), backends)
 
 
 def apply_strategies(router: Router, record: OverrideRecord) -> bool:
-    """Set the record's strategies on `router`; pools it does not have are ignored. True when
-    anything changed."""
-    changed = False
+    """Set the record's strategies and backend states on `router`; pools and backends it does
+    not have are ignored. True when anything changed."""
+    changed = apply_backend_states(router, record)
     try:
         if router.strategy != record.strategy:
             router.set_strategy(record.strategy)
@@ -87,6 +93,19 @@ def apply_strategies(router: Router, record: OverrideRecord) -> bool:
                 changed = True
     except UnknownStrategyError as exc:  # a record from a newer gateway version
         log.warning("shared override not applied: %s", exc)
+    return changed
+
+
+def apply_backend_states(router: Router, record: OverrideRecord) -> bool:
+    """Set each backend's admin state to the record's (ready when it names none)."""
+    changed = False
+    for upstream in router.upstreams:
+        wanted = record.backends.get(upstream.name, READY)
+        if wanted in ADMIN_STATES and upstream.admin_state != wanted:
+            upstream.admin_state = ADMIN_STATES[ADMIN_STATES.index(wanted)]
+            changed = True
+    if changed:
+        router.refresh_health()
     return changed
 
 
@@ -120,7 +139,7 @@ class OverrideStore:
             if recorded is not None and recorded.state() == state.state():
                 return recorded
             generation = (recorded.generation if recorded is not None else 0) + 1
-            record = OverrideRecord(generation, state.strategy, state.pools, state.config_digest)
+            record = replace(state, generation=generation)
             self._write(record)
         for listener in self.on_write:
             listener(record)

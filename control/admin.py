@@ -125,7 +125,8 @@ class AdminApi:
             self.health_snapshot, render_service_health, HEALTH_MERGE, health_status
         )
         self.state = MergedReport(self.state_snapshot, dict, STATE_MERGE)
-        # Called after a strategy swap applied (the workers' shared record listens).
+        # Called after a strategy swap or a backend's state change applied (the workers'
+        # shared record, and the Redis sync, listen).
         self.on_strategy_change: list[Callable[[], None]] = []
 
     @contextmanager
@@ -220,6 +221,8 @@ class AdminApi:
             previous = upstream.admin_state
             upstream.admin_state = ADMIN_STATES[ADMIN_STATES.index(state)]
             self.router.refresh_health()
+        for listener in self.on_strategy_change:
+            listener()
         return json_response(
             {
                 "backend": name,

@@ -120,7 +120,7 @@ async def test_a_breaker_one_worker_opens_is_avoided_by_the_other(
         assert failing.requests == 2
 
 
-async def test_a_killed_worker_comes_back_with_the_runtime_strategy(
+async def test_a_killed_worker_comes_back_with_the_runtime_strategy_and_drains(
     cluster: Cluster, tmp_path
 ) -> None:
     document = config_document(cluster)
@@ -155,8 +155,14 @@ async def test_a_killed_worker_comes_back_with_the_runtime_strategy(
                 async with http.get(f"{gateway.url}/api/v1/router/strategy") as response:
                     strategies.add((await response.json())["strategy"])
             assert strategies == {"least_connections"}
+            served = set()
+            search = {"query_vector": [0.1, 0.2, 0.3], "collection": "documents"}
+            for _ in range(20):  # the restarted worker keeps the drain too
+                async with http.post(f"{gateway.url}/api/v1/vectors/search", json=search) as r:
+                    served.add(r.headers["x-router-backend"])
+            assert served == {"qdrant-secondary"}
             async with http.get(f"{gateway.url}/api/v1/router/cluster") as response:
                 report = await response.json()
-        assert report["generation"] == 1
-        assert {w["generation"] for w in report["workers"]} == {1}
+        assert report["generation"] == 2  # the strategy change, then the drain
+        assert {w["generation"] for w in report["workers"]} == {2}
         assert {w["pid"] for w in report["workers"]} == now
