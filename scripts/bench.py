@@ -5,6 +5,7 @@
     python scripts/bench.py --replicas 4    # also one model on 4 replicas, as the peers get it
     python scripts/bench.py --replicas 4 --compare-vllm-router   # and vllm-router beside us
     python scripts/bench.py --redis         # also the gateway with redis: on vs off
+    python scripts/bench.py --workers 2     # also 1 worker against 2 (--workers)
     python scripts/bench.py --smoke         # 1 s phases, for CI: keeps the script working
 
 What it does, all on 127.0.0.1:
@@ -32,6 +33,12 @@ What it does, all on 127.0.0.1:
    rate limit too high to refuse anything so the limit sync has work: CPU per request (the
    sync's own CPU included) and idle CPU per second. Nothing is on the request path, so the
    two should be within a few percent.
+9. with `--workers N`: the gateway with 1 worker pinned to core 0, then with N workers (the
+   supervisor and its workers allowed on every core, so they share core 1 with the load and
+   the simulators on a 2-core machine), alternately, twice, non-streamed under wrk: requests
+   per second and CPU per request of all the gateway's processes. On two cores this shows
+   what a second worker costs and how far it lifts throughput while competing with the load
+   generator; it cannot show scaling to N free cores.
 Target CPU comes from /proc (utime + stime of the process, its threads and its children).
 """
 
@@ -636,6 +643,86 @@ async def redis_mode(bench: Bench, gateway_core: int | None) -> list[RedisRun]:
     return runs
 
 
+@dataclass
+class WorkersRun:
+    """One gateway run of `--workers`: with 1 or N worker processes."""
+
+    workers: int
+    load: LoadResult
+    request_cpu: float  # seconds per request, every process of the gateway
+
+
+async def workers_mode(bench: Bench, gateway_core: int | None) -> list[WorkersRun]:
+    """The same gateway with one worker and with `--workers N`, alternately, twice."""
+    args = bench.args
+    python = sys.executable
+    names = ["mixtral-8x7b", "hermes-2", "openchat-3.5", "phi-3-mini"]
+    names += ["qdrant-primary", "embedding-gpu0"]
+    ports = {name: free_port() for name in names}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="router-bench-workers-") as tmp:
+        data = Path(tmp)
+        config = config_for(ports, data, accounting=not args.no_accounting)
+        path = data / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        sims = start([python, "-m", "simulator", "--config", str(path)], bench.load_core)
+        try:
+            await wait_up(f"http://127.0.0.1:{ports[MODEL]}/health", sims)
+            for workers in (1, args.workers, 1, args.workers):
+                port = free_port()
+                command = [python, "-m", "proxy", "--config", str(path), "--port", str(port)]
+                command += ["--workers", str(workers)]
+                gateway = start(command, gateway_core if workers == 1 else None)
+                try:
+                    await wait_up(f"http://127.0.0.1:{port}/health/live", gateway)
+                    await asyncio.sleep(1.0)  # every worker listening
+                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                    await python_load(url, 10, 1.0)  # warm up connection pools
+                    load, request_cpu = await bench.request_cost(gateway.pid, url)
+                    runs.append(WorkersRun(workers, load, request_cpu))
+                finally:
+                    stop(gateway)
+        finally:
+            stop(sims)
+    return runs
+
+
+def print_workers(runs: list[WorkersRun], args: argparse.Namespace) -> None:
+    print(
+        f"\nworkers mode: 1 worker on core 0, then {args.workers} workers on every core (with"
+        f" the load and the simulators), {args.connections} connections, twice each, one after"
+        f" the other"
+    )
+    lines = [("workers", "req/s", "p50 / p99", "CPU/request")]
+    for run in runs:
+        lines.append(
+            (
+                str(run.workers),
+                f"{run.load.rps:,.0f} ({run.load.errors} errors)",
+                f"{run.load.p50_ms or 0:.2f} / {run.load.p99_ms or 0:.2f} ms",
+                f"{run.request_cpu * 1e6:,.1f} µs",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    one = [run for run in runs if run.workers == 1]
+    many = [run for run in runs if run.workers != 1]
+    if one and many:
+        rps = ratio(
+            statistics.mean(r.load.rps for r in many), statistics.mean(r.load.rps for r in one)
+        )
+        cpu = ratio(
+            statistics.mean(r.request_cpu for r in many),
+            statistics.mean(r.request_cpu for r in one),
+        )
+        print(
+            f"{args.workers} workers / 1: requests/s {rps}, CPU per request {cpu}"
+            f" (means of {len(one)} runs each)"
+        )
+
+
 def print_redis(runs: list[RedisRun], args: argparse.Namespace) -> None:
     print(
         f"\nredis mode: the gateway with the redis: section off and on (a local redis-server,"
@@ -737,6 +824,12 @@ async def main() -> None:
         action="store_true",
         help="also measure the gateway with the redis: section on vs off (needs redis-server)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also measure the gateway with 1 worker against this many (0: off)",
+    )
     parser.add_argument("--smoke", action="store_true", help="1 s phases, small samples")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument(
@@ -828,6 +921,7 @@ async def main() -> None:
 
     replicas = await replicas_mode(bench, gateway_core) if args.replicas else []
     redis_runs = await redis_mode(bench, gateway_core) if args.redis else []
+    workers_runs = await workers_mode(bench, gateway_core) if args.workers > 1 else []
 
     generator = "wrk" if bench.wrk else "python"
     pinning = "unpinned" if gateway_core is None else "gateway on core 0, load + backends on core 1"
@@ -892,6 +986,8 @@ async def main() -> None:
         print_replicas(replicas, args)
     if redis_runs:
         print_redis(redis_runs, args)
+    if workers_runs:
+        print_workers(workers_runs, args)
 
 
 if __name__ == "__main__":
