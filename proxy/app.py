@@ -37,7 +37,7 @@ from control.reload import HealthService, Reloader
 from control.routing_api import RoutingApi
 from proxy.errors import error_middleware, error_response
 from proxy.router import Router
-from proxy.routes import QDRANT_PREFIX, Routes
+from proxy.routes import MODEL_ROUTED_FORMS, MODEL_ROUTED_JSON, QDRANT_PREFIX, Routes
 from proxy.runtime import LiveRuntime, Runtime
 from proxy.server import ClientLimits, GatewayRunner
 from telemetry.accesslog import AccessLog
@@ -52,19 +52,6 @@ RUNNER_OPTIONS: dict[str, Any] = {"access_log": None, "handler_cancellation": Tr
 
 LINGERING_SECONDS = 2.0
 QDRANT_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")  # HEAD comes with GET
-# OpenAI-compatible routes vLLM serves besides chat and completions, each naming its model:
-# JSON bodies (routed and, for "auto" or a fallback, rewritten like chat) and multipart forms.
-MODEL_ROUTED_JSON = (
-    "/v1/responses",
-    "/v1/messages",
-    "/v1/rerank",
-    "/v2/rerank",
-    "/v1/score",
-    "/tokenize",
-    "/detokenize",
-    "/v1/audio/speech",
-)
-MODEL_ROUTED_FORMS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 RUNTIME_KEY = web.AppKey("runtime", LiveRuntime)
 RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)

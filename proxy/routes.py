@@ -124,6 +124,20 @@ def request_id(runtime: Runtime, request: web.Request) -> str:
     return given
 
 
+# OpenAI-compatible routes vLLM serves besides chat and completions, each naming its model:
+# JSON bodies (routed and, for "auto" or a fallback, rewritten like chat) and multipart forms.
+MODEL_ROUTED_JSON = (
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/v1/score",
+    "/tokenize",
+    "/detokenize",
+    "/v1/audio/speech",
+)
+MODEL_ROUTED_FORMS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+
 FORM_FIELD = re.compile(
     rb'Content-Disposition:[^\r\n]*\bname="([^"]*)"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n',
     re.IGNORECASE,
@@ -150,7 +164,7 @@ class Routes:
 
     async def completion(self, request: web.Request, path: str) -> web.StreamResponse:
         """POST /v1/chat/completions, /v1/completions and the other JSON routes that name their
-        model (proxy.app.MODEL_ROUTED_JSON), registered with their path bound."""
+        model (MODEL_ROUTED_JSON), registered with their path bound."""
         runtime = self.live.runtime
         rid = request_id(runtime, request)
         body = await read_body(request, runtime.body_timeout)

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -27,7 +27,6 @@ from proxy.headers import TrustedProxies
 from proxy.jsonbody import json_bytes
 from proxy.retry import RetryPolicy
 from proxy.router import Router
-from proxy.shared_counts import Sharing
 from proxy.transport import Timeouts, UpstreamClient
 from telemetry.outcome import Telemetry
 
@@ -67,6 +66,14 @@ CARRIED_AS_IS = (
     "_id_prefix",
     "_ids",
 )
+
+
+class Sharing(Protocol):
+    """Binds a runtime's parts to what the workers share (cluster.worker_share); called for
+    every runtime a reload builds, so backends a reload adds are shared from their first
+    request."""
+
+    def bind(self, runtime: Runtime) -> None: ...
 
 
 class Runtime:

@@ -10,10 +10,7 @@ into shared memory, no lock, no system call) and reads the others' cells when it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:  # the runtime is above this leaf; only its type is named here
-    from proxy.runtime import Runtime
+from typing import Protocol
 
 
 class SharedCount(Protocol):
@@ -24,10 +21,3 @@ class SharedCount(Protocol):
 
     def elsewhere(self) -> int:
         """The sum of every other live worker's value, read now."""
-
-
-class Sharing(Protocol):
-    """Binds a runtime's parts to the shared table; called for every runtime a reload builds,
-    so backends that a reload adds are shared from their first request."""
-
-    def bind(self, runtime: Runtime) -> None: ...

@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -703,10 +703,7 @@ def print_workers(runs: list[WorkersRun], args: argparse.Namespace) -> None:
                 f"{run.request_cpu * 1e6:,.1f} µs",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    for line in lines:
-        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        print("  ".join(cells).rstrip())
+    print_table(lines)
     one = [run for run in runs if run.workers == 1]
     many = [run for run in runs if run.workers != 1]
     if one and many:
@@ -741,10 +738,7 @@ def print_redis(runs: list[RedisRun], args: argparse.Namespace) -> None:
                 f"{run.idle_cpu * 1000:.1f} ms/s",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        print("  ".join(cells).rstrip())
+    print_table(lines)
     on = [run.request_cpu for run in runs if run.redis]
     off = [run.request_cpu for run in runs if not run.redis]
     if on and off:
@@ -752,6 +746,14 @@ def print_redis(runs: list[RedisRun], args: argparse.Namespace) -> None:
             f"redis on / off: CPU per request {ratio(statistics.mean(on), statistics.mean(off))}"
             f" (means of {len(on)} runs each)"
         )
+
+
+def print_table(lines: Sequence[tuple[str, ...]]) -> None:
+    """Rows of cells in left-aligned columns; the first row is the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells).rstrip())
 
 
 def ratio(ours: float, theirs: float) -> str:
@@ -783,10 +785,7 @@ def print_replicas(targets: list[Target], args: argparse.Namespace) -> None:
                 f"{t.paced.per_stream * 1e6:,.0f} µs",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        print("  ".join(cells).rstrip())
+    print_table(lines)
     ours = targets[0]
     for other in targets[1:]:
         print(

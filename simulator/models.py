@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.routes import MODEL_ROUTED_FORMS, MODEL_ROUTED_JSON
 from simulator.behaviour import (
     Behaviour,
     abort_connection,
@@ -47,20 +48,6 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     else:
         text = str(body.get("prompt", ""))
     return max(1, len(text.split()))
-
-
-OTHER_ROUTES = (
-    "/v1/responses",
-    "/v1/messages",
-    "/v1/rerank",
-    "/v2/rerank",
-    "/v1/score",
-    "/tokenize",
-    "/detokenize",
-    "/v1/audio/speech",
-    "/v1/audio/transcriptions",
-    "/v1/audio/translations",
-)
 
 
 def build_model_app(model: str, behaviour: Behaviour | None = None) -> web.Application:
@@ -183,7 +170,7 @@ def build_model_app(model: str, behaviour: Behaviour | None = None) -> web.Appli
             web.post("/v1/completions", completions),
             web.get("/v1/models", models),
             web.get("/health", health),
-            *(web.post(path, other) for path in OTHER_ROUTES),
+            *(web.post(path, other) for path in (*MODEL_ROUTED_JSON, *MODEL_ROUTED_FORMS)),
             *control_routes(behaviour),
         ]
     )

@@ -8,7 +8,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.app import MODEL_ROUTED_JSON
+from proxy.routes import MODEL_ROUTED_JSON
 from simulator.cluster import Cluster
 
 
