@@ -78,9 +78,9 @@ def current_state(router: Router, config: Config) -> OverrideRecord:
     return OverrideRecord(0, router.strategy, pools, config_digest(config), backends)
 
 
-def apply_strategies(router: Router, record: OverrideRecord) -> bool:
-    """Set the record's strategies and backend states on `router`; pools and backends it does
-    not have are ignored. True when anything changed."""
+def apply_overrides(router: Router, record: OverrideRecord) -> bool:
+    """Set the record's strategies and backend admin states on `router`; pools and backends it
+    does not have are ignored. True when anything changed."""
     changed = apply_backend_states(router, record)
     try:
         if router.strategy != record.strategy:
@@ -163,15 +163,28 @@ class OverrideFile(OverrideStore):
         super().__init__()
         self.path = Path(run_dir) / RECORD_FILE
         self._lock_path = Path(run_dir) / (RECORD_FILE + ".lock")
+        self._seen: tuple[int, int, int] | None = None
+        self._cached: OverrideRecord | None = None
 
     def read(self) -> OverrideRecord | None:
+        """The record; parsed again only when the file was replaced (a new inode, size or
+        time: writers replace it atomically), since every sync and report asks for it."""
         try:
-            return OverrideRecord.from_dict(orjson.loads(self.path.read_bytes()))
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if seen == self._seen:
+            return self._cached
+        try:
+            record = OverrideRecord.from_dict(orjson.loads(self.path.read_bytes()))
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable %s: %s", self.path, exc)
             return None
+        self._seen, self._cached = seen, record
+        return record
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

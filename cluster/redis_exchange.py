@@ -26,7 +26,8 @@ from proxy.runtime import Runtime
 
 LIMIT_TTL_MS = 600_000  # a limit's hash outlives its last member by ten minutes
 PERIOD_SPEND_TTL_MS = 40 * 86_400_000  # a period's spend hash outlives a month
-FORGET_AFTER = 100  # member TTLs after which a silent member leaves the report
+FORGET_AFTER = 100  # member TTLs after which a silent member is deleted from Redis (the
+# report lists members seen within the last 10 TTLs)
 
 # One sync: KEYS members (sorted set), member info (hash), hints (hash), then one hash per
 # running total (spend, each limit). ARGV: member id, its info (JSON), member TTL (ms), TTLs

@@ -62,6 +62,7 @@ class RedisLink:
         self.on_up = on_up
         self.clock = clock
         self.metrics = RedisMetrics()
+        self.failed_in_a_row = 0  # syncs failed since the last success
         # Redis's own breaker: while open, no sync is attempted.
         self.breaker = CircuitBreaker(
             settings.failure_threshold,
@@ -95,8 +96,9 @@ class RedisLink:
     def _succeeded(self) -> None:
         self.breaker.record_success()
         back = not self.metrics.up
-        if back and self.metrics.errors:
-            log.warning("redis: back after %d failed syncs", self.metrics.errors)
+        if back and self.failed_in_a_row:
+            log.warning("redis: back after %d failed syncs", self.failed_in_a_row)
+        self.failed_in_a_row = 0
         self.on_up(back)
         self.metrics.up = True
         self.last_success = time.time()
@@ -104,6 +106,7 @@ class RedisLink:
     def _failed(self, exc: BaseException) -> None:
         self.breaker.record_failure()
         self.metrics.errors += 1
+        self.failed_in_a_row += 1
         if self.metrics.up or self.metrics.errors == 1:
             log.warning(
                 "redis: sync failed (%r); limits fall back to %s",

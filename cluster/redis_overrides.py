@@ -18,7 +18,7 @@ import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from cluster.overrides import OverrideRecord, OverrideStore, apply_strategies, current_state
+from cluster.overrides import OverrideRecord, OverrideStore, apply_overrides, current_state
 from cluster.redis_keys import Keys
 from proxy.runtime import LiveRuntime
 
@@ -137,15 +137,17 @@ class OverrideMirror:
             self.adopted(record)
             return
         runtime = self.live.runtime
-        changed = apply_strategies(runtime.router, record)
+        changed = apply_overrides(runtime.router, record)
         local = current_state(runtime.router, runtime.config)
         # Stored as this host now is (its own config digest: its file is what it reloads
         # from), under the record's generation.
         self.overrides.accept(replace(local, generation=record.generation))
         if changed:
             log.info(
-                "strategy %s from another gateway (generation %d)",
-                record.strategy,
+                "runtime overrides from another gateway (generation %d): strategy %s,"
+                " drained backends %s",
                 record.generation,
+                record.strategy,
+                ", ".join(f"{k} ({v})" for k, v in record.backends.items()) or "none",
             )
         self.adopted(record)

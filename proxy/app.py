@@ -20,7 +20,7 @@ from cluster.overrides import (
     OverrideMemory,
     OverrideRecord,
     OverrideStore,
-    apply_strategies,
+    apply_overrides,
     current_state,
 )
 from cluster.peers import Peers
@@ -199,7 +199,7 @@ def share_with_workers(
                 record.config_digest
                 == current_state(live.runtime.router, live.runtime.config).config_digest
             ):
-                apply_strategies(live.runtime.router, record)
+                apply_overrides(live.runtime.router, record)
         runtime = live.runtime
         runtime.sharing = share
         share.bind(runtime)
