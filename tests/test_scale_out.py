@@ -85,10 +85,11 @@ async def test_a_global_rate_limit_holds_for_two_workers(cluster: Cluster, tmp_p
                 refused += statuses.count(429)
         elapsed = time.monotonic() - started
         # The gateway-wide bucket: its burst plus its rate over the run. Per worker it would
-        # be twice that. Slack: what the other worker grants within one sync (10 ms), +1.
+        # be twice that (138 measured). Slack, as the README states it: what the other worker
+        # can grant before a sync settles it, at worst its burst and a sync's worth of rate.
         allowed = 10 + 20 * elapsed
         print(f"admitted {accepted} of {allowed:.1f} allowed in {elapsed:.1f} s")
-        assert accepted <= allowed + 2, (accepted, allowed)
+        assert accepted <= allowed + 10 + 20 * 0.05, (accepted, allowed)
         assert accepted >= 0.8 * allowed, (accepted, allowed)  # and the limit is usable
         assert refused > 0
 
