@@ -144,7 +144,7 @@ async def deliver(
                 pending = False
                 upstream.record(verdict)
             state.backend_time += time.perf_counter() - reading
-            if b'"usage"' in payload:
+            if payload.find(b'"usage"') >= 0:  # find, not `in`: see proxy.streaming
                 account_usage(outcome, usage_from_body(payload))
             headers["x-router-overhead-ms"] = overhead_ms(state)
             return ForwardedResponse(

@@ -92,7 +92,7 @@ def upstream_request_headers(
     lines: list[bytes] = []
     for name, value in request.raw_headers:
         lowered = name.lower()
-        if b"_" in lowered:
+        if lowered.find(b"_") >= 0:  # find, not `in`: see proxy.streaming
             continue
         if lowered in _REQUEST_DROP:
             if lowered == b"x-forwarded-for":

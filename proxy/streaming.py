@@ -22,6 +22,10 @@ from telemetry.outcome import Outcome
 
 log = logging.getLogger("request_router")
 
+# `data.find(b"x") >= 0` rather than `b"x" in data` on the request path: CPython 3.11's bytes
+# `in` first tries its operand as an integer, and builds and drops a TypeError before it
+# searches: about 2,200 instructions a test, 5% of a relayed chunk (callgrind).
+
 
 class StreamContext(Protocol):
     """What the relay records about the stream it carries."""
@@ -70,7 +74,7 @@ async def relay(
             elif observe_gap is not None:
                 observe_gap(now - last)
             last = now
-        if b'"usage"' in chunk:
+        if chunk.find(b'"usage"') >= 0:
             context.usage_chunk = chunk
         try:
             await response.write(chunk)

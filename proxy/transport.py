@@ -444,7 +444,7 @@ class UpstreamConnection(asyncio.Protocol):
                 except ValueError:
                     pass
             elif lowered == b"transfer-encoding":
-                response.chunked = b"chunked" in value.lower()
+                response.chunked = value.lower().find(b"chunked") >= 0  # (not `in`: faster)
         self._headers_done = True
         waiter = self._waiter
         self._waiter = None
