@@ -20,7 +20,7 @@ import asyncio
 import collections
 import math
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -94,6 +94,8 @@ class UpstreamResponse:
         "_streaming",
         "_error",
         "_waiter",
+        "_sink",
+        "_held",
     )
 
     def __init__(self, connection: UpstreamConnection) -> None:
@@ -109,6 +111,8 @@ class UpstreamResponse:
         self._streaming = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None  # pipe(): where parts go
+        self._held = False  # the sink asked for a pause
 
     def header(self, name: bytes) -> str | None:
         """The first value of header `name` (lower case), decoded."""
@@ -149,6 +153,54 @@ class UpstreamResponse:
             connection.resume()
         return chunk
 
+    def pipe(self, sink: Callable[[bytes], bool]) -> None:
+        """From now on hand each part of the body to `sink` as it arrives, from the
+        connection's read callback, instead of keeping it for `readany()`: a relayed part then
+        costs no task wake-up, no future and no coroutine resumption (a paced SSE token is one
+        part). Parts already here go first. `sink` returns True when it cannot take more for
+        now: the backend's socket is paused, `piped()` returns, and `unhold()` resumes it."""
+        self._streaming = True
+        self._sink = sink
+        self._buffered = 0
+        self._flush()
+        connection = self._connection
+        if connection is not None and connection.paused and not self._held:
+            connection.resume()
+
+    async def piped(self) -> bool:
+        """After `pipe()`: False when the body has ended, True when the sink asked for a
+        pause; raises when the body broke off."""
+        while not self.complete and not self._held:
+            await self._wait()
+        return not self.complete
+
+    def unhold(self) -> None:
+        """The sink can take parts again: the backend's socket reads on."""
+        self._held = False
+        connection = self._connection
+        if connection is not None and connection.paused:
+            connection.resume()
+
+    def _flush(self) -> None:
+        """Piping: the parts that have arrived go to the sink as one (one write to the
+        client per read from the backend, as `readany()` gives)."""
+        body = self._body
+        sink = self._sink
+        if body and sink is not None:
+            chunk = body[0] if len(body) == 1 else b"".join(body)
+            body.clear()
+            if sink(chunk) and not self._held:
+                self._hold()
+
+    def _hold(self) -> None:
+        self._held = True
+        connection = self._connection
+        if connection is not None and not connection.paused:
+            connection.pause()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
@@ -160,12 +212,14 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Stop the exchange now: the connection is closed, so is the backend's work on it."""
+        self._sink = None
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.abort()
 
     def release(self) -> None:
         """Give the connection back: to its pool when the exchange ended cleanly."""
+        self._sink = None
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.finish(self)
@@ -173,6 +227,8 @@ class UpstreamResponse:
     # called by the connection
     def _feed(self, chunk: bytes) -> None:
         self._body.append(chunk)
+        if self._sink is not None:
+            return  # `_flush` hands the parts of one read to the sink at once
         self._buffered += len(chunk)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -367,11 +423,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._received = True
         if self._idle is not None:
             self._last = self.loop.time()
+        response = self.response
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"backend sent an invalid HTTP response: {exc}"))
             return
+        if response._sink is not None:
+            response._flush()
         if not self._headers_done:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
