@@ -25,11 +25,11 @@ from control.admin import AdminApi
 from control.audit import AuditLog
 from control.reload import HealthService, Reloader
 from control.routing_api import RoutingApi
-from proxy.errors import error_middleware, error_response
+from proxy.errors import ErrorAnswers, error_middleware, error_response
 from proxy.router import Router
 from proxy.routes import QDRANT_PREFIX, Routes
 from proxy.runtime import LiveRuntime, Runtime
-from proxy.server import ClientLimits, GatewayRunner
+from proxy.server import ClientLimits, DataPlane, GatewayRunner
 from telemetry.accesslog import AccessLog
 from telemetry.accounting import Accountant, store_for
 from telemetry.costs import CostAnalysis
@@ -47,6 +47,7 @@ RELOADER_KEY = web.AppKey("reloader", Reloader)
 PEERS_KEY = web.AppKey("peers", Peers)
 ACCESS_KEY = web.AppKey("access", AccessControl)
 SHARE_KEY = web.AppKey("share", WorkerShare)
+DATA_PLANE_KEY = web.AppKey("data_plane", DataPlane)
 
 
 def build_app(
@@ -68,8 +69,9 @@ def build_app(
     reloader = Reloader(live, health, config_path or config.source, environ)
     limit = config.server.max_body_bytes
     access = AccessControl(live, AuditLog(config.logging.audit_log), clock)
+    answers = ErrorAnswers(limit, partial(count_refusal, live))
     # Access is decided before the workers' coordination answers a merged report.
-    middlewares = [error_middleware(limit, partial(count_refusal, live), access.check)]
+    middlewares = [error_middleware(answers, access.check)]
     peers = Peers.from_environment() if config.server.workers > 1 else None
     if peers is not None:
         middlewares.append(peers.middleware())
@@ -100,31 +102,30 @@ def build_app(
     routes = Routes(live)
     expect = partial(expect_continue, limit, partial(count_refusal, live))
     qdrant = QDRANT_PREFIX + "/{tail:.*}"
-    access.add(
-        app,
-        Kind.DATA,
-        [
-            # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
-            web.post(
-                "/v1/chat/completions",
-                partial(routes.completion, path="/v1/chat/completions"),
-                expect_handler=expect,
-            ),
-            web.post(
-                "/v1/completions",
-                partial(routes.completion, path="/v1/completions"),
-                expect_handler=expect,
-            ),
-            web.post("/v1/embeddings", routes.embeddings, expect_handler=expect),
-            web.get("/v1/models", routes.list_models),
-            web.post("/api/v1/vectors/search", routes.vector_search, expect_handler=expect),
-            # Qdrant's REST methods only: TRACE and the like are not passed through (405).
-            *(
-                web.route(method, qdrant, routes.qdrant_passthrough, expect_handler=expect)
-                for method in QDRANT_METHODS
-            ),
-        ],
-    )
+    data_routes = [
+        # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
+        web.post(
+            "/v1/chat/completions",
+            partial(routes.completion, path="/v1/chat/completions"),
+            expect_handler=expect,
+        ),
+        web.post(
+            "/v1/completions",
+            partial(routes.completion, path="/v1/completions"),
+            expect_handler=expect,
+        ),
+        web.post("/v1/embeddings", routes.embeddings, expect_handler=expect),
+        web.get("/v1/models", routes.list_models),
+        web.post("/api/v1/vectors/search", routes.vector_search, expect_handler=expect),
+        # Qdrant's REST methods only: TRACE and the like are not passed through (405).
+        *(
+            web.route(method, qdrant, routes.qdrant_passthrough, expect_handler=expect)
+            for method in QDRANT_METHODS
+        ),
+    ]
+    access.add(app, Kind.DATA, data_routes)
+    # The same routes, served first by the runner's low-level dispatch (make_runner).
+    app[DATA_PLANE_KEY] = DataPlane(data_routes, answers, access.check_data_route)
     admin = AdminApi(live, reloader, access.audit, access.data_port)
     cluster = share_with_workers(app, live, peers, reloader, admin)
     reports = Reports(live)
@@ -265,8 +266,9 @@ async def expect_continue(
 
 def make_runner(app: web.Application, **options: Any) -> web.AppRunner:
     """The runner to serve a gateway app with: aiohttp's, whose protocol answers requests its
-    parser refuses as JSON and counts them, and guards against slow and greedy clients
-    (proxy.server; restart to change its limits)."""
+    parser refuses as JSON and counts them, and guards against slow and greedy clients, and
+    whose low-level server dispatches the proxied API's routes itself (proxy.server; restart
+    to change its limits)."""
     live = app[RUNTIME_KEY]
     server = live.runtime.config.server
     limits = ClientLimits(server.header_timeout, server.max_connections_per_client)
@@ -274,7 +276,13 @@ def make_runner(app: web.Application, **options: Any) -> web.AppRunner:
     # client sees the answer rather than a reset; 2 s instead of its 10 bounds how long a
     # silent client holds the connection after its 408.
     options.setdefault("lingering_time", LINGERING_SECONDS)
-    return GatewayRunner(app, count_refusal=partial(count_refusal, live), limits=limits, **options)
+    return GatewayRunner(
+        app,
+        count_refusal=partial(count_refusal, live),
+        limits=limits,
+        data_plane=app.get(DATA_PLANE_KEY),
+        **options,
+    )
 
 
 def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> None:
