@@ -18,7 +18,7 @@ from typing import Protocol
 
 import orjson
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from proxy.transport import UpstreamError, UpstreamResponse
@@ -53,7 +53,7 @@ class ChunkWriter:
     def __init__(
         self,
         request: web.Request,
-        writer: AbstractStreamWriter,
+        writer: StreamWriter,
         context: StreamContext,
         last: float,
     ) -> None:
@@ -104,13 +104,10 @@ async def relay(
             if chunk.find(b'"usage"') >= 0:
                 context.usage_chunk = chunk
             await response.write(chunk)  # with the headers
-            sink = ChunkWriter(request, writer, context, now)
-            upstream.pipe(sink.write)
-            while await upstream.piped() and not sink.gone:
-                await writer.drain()  # the client's socket buffer is full
-                upstream.unhold()
-            if sink.gone:
-                raise ConnectionResetError("the client went away")
+            if isinstance(writer, StreamWriter) and writer.chunked:
+                await pipe(request, upstream, writer, context, now)
+            else:  # an HTTP/1.0 client, or a body that must be empty: aiohttp frames it
+                await write_parts(upstream, response, context, now)
     except (TimeoutError, UpstreamError) as exc:
         stalled = isinstance(exc, TimeoutError)
         log.warning(
@@ -125,6 +122,39 @@ async def relay(
         return response, CLIENT_GONE
     await response.write_eof()
     return response, OK
+
+
+async def pipe(
+    request: web.Request,
+    upstream: UpstreamResponse,
+    writer: StreamWriter,
+    context: StreamContext,
+    last: float,
+) -> None:
+    """The rest of the body, piped: written from the upstream connection's read callback,
+    held while the client's socket buffer is full."""
+    sink = ChunkWriter(request, writer, context, last)
+    upstream.pipe(sink.write)
+    while await upstream.piped() and not sink.gone:
+        await writer.drain()  # the client's socket buffer is full
+        upstream.unhold()
+    if sink.gone:
+        raise ConnectionResetError("the client went away")
+
+
+async def write_parts(
+    upstream: UpstreamResponse, response: web.StreamResponse, context: StreamContext, last: float
+) -> None:
+    """The rest of the body, read and written part by part through aiohttp's writer."""
+    observe_gap = context.observe_gap
+    while chunk := await upstream.readany():
+        if observe_gap is not None:
+            now = time.perf_counter()
+            observe_gap(now - last)
+            last = now
+        if chunk.find(b'"usage"') >= 0:
+            context.usage_chunk = chunk
+        await response.write(chunk)
 
 
 async def _end_broken(
