@@ -268,6 +268,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_received",
         "_headers_done",
         "_timer",
+        "_timer_due",
         "_deadline",
         "_first_byte_deadline",
         "_idle",
@@ -292,6 +293,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._received = False
         self._headers_done = False
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = math.inf  # when `_timer` fires
         self._deadline = math.inf
         self._first_byte_deadline = math.inf
         self._idle: float | None = None
@@ -339,14 +341,23 @@ class UpstreamConnection(asyncio.Protocol):
         return due
 
     def _arm(self) -> None:
+        """A timer at the earliest deadline, unless the pending one fires no later: it then
+        re-arms itself for what is left (`_on_timer`). The timer outlives its exchange, so
+        the next requests on a keep-alive connection usually arm none: a timer made and
+        cancelled per request cost 6,000 instructions (callgrind, issue 14)."""
         due = self._due()
-        if due != math.inf:
+        if due < self._timer_due:
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = self.loop.call_at(due, self._on_timer)
+            self._timer_due = due
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self.response is None or self.closed:
-            return
+        self._timer_due = math.inf
+        response = self.response
+        if response is None or response.complete or self.closed:
+            return  # the exchange it was armed for has ended
         if self._due() > self.loop.time():
             self._arm()
             return
@@ -357,8 +368,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The response's owner is done with it."""
         if response is not self.response:
             return
-        self.response = None
-        self._cancel_timer()
+        self.response = None  # a pending timer finds no exchange and lapses
         if self.closed:
             return
         if not response.complete or self._head or not self._keep_alive:
@@ -386,6 +396,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_due = math.inf
 
     def abort(self) -> None:
         """Close now; an exchange still waiting on the connection ends with an error rather
@@ -510,7 +521,6 @@ class UpstreamConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
         if self._head:  # the connection is closed after it: the parser expects a body
-            self._cancel_timer()
             response._end(None)
 
     def on_body(self, body: bytes) -> None:
@@ -522,7 +532,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self._informational:
             self._informational = False
             return
-        self._cancel_timer()
         if self.response is not None:
             self.response._end(None)
 
