@@ -20,6 +20,8 @@ each phase warms up, switches instrumentation on, drives the phase, switches it 
 
 Per request: a phase's instructions / its requests. Per chunk: instructions / SSE events the
 client received, the stream's own request included (as scripts/bench.py divides CPU time).
+Each phase includes the writing of its own accounting rows and 1.5 s of the gateway's idle
+background work (health checks, timers: about 0.6 million instructions a second).
 Callgrind counts user-space instructions of every thread, not system calls' kernel work.
 Needs valgrind (`apt-get install valgrind`); a run takes about a minute.
 """
@@ -49,6 +51,10 @@ BODY = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "con
 STREAM_BODY = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Hello"}]}
 FALLING_BACK = "gone-model"
 PHASES = ("plain", "auto", "fallback", "stream", "paced")
+# Accounting writes its rows every second (accounting.flush_interval): a phase starts after the
+# rows before it are written and ends after its own are, so each request's row is counted in
+# its own phase (a paced stream is one row per 34 chunks: 28,000 instructions a row).
+FLUSHED = 1.5
 
 
 async def wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
@@ -184,8 +190,10 @@ async def measure(args: argparse.Namespace, out: Path) -> None:
         await wait_up(f"http://127.0.0.1:{port}/health/live", gateway)
 
         async def phase(name: str, run: Awaitable[tuple[dict[str, int], int]]) -> None:
+            await asyncio.sleep(FLUSHED)  # the warm-up's accounting rows are written
             callgrind_control("-i", "on", pid)
             statuses, count = await run
+            await asyncio.sleep(FLUSHED)  # and this phase's, within it
             callgrind_control("-i", "off", pid)
             callgrind_control("-d", name, pid)
             assert set(statuses) == {"200"}, (name, statuses)
