@@ -125,6 +125,43 @@ def upstream_request_headers(
     return b"".join(lines)
 
 
+# Headers aiohttp adds to an answer that lacks them (web_response's _prepare_headers): the
+# gateway adds them too to the answers it serialises itself.
+HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER = 1, 2, 4
+_DEFAULTED = {b"content-type": HAS_CONTENT_TYPE, b"date": HAS_DATE, b"server": HAS_SERVER}
+
+
+def client_response_lines(
+    raw: list[tuple[bytes, bytes]], backend: str, request_id: str
+) -> tuple[bytes, int]:
+    """What `client_response_headers` gives, as header lines (each ending in CRLF) for an
+    answer the gateway serialises itself: the backend's bytes as they came, less what does
+    not cross the hop; and which of Content-Type, Date and Server the backend gave (HAS_*)."""
+    kept: list[tuple[bytes, bytes, bytes]] = []
+    named: frozenset[bytes] = frozenset()
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _RESPONSE_DROP:
+            if lowered == b"connection":
+                named = named | _connection_tokens(value)
+            continue
+        kept.append((lowered, name, value))
+    given = 0
+    lines: list[bytes] = []
+    for lowered, name, value in kept:
+        if lowered not in named:
+            given |= _DEFAULTED.get(lowered, 0)
+            lines += (name, b": ", value, b"\r\n")
+    lines += (
+        b"x-router-backend: ",
+        backend.encode("utf-8", "surrogateescape"),
+        b"\r\nx-request-id: ",
+        request_id.encode("utf-8", "surrogateescape"),
+        b"\r\n",
+    )
+    return b"".join(lines), given
+
+
 def client_response_headers(
     raw: list[tuple[bytes, bytes]], backend: str, request_id: str
 ) -> CIMultiDict[str]:
