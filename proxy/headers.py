@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
 HOP_BY_HOP = frozenset(
@@ -160,6 +162,44 @@ def client_response_lines(
         b"\r\n",
     )
     return b"".join(lines), given
+
+
+_SERVER_LINE = b"Server: %s\r\n" % SERVER_SOFTWARE.encode()
+
+
+def serialised_head(
+    request: web.BaseRequest,
+    status: int,
+    reason: str,
+    lines: bytes,
+    given: int,
+    length: int | None,
+) -> tuple[bytes, bool]:
+    """The head of an answer the gateway writes itself, and whether the connection stays
+    open: `lines` (client_response_lines and ours), then what aiohttp's response adds
+    (web_response's _prepare_headers): Content-Length, or `Transfer-Encoding: chunked` when
+    `length` is None (HTTP/1.1 only); Content-Type, Date and Server when the backend gave
+    none; Connection as the request's keep-alive requires."""
+    version = request.version
+    keep_alive = request.keep_alive
+    parts = [
+        b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, status, reason.encode("latin-1")),
+        lines,
+        b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length,
+    ]
+    if not given & HAS_CONTENT_TYPE:
+        parts.append(b"Content-Type: application/octet-stream\r\n")
+    if not given & HAS_DATE:
+        parts.append(b"Date: %s\r\n" % rfc822_formatted_time().encode())
+    if not given & HAS_SERVER:
+        parts.append(_SERVER_LINE)
+    if keep_alive:
+        if version == HttpVersion10:
+            parts.append(b"Connection: keep-alive\r\n")
+    elif version == HttpVersion11:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts), keep_alive
 
 
 def client_response_headers(

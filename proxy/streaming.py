@@ -18,9 +18,10 @@ from typing import Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
-from multidict import CIMultiDict
 
+from proxy.headers import serialised_head
 from proxy.transport import UpstreamError, UpstreamResponse
 from proxy.verdict import BACKEND_FAILED, CLIENT_GONE, OK, Verdict
 from telemetry.outcome import Outcome
@@ -43,6 +44,61 @@ class StreamContext(Protocol):
     def outcome(self) -> Outcome: ...
 
 
+class ChunkedStream(web.StreamResponse):
+    """A relayed answer in HTTP/1.1 chunked coding, written by the gateway: its head (the
+    backend's header lines and ours, `lines`, and what aiohttp's response would add:
+    proxy.headers.serialised_head) goes out with the first chunk, then each chunk framed,
+    then the last-chunk marker. aiohttp's StreamResponse would decode every header, copy it
+    through two multidicts and encode it again, once per stream. Only for HTTP/1.1 requests
+    whose answer has a body (deliver decides); the writer's drain is the backpressure."""
+
+    def __init__(self, status: int, reason: str, lines: bytes, given: int) -> None:
+        super().__init__(status=status, reason=reason)
+        self._lines = lines
+        self._given = given
+        self._head: bytes | None = None  # not sent yet
+        self._request: web.BaseRequest | None = None
+        self._done = False
+        self._keeps_alive = False
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._keeps_alive
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._request is None:
+            self._request = request
+            self._head, self._keeps_alive = serialised_head(
+                request, self.status, self.reason, self._lines, self._given, None
+            )
+        return request.writer
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            await self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if not self._done:
+            self._done = True
+            await self._send(b"0\r\n\r\n")
+
+    async def _send(self, data: bytes) -> None:
+        request = self._request
+        assert request is not None, "prepare() first"
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        writer = request.writer
+        writer.output_size += len(data)
+        transport.write(data)
+        if request.protocol.writing_paused:
+            await writer.drain()
+
+
 class ChunkWriter:
     """The pipe's far end: writes each part to the client as one HTTP/1.1 chunk, notes the
     gap since the last and the chunk that carries `usage`. Returns True (hold the backend)
@@ -53,7 +109,7 @@ class ChunkWriter:
     def __init__(
         self,
         request: web.Request,
-        writer: StreamWriter,
+        writer: AbstractStreamWriter,
         context: StreamContext,
         last: float,
     ) -> None:
@@ -86,14 +142,13 @@ class ChunkWriter:
 async def relay(
     request: web.Request,
     upstream: UpstreamResponse,
-    headers: CIMultiDict[str],
+    response: web.StreamResponse,
     backend: str,
     context: StreamContext,
 ) -> tuple[web.StreamResponse, Verdict]:
-    """Returns the response and how the relay ended, as a verdict: OK, BACKEND_FAILED (the
-    backend broke off or stalled) or CLIENT_GONE (the client left; the upstream request is
-    closed)."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    """Relays the body through `response` (a ChunkedStream, or aiohttp's StreamResponse);
+    returns it and how the relay ended, as a verdict: OK, BACKEND_FAILED (the backend broke
+    off or stalled) or CLIENT_GONE (the client left; the upstream request is closed)."""
     writer = await response.prepare(request)
     assert writer is not None
     try:
@@ -104,7 +159,9 @@ async def relay(
             if chunk.find(b'"usage"') >= 0:
                 context.usage_chunk = chunk
             await response.write(chunk)  # with the headers
-            if isinstance(writer, StreamWriter) and writer.chunked:
+            if isinstance(response, ChunkedStream) or (
+                isinstance(writer, StreamWriter) and writer.chunked
+            ):
                 await pipe(request, upstream, writer, context, now)
             else:  # an HTTP/1.0 client, or a body that must be empty: aiohttp frames it
                 await write_parts(upstream, response, context, now)
@@ -127,7 +184,7 @@ async def relay(
 async def pipe(
     request: web.Request,
     upstream: UpstreamResponse,
-    writer: StreamWriter,
+    writer: AbstractStreamWriter,
     context: StreamContext,
     last: float,
 ) -> None:
