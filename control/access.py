@@ -284,8 +284,7 @@ class AccessControl:
         reads."""
         kind = self.kind(request)
         if kind is Kind.DATA:
-            if self.admin_listening or self.live.runtime.config.auth.api_keys:
-                self.check_data(request)
+            self.check_data_route(request)
         elif kind is not Kind.PUBLIC:
             try:
                 self.check_admin(request, kind)
@@ -295,6 +294,12 @@ class AccessControl:
                 raise
 
     # -- the proxied API ------------------------------------------------------------------
+
+    def check_data_route(self, request: web.Request) -> None:
+        """`check()` for a route known to be of the proxied API (proxy.server.DataPlane):
+        with no admin listener and no client keys configured, two reads."""
+        if self.admin_listening or self.live.runtime.config.auth.api_keys:
+            self.check_data(request)
 
     def check_data(self, request: web.Request) -> None:
         if self.listener(request).admin:

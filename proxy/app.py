@@ -35,11 +35,11 @@ from control.audit import AuditLog
 from control.cors import Cors
 from control.reload import HealthService, Reloader
 from control.routing_api import RoutingApi
-from proxy.errors import error_middleware, error_response
+from proxy.errors import ErrorAnswers, error_middleware, error_response
 from proxy.router import Router
 from proxy.routes import MODEL_ROUTED_FORMS, MODEL_ROUTED_JSON, QDRANT_PREFIX, Routes
 from proxy.runtime import LiveRuntime, Runtime
-from proxy.server import ClientLimits, GatewayRunner
+from proxy.server import ClientLimits, DataPlane, GatewayRunner
 from telemetry.accesslog import AccessLog
 from telemetry.accounting import Accountant, store_for
 from telemetry.costs import CostAnalysis
@@ -59,6 +59,7 @@ ACCESS_KEY = web.AppKey("access", AccessControl)
 SHARE_KEY = web.AppKey("share", WorkerShare)
 # Collectors of the cluster's own metrics (the Redis sync's), added to /metrics' registry.
 COLLECTORS_KEY: web.AppKey[list[Collector]] = web.AppKey("collectors")
+DATA_PLANE_KEY = web.AppKey("data_plane", DataPlane)
 
 
 def build_app(
@@ -80,8 +81,9 @@ def build_app(
     reloader = Reloader(live, health, config_path or config.source, environ)
     limit = config.server.max_body_bytes
     access = AccessControl(live, AuditLog(config.logging.audit_log), clock)
+    answers = ErrorAnswers(limit, partial(count_refusal, live))
     # Access is decided before the workers' coordination answers a merged report.
-    middlewares = [error_middleware(limit, partial(count_refusal, live), access.check)]
+    middlewares = [error_middleware(answers, access.check)]
     peers = Peers.from_environment() if config.server.workers > 1 else None
     if peers is not None:
         middlewares.append(peers.middleware())
@@ -148,7 +150,12 @@ def build_app(
         cors = Cors(live, access)
         access.add(app, Kind.PUBLIC, cors.routes(sorted({r.path for r in data_routes})))
         app.on_response_prepare.append(cors.on_prepare)
-
+    else:
+        # The same routes, served first by the runner's low-level dispatch (make_runner).
+        # Not with CORS on: its headers are added as aiohttp prepares a response, which the
+        # low-level dispatch and the gateway's own response framing (runtime.own_framing)
+        # do without.
+        app[DATA_PLANE_KEY] = DataPlane(data_routes, answers, access.check_data_route)
     admin = AdminApi(live, reloader, access.audit, access.data_port)
     cluster = share_with_workers(app, live, peers, reloader, admin)
     reports = Reports(live)
@@ -327,8 +334,9 @@ async def expect_continue(
 
 def make_runner(app: web.Application, **options: Any) -> web.AppRunner:
     """The runner to serve a gateway app with: aiohttp's, whose protocol answers requests its
-    parser refuses as JSON and counts them, and guards against slow and greedy clients
-    (proxy.server; restart to change its limits)."""
+    parser refuses as JSON and counts them, and guards against slow and greedy clients, and
+    whose low-level server dispatches the proxied API's routes itself (proxy.server; restart
+    to change its limits)."""
     live = app[RUNTIME_KEY]
     server = live.runtime.config.server
     limits = ClientLimits(server.header_timeout, server.max_connections_per_client)
@@ -336,7 +344,13 @@ def make_runner(app: web.Application, **options: Any) -> web.AppRunner:
     # client sees the answer rather than a reset; 2 s instead of its 10 bounds how long a
     # silent client holds the connection after its 408.
     options.setdefault("lingering_time", LINGERING_SECONDS)
-    return GatewayRunner(app, count_refusal=partial(count_refusal, live), limits=limits, **options)
+    return GatewayRunner(
+        app,
+        count_refusal=partial(count_refusal, live),
+        limits=limits,
+        data_plane=app.get(DATA_PLANE_KEY),
+        **options,
+    )
 
 
 def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> None:

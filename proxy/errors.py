@@ -253,39 +253,37 @@ _AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
-def error_middleware(
-    max_body_bytes: int,
-    count_refusal: Callable[[int], None],
-    check_access: Callable[[web.Request], None] | None = None,
-) -> Middleware:
-    """Every failure leaves as JSON with the right status; no traceback reaches a client.
-    `count_refusal(status)`: called for each request answered with an error before it reached
-    the forwarding loop (which records its own outcomes). `check_access(request)`: who may use
-    the route (control.access), raising its refusal; run here rather than as a middleware of
-    its own to spare every request a coroutine frame."""
+class ErrorAnswers:
+    """The one place a handler's exception becomes the client's answer: JSON with the right
+    status; no traceback reaches a client. `count_refusal(status)`: called for each request
+    answered with an error before it reached the forwarding loop (which records its own
+    outcomes). Used by the middleware and by the data plane's dispatch (proxy.server), which
+    serves the proxied API without aiohttp's router and middleware chain."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        try:
-            if check_access is not None:
-                check_access(request)
-            return await handler(request)
-        except web.HTTPException as exc:
+    __slots__ = ("max_body_bytes", "count_refusal")
+
+    def __init__(self, max_body_bytes: int, count_refusal: Callable[[int], None]) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.count_refusal = count_refusal
+
+    def __call__(self, request: web.Request, exc: Exception, started: float) -> web.Response:
+        """Called in the handler's `except` block (the traceback is logged from there); an
+        aiohttp redirect (status < 400) is raised again. `started`: when handling began."""
+        if isinstance(exc, web.HTTPException):
             if exc.status < 400:
-                raise
-            message = _aiohttp_message(request, exc, max_body_bytes)
+                raise exc
+            message = _aiohttp_message(request, exc, self.max_body_bytes)
             code = _AIOHTTP_CODES.get(exc.status, "http_error")
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             response = error_response(exc.status, message, "invalid_request_error", code, allow)
-        except GatewayError as exc:
+        elif isinstance(exc, GatewayError):
             message = exc.message
             response = error_response(
                 exc.status, exc.message, exc.error_type, exc.code, exc.headers
             )
             if exc.closes_connection:
                 response.force_close()
-        except Exception:
+        else:
             log.exception("unhandled error on %s %s", request.method, request.path)
             message = "internal gateway error"
             response = error_response(500, message, "server_error", "internal_error")
@@ -297,7 +295,7 @@ def error_middleware(
         if "x-router-attempts" not in headers:
             # Refused before the forwarding loop (which says how far a request got in these
             # headers): nothing else records it, so it is counted and logged here.
-            count_refusal(response.status)
+            self.count_refusal(response.status)
             log.info(
                 "refused before routing: %d %s %s from %s: %s",
                 response.status,
@@ -310,6 +308,25 @@ def error_middleware(
             headers["x-router-attempts"] = "0"
         headers.setdefault("x-router-overhead-ms", f"{(time.perf_counter() - started) * 1000:.3f}")
         return response
+
+
+def error_middleware(
+    answers: ErrorAnswers,
+    check_access: Callable[[web.Request], None] | None = None,
+) -> Middleware:
+    """Every failure leaves as `answers` says. `check_access(request)`: who may use the route
+    (control.access), raising its refusal; run here rather than as a middleware of its own to
+    spare every request a coroutine frame."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            if check_access is not None:
+                check_access(request)
+            return await handler(request)
+        except Exception as exc:
+            return answers(request, exc, started)
 
     return middleware
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
 HOP_BY_HOP = frozenset(
@@ -92,7 +94,7 @@ def upstream_request_headers(
     lines: list[bytes] = []
     for name, value in request.raw_headers:
         lowered = name.lower()
-        if b"_" in lowered:
+        if lowered.find(b"_") >= 0:  # find, not `in`: see proxy.streaming
             continue
         if lowered in _REQUEST_DROP:
             if lowered == b"x-forwarded-for":
@@ -123,6 +125,81 @@ def upstream_request_headers(
         b"\r\n",
     )
     return b"".join(lines)
+
+
+# Headers aiohttp adds to an answer that lacks them (web_response's _prepare_headers): the
+# gateway adds them too to the answers it serialises itself.
+HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER = 1, 2, 4
+_DEFAULTED = {b"content-type": HAS_CONTENT_TYPE, b"date": HAS_DATE, b"server": HAS_SERVER}
+
+
+def client_response_lines(
+    raw: list[tuple[bytes, bytes]], backend: str, request_id: str
+) -> tuple[bytes, int]:
+    """What `client_response_headers` gives, as header lines (each ending in CRLF) for an
+    answer the gateway serialises itself: the backend's bytes as they came, less what does
+    not cross the hop; and which of Content-Type, Date and Server the backend gave (HAS_*)."""
+    kept: list[tuple[bytes, bytes, bytes]] = []
+    named: frozenset[bytes] = frozenset()
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _RESPONSE_DROP:
+            if lowered == b"connection":
+                named = named | _connection_tokens(value)
+            continue
+        kept.append((lowered, name, value))
+    given = 0
+    lines: list[bytes] = []
+    for lowered, name, value in kept:
+        if lowered not in named:
+            given |= _DEFAULTED.get(lowered, 0)
+            lines += (name, b": ", value, b"\r\n")
+    lines += (
+        b"x-router-backend: ",
+        backend.encode("utf-8", "surrogateescape"),
+        b"\r\nx-request-id: ",
+        request_id.encode("utf-8", "surrogateescape"),
+        b"\r\n",
+    )
+    return b"".join(lines), given
+
+
+_SERVER_LINE = b"Server: %s\r\n" % SERVER_SOFTWARE.encode()
+
+
+def serialised_head(
+    request: web.BaseRequest,
+    status: int,
+    reason: str,
+    lines: bytes,
+    given: int,
+    length: int | None,
+) -> tuple[bytes, bool]:
+    """The head of an answer the gateway writes itself, and whether the connection stays
+    open: `lines` (client_response_lines and ours), then what aiohttp's response adds
+    (web_response's _prepare_headers): Content-Length, or `Transfer-Encoding: chunked` when
+    `length` is None (HTTP/1.1 only); Content-Type, Date and Server when the backend gave
+    none; Connection as the request's keep-alive requires."""
+    version = request.version
+    keep_alive = request.keep_alive
+    parts = [
+        b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, status, reason.encode("latin-1")),
+        lines,
+        b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length,
+    ]
+    if not given & HAS_CONTENT_TYPE:
+        parts.append(b"Content-Type: application/octet-stream\r\n")
+    if not given & HAS_DATE:
+        parts.append(b"Date: %s\r\n" % rfc822_formatted_time().encode())
+    if not given & HAS_SERVER:
+        parts.append(_SERVER_LINE)
+    if keep_alive:
+        if version == HttpVersion10:
+            parts.append(b"Connection: keep-alive\r\n")
+    elif version == HttpVersion11:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts), keep_alive
 
 
 def client_response_headers(

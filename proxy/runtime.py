@@ -100,6 +100,7 @@ class Runtime:
         "models_body",
         "model_bodies",
         "spend_period",
+        "own_framing",
         "_wall",
     )
 
@@ -142,6 +143,9 @@ class Runtime:
         self.models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self.model_names = ", ".join(self.models)
         self.models_body = models_list_body(config)
+        # OK answers are framed by the gateway itself (proxy.attempt), unless CORS needs
+        # aiohttp's response preparation to add its headers.
+        self.own_framing = not config.cors.allowed_origins
         self.model_bodies = {
             entry["id"]: json_bytes(entry) for entry in orjson.loads(self.models_body)["data"]
         }

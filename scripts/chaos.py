@@ -252,7 +252,7 @@ def serve_worker(argv: Sequence[str]) -> int:
     """A worker, as the supervisor's `python -m proxy ARGS` runs it (proxy.__main__'s main()),
     with GET /_chaos/tasks and the x-chaos-worker header added to the app it builds."""
     import proxy.__main__ as gateway_main
-    from proxy.app import build_app
+    from proxy.app import RUNTIME_KEY, build_app
 
     index = os.environ.get("ROUTER_WORKER_INDEX", "")
 
@@ -263,10 +263,19 @@ def serve_worker(argv: Sequence[str]) -> int:
         app = build_app(*args, **kwargs)
         app.router.add_get("/_chaos/tasks", tasks_handler)
         app.on_response_prepare.append(name_worker)
+        # Answers the gateway frames itself (proxy.attempt) skip aiohttp's preparation, and
+        # with it the header: their request ids name the worker instead ("w1-17").
+        app[RUNTIME_KEY].runtime._id_prefix = f"w{index}-"
         return app
 
     with mock.patch.object(gateway_main, "build_app", instrumented):
         return gateway_main.main(list(argv))
+
+
+def worker_of(request_id: str) -> str:
+    """The worker index a chaos worker put in its request ids ("w1-17" -> "1"), or ""."""
+    prefix, _, _ = request_id.partition("-")
+    return prefix[1:] if prefix.startswith("w") and prefix[1:].isdigit() else ""
 
 
 @dataclass
@@ -721,7 +730,9 @@ class Traffic:
             async with http.request(call.method, self.url + call.path, json=call.body) as response:
                 status = response.status
                 backend = response.headers.get("x-router-backend", "-")
-                worker = response.headers.get(WORKER_HEADER, "")
+                worker = response.headers.get(WORKER_HEADER) or worker_of(
+                    response.headers.get("x-request-id", "")
+                )
                 if abandon and status == 200:
                     await response.content.readany()
                     response.close()  # gone mid-stream

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,18 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
     # Every request and stream of every phase and target was answered.
     errors = re.findall(r"(\d+) errors", result.stdout)
     assert len(errors) >= 6 and set(errors) == {"0"}, errors
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="scripts/icount.py needs valgrind")
+def test_instruction_count_run_prints_every_phase() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/icount.py", "--n", "20", "--warm", "10", "--paced-tokens", "4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=220,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for phase, unit in (("plain", "request"), ("fallback", "request"), ("paced", "chunk")):
+        assert re.search(rf"{phase} +[\d,]+ per {unit}", result.stdout), result.stdout

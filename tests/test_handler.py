@@ -11,6 +11,7 @@ from collections import Counter
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from proxy.jsonbody import json_bytes
 from simulator.cluster import Cluster
@@ -150,6 +151,24 @@ async def test_unknown_route_and_wrong_method_get_json_errors(gateway, http) -> 
     async with http.get(f"{gateway.url}/v1/chat/completions") as response:
         assert response.status == 405
         assert (await response.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_dispatched_and_application_routed_requests_are_answered_alike(
+    gateway, http
+) -> None:
+    """proxy.server.DataPlane serves a data route's exact path; a query string or an escaped
+    character sends the same request through the Application's router instead."""
+    for path in ("/v1/chat/completions", "/v1/chat/completions?x=1", "/v1/chat/%63ompletions"):
+        url = URL(gateway.url + path, encoded=True)
+        async with http.post(url, json=chat("hermes-2")) as response:
+            assert response.status == 200, path
+            assert response.headers["x-router-backend"] == "hermes-2"
+        async with http.post(url, data=b"{", headers={"X-Request-ID": "r-1"}) as response:
+            assert response.status == 400, path
+            assert (await response.json())["error"]["code"] == "invalid_json"
+            assert response.headers["x-router-attempts"] == "0"
+            assert response.headers["x-request-id"] == "r-1"
+            assert float(response.headers["x-router-overhead-ms"]) >= 0
 
 
 async def test_unreachable_backend_fails_over_to_another(

@@ -154,3 +154,42 @@ async def test_only_qdrant_methods_pass_through(gateway, http) -> None:
         assert (await response.json())["error"]["code"] == "method_not_allowed"
     async with http.get(f"{gateway.url}/qdrant/collections") as response:
         assert response.status == 200
+
+
+async def test_a_buffered_answer_carries_what_aiohttp_would_add_and_keeps_alive_as_asked(
+    gateway,
+) -> None:
+    """proxy.attempt.SerialisedResponse writes a backend's buffered answer itself: the
+    backend's headers, ours, Content-Length, and the Connection header keep-alive requires,
+    for HTTP/1.1 and HTTP/1.0 clients alike."""
+    body = orjson.dumps(chat("hermes-2"))
+    request = (
+        b"POST /v1/chat/completions HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+    )
+    length = b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    reader, writer = await connect(gateway.url)
+    for _ in range(2):  # kept alive
+        writer.write(request % (b"1.1", length))
+        status, headers, answer_body = await answer(reader)
+        assert status == 200 and orjson.loads(answer_body)["model"] == "hermes-2"
+        assert headers["content-type"].startswith("application/json")
+        assert {"date", "server", "x-request-id", "x-router-overhead-ms"} <= set(headers)
+        assert headers["x-router-backend"] == "hermes-2" and headers["x-router-attempts"] == "1"
+        assert "connection" not in headers and "transfer-encoding" not in headers
+    writer.write(request % (b"1.1", b"Connection: close\r\n" + length))
+    status, headers, _ = await answer(reader)
+    assert status == 200 and headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+    await close(writer)
+
+    reader, writer = await connect(gateway.url)
+    writer.write(request % (b"1.0", b"Connection: keep-alive\r\n" + length))
+    status, headers, _ = await answer(reader)
+    assert status == 200 and headers["connection"] == "keep-alive"
+    writer.write(request % (b"1.0", length))  # no keep-alive asked: closed after the answer
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.0 200") and b"onnection" not in head
+    await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    await close(writer)

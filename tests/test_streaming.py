@@ -202,3 +202,25 @@ async def test_a_half_open_breaker_does_not_close_on_a_trial_whose_stream_breaks
     async with http.post(url, json=chat("hermes-2", stream=True)) as response:
         assert b"[DONE]" in await response.read()
     assert breaker.state is BreakerState.CLOSED  # a trial whose stream completes closes it
+
+
+async def test_an_http_1_0_client_gets_the_stream_unframed_until_close(
+    gateway, cluster: Cluster
+) -> None:
+    """HTTP/1.0 has no chunked coding: the relay leaves the framing to aiohttp's writer (the
+    body runs to the end of the connection) instead of piping chunks."""
+    behaviour = cluster["phi-3-mini"].behaviour
+    behaviour.tokens, behaviour.token_delay = 5, 0.02  # one read per token
+    body = orjson.dumps(chat("phi-3-mini", stream=True))
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)  # until the gateway closes
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    assert payload.startswith(b"data: ") and payload.endswith(b"data: [DONE]\n\n")
+    assert payload.count(b"data: ") == 5 + 2  # the role chunk, five tokens and [DONE]

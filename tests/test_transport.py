@@ -227,6 +227,27 @@ async def test_silence_before_the_headers_times_out_and_closes(backend_with, cli
     await asyncio.wait_for(backend.closed.wait(), 2)  # the backend's work is abandoned
 
 
+async def test_a_keep_alive_connection_keeps_one_timer_and_earlier_deadlines_still_fire(
+    backend_with, client
+) -> None:
+    """The exchange timer outlives its exchange (UpstreamConnection._arm): the next requests
+    on the connection arm none while it fires no later than they need, and a request with an
+    earlier deadline still times out on time."""
+    backend = await backend_with(lambda n, request: OK if n < 3 else ...)
+    assert await exchange(client, backend) == (200, b"{}")
+    connection = client.origin(backend.url).idle[-1]
+    timer = connection._timer
+    assert timer is not None
+    for _ in range(2):
+        assert await exchange(client, backend) == (200, b"{}")
+        assert connection._timer is timer
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError):
+        await exchange(client, backend, timeouts=Timeouts(connect=2, first_byte=0.2, total=5))
+    assert asyncio.get_running_loop().time() - started < 1
+    assert backend.connections == 1
+
+
 async def test_a_stream_that_goes_quiet_times_out(backend_with, client) -> None:
     def stall_after_one_chunk(n: int, request: bytes) -> bytes:
         return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata: \r\n"
