@@ -205,7 +205,18 @@ exec {python} {script} --serve-worker "$@"
 async def tasks_handler(request: web.Request) -> web.Response:
     """GET /_chaos/tasks: the gateway process's live asyncio tasks, this handler's included,
     and its pid (with workers: which one answered)."""
-    return web.json_response({"tasks": len(asyncio.all_tasks()), "pid": os.getpid()})
+    tasks = asyncio.all_tasks()
+    names = sorted(describe_task(task) for task in tasks)
+    return web.json_response({"tasks": len(tasks), "pid": os.getpid(), "names": names})
+
+
+def describe_task(task: asyncio.Task[Any]) -> str:
+    """Where a task's coroutine is waiting: what a leaked one is, in the check's detail."""
+    coro = task.get_coro()
+    name = getattr(coro, "__qualname__", repr(coro))
+    frame = getattr(coro, "cr_frame", None)
+    where = f" at {frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno}" if frame else ""
+    return f"{name}{where}"
 
 
 async def serve_gateway(config_path: str) -> None:
@@ -276,6 +287,19 @@ def worker_of(request_id: str) -> str:
     """The worker index a chaos worker put in its request ids ("w1-17" -> "1"), or ""."""
     prefix, _, _ = request_id.partition("-")
     return prefix[1:] if prefix.startswith("w") and prefix[1:].isdigit() else ""
+
+
+async def steady_tasks(gateway: Gateway, tries: int = 10) -> dict[int, int]:
+    """The task counts once two readings half a second apart agree: on a loaded machine a
+    task the gateway starts once, after start-up, may not have begun at the first reading."""
+    counts = await gateway.tasks_by_process()
+    for _ in range(tries):
+        await asyncio.sleep(0.5)
+        again = await gateway.tasks_by_process()
+        if again == counts:
+            break
+        counts = again
+    return counts
 
 
 @dataclass
@@ -987,6 +1011,8 @@ async def process_checks(
         gateway.tasks_by_process, lambda v: against_baseline(baseline_tasks, v, 0)[0], wait
     )
     passed, figures = against_baseline(baseline_tasks, final_tasks, 0)
+    if not passed:  # name what is still running, so a leak can be found
+        figures += "; live: " + ", ".join((await gateway.get("/_chaos/tasks"))["names"])
     checks.append(Check("tasks back to baseline", passed, f"{figures} ({waited:.1f} s)"))
     return checks
 
@@ -1168,7 +1194,7 @@ async def drive(
     # Every backend probed before the baseline: the health checker's connections are part of it.
     await asyncio.sleep(timers.health_interval * 3)
     baseline_fds = gateway.fds_by_process()
-    baseline_tasks = await gateway.tasks_by_process()
+    baseline_tasks = await steady_tasks(gateway)
     if len(baseline_fds) != gateway.workers or baseline_tasks.keys() != baseline_fds.keys():
         raise RuntimeError(
             f"expected {gateway.workers} gateway processes, found the fds of"
