@@ -102,20 +102,15 @@ class ChunkedStream(web.StreamResponse):
 class ChunkWriter:
     """The pipe's far end: writes each part to the client as one HTTP/1.1 chunk, notes the
     gap since the last and the chunk that carries `usage`. Returns True (hold the backend)
-    when the client's socket buffer is full or the client has gone."""
+    when the client's socket buffer is full or the client has gone. (aiohttp's writer does
+    not count these bytes: its count only has to say the answer has started, which the first
+    chunk did.)"""
 
-    __slots__ = ("transport", "protocol", "writer", "context", "observe_gap", "last", "gone")
+    __slots__ = ("transport", "protocol", "context", "observe_gap", "last", "gone")
 
-    def __init__(
-        self,
-        request: web.Request,
-        writer: AbstractStreamWriter,
-        context: StreamContext,
-        last: float,
-    ) -> None:
+    def __init__(self, request: web.Request, context: StreamContext, last: float) -> None:
         self.transport = request.transport
         self.protocol = request.protocol
-        self.writer = writer
         self.context = context
         self.observe_gap = context.observe_gap
         self.last = last
@@ -133,9 +128,7 @@ class ChunkWriter:
         if transport is None or transport.is_closing():
             self.gone = True
             return True
-        framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-        self.writer.output_size += len(framed)
-        transport.write(framed)
+        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         return self.protocol.writing_paused
 
 
@@ -190,7 +183,7 @@ async def pipe(
 ) -> None:
     """The rest of the body, piped: written from the upstream connection's read callback,
     held while the client's socket buffer is full."""
-    sink = ChunkWriter(request, writer, context, last)
+    sink = ChunkWriter(request, context, last)
     upstream.pipe(sink.write)
     while await upstream.piped() and not sink.gone:
         await writer.drain()  # the client's socket buffer is full
