@@ -215,7 +215,7 @@ async def deliver(
                 and request.method != "HEAD"
             ):
                 lines, given = client_response_lines(
-                    response.headers, upstream.name, state.request_id
+                    response.headers, upstream.name, state.request_id, state.fallback is not None
                 )
                 return SerialisedResponse(
                     status, response.reason, lines + our_lines(state), given, payload
@@ -270,7 +270,9 @@ def relay_response(
         and status not in BODILESS_STATUSES
         and request.method != "HEAD"
     ):
-        lines, given = client_response_lines(response.headers, upstream.name, state.request_id)
+        lines, given = client_response_lines(
+            response.headers, upstream.name, state.request_id, state.fallback is not None
+        )
         return ChunkedStream(status, response.reason, lines + our_lines(state), given)
     headers = answer_headers(upstream, response, state)
     headers["x-router-overhead-ms"] = overhead_ms(state)

@@ -131,16 +131,21 @@ def upstream_request_headers(
 # gateway adds them too to the answers it serialises itself.
 HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER = 1, 2, 4
 _DEFAULTED = {b"content-type": HAS_CONTENT_TYPE, b"date": HAS_DATE, b"server": HAS_SERVER}
+# What the gateway sets on every answer it serialises (proxy.attempt.our_lines): a backend's
+# own (another gateway's) is replaced, as setting them on the multidict replaces it.
+_SET_BY_US = frozenset({b"x-router-attempts", b"x-router-overhead-ms"})
+_SET_BY_US_FALLBACK = _SET_BY_US | {b"x-router-fallback"}
 
 
 def client_response_lines(
-    raw: list[tuple[bytes, bytes]], backend: str, request_id: str
+    raw: list[tuple[bytes, bytes]], backend: str, request_id: str, fallback: bool = False
 ) -> tuple[bytes, int]:
     """What `client_response_headers` gives, as header lines (each ending in CRLF) for an
     answer the gateway serialises itself: the backend's bytes as they came, less what does
-    not cross the hop; and which of Content-Type, Date and Server the backend gave (HAS_*)."""
+    not cross the hop and what the gateway sets (x-router-fallback too when `fallback`);
+    and which of Content-Type, Date and Server the backend gave (HAS_*)."""
     kept: list[tuple[bytes, bytes, bytes]] = []
-    named: frozenset[bytes] = frozenset()
+    named = _SET_BY_US_FALLBACK if fallback else _SET_BY_US
     for name, value in raw:
         lowered = name.lower()
         if lowered in _RESPONSE_DROP:

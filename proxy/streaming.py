@@ -102,20 +102,15 @@ class ChunkedStream(web.StreamResponse):
 class ChunkWriter:
     """The pipe's far end: writes each part to the client as one HTTP/1.1 chunk, notes the
     gap since the last and the chunk that carries `usage`. Returns True (hold the backend)
-    when the client's socket buffer is full or the client has gone."""
+    when the client's socket buffer is full or the client has gone. What it writes is added to
+    aiohttp's writer's count, which the access log reports as bytes_sent."""
 
     __slots__ = ("transport", "protocol", "writer", "context", "observe_gap", "last", "gone")
 
-    def __init__(
-        self,
-        request: web.Request,
-        writer: AbstractStreamWriter,
-        context: StreamContext,
-        last: float,
-    ) -> None:
+    def __init__(self, request: web.Request, context: StreamContext, last: float) -> None:
         self.transport = request.transport
         self.protocol = request.protocol
-        self.writer = writer
+        self.writer = request.writer
         self.context = context
         self.observe_gap = context.observe_gap
         self.last = last
@@ -190,7 +185,7 @@ async def pipe(
 ) -> None:
     """The rest of the body, piped: written from the upstream connection's read callback,
     held while the client's socket buffer is full."""
-    sink = ChunkWriter(request, writer, context, last)
+    sink = ChunkWriter(request, context, last)
     upstream.pipe(sink.write)
     while await upstream.piped() and not sink.gone:
         await writer.drain()  # the client's socket buffer is full

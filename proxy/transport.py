@@ -227,8 +227,6 @@ class UpstreamResponse:
     # called by the connection
     def _feed(self, chunk: bytes) -> None:
         self._body.append(chunk)
-        if self._sink is not None:
-            return  # `_flush` hands the parts of one read to the sink at once
         self._buffered += len(chunk)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -526,7 +524,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self.response
         if response is not None:
-            response._feed(body)
+            if response._sink is not None:  # piped: handed on after the read (_flush)
+                response._body.append(body)
+            else:
+                response._feed(body)
 
     def on_message_complete(self) -> None:
         if self._informational:

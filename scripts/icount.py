@@ -213,8 +213,8 @@ async def measure(args: argparse.Namespace, out: Path) -> None:
         await streams(port, 20, 10)
         await phase("stream", streams(port, 200, 10))
         await behave(tokens=args.paced_tokens, token_delay=args.token_delay / 1000)
-        await streams(port, 5, 5)
-        await phase("paced", streams(port, 40, 5))
+        await streams(port, args.paced_at_once, args.paced_at_once)
+        await phase("paced", streams(port, args.paced_streams, args.paced_at_once))
     finally:
         for process in (gateway, simulators):
             process.send_signal(signal.SIGTERM)
@@ -239,6 +239,8 @@ def main() -> None:
     parser.add_argument("--tree", default=str(ROOT), help="the checkout to measure")
     parser.add_argument("--n", type=int, default=2000, help="requests per request phase")
     parser.add_argument("--warm", type=int, default=300, help="warm-up requests per phase")
+    parser.add_argument("--paced-streams", type=int, default=40)
+    parser.add_argument("--paced-at-once", type=int, default=5, help="concurrent paced streams")
     parser.add_argument("--paced-tokens", type=int, default=32)
     parser.add_argument("--token-delay", type=float, default=20.0, help="ms between tokens")
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dumps")
