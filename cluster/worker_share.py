@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from admission.ratelimit import TokenBucket
 from cluster.shared_table import (
@@ -74,6 +74,16 @@ class SharedCell:
         return total
 
 
+class HintCells(NamedTuple):
+    """One backend's breaker-open and cool-down cells: this worker's and the others'."""
+
+    upstream: Upstream
+    own_open: int
+    others_open: tuple[int, ...]
+    own_cool: int
+    others_cool: tuple[int, ...]
+
+
 @dataclass
 class SyncedBucket:
     """A bucket and what the last sync saw: this worker's grants, the others' total."""
@@ -117,6 +127,7 @@ class WorkerShare:
         self._limits: dict[str, SyncedBucket] = {}
         self._clients: dict[str, SyncedBucket] = {}
         self._hints: dict[str, tuple[float, float]] = {}  # backend -> (open, cool-down) applied
+        self._hint_cells: list[HintCells] = []  # set by bind
 
     # --- binding (at start and for every runtime a reload builds) -----------------------
 
@@ -131,11 +142,21 @@ class WorkerShare:
         ints = self.table.ints
         total = SharedCell(ints, self._row + IN_FLIGHT, self._others_head(IN_FLIGHT))
         runtime.admission.share(total)
+        hint_cells = []
         for upstream in runtime.router.upstreams:
+            column = self.table.column("backend:" + upstream.name)
             if upstream.shared_active is None:
-                own, others = self._cell(self.table.column("backend:" + upstream.name), COUNT)
+                own, others = self._cell(column, COUNT)
                 upstream.shared_active = SharedCell(ints, own, others)
                 upstream.shared_active.publish(upstream.active)
+            hint_cells.append(
+                HintCells(
+                    upstream, *self._cell(column, OPEN_UNTIL), *self._cell(column, COOLDOWN_UNTIL)
+                )
+            )
+        # Where each backend's breaker and cool-down hints are: found once per runtime, read
+        # every sync.
+        self._hint_cells = hint_cells
         limits: dict[str, SyncedBucket] = {}
         for key, bucket in runtime.rate_limiter.shared_buckets():
             synced = self._limits.get(key)
@@ -235,10 +256,7 @@ class WorkerShare:
     def _sync_hints(self, runtime: Runtime) -> None:
         floats = self.table.floats
         now = self.clock()
-        for upstream in runtime.router.upstreams:
-            column = self.table.column("backend:" + upstream.name)
-            own_open, others_open = self._cell(column, OPEN_UNTIL)
-            own_cool, others_cool = self._cell(column, COOLDOWN_UNTIL)
+        for upstream, own_open, others_open, own_cool, others_cool in self._hint_cells:
             floats[own_open] = upstream.breaker.open_until()
             floats[own_cool] = upstream.cooldown_until
             opened = max((floats[c] for c in others_open), default=0.0)

@@ -207,23 +207,10 @@ async def deliver(
             if payload.find(b'"usage"') >= 0:  # find, not `in`: see proxy.streaming
                 account_usage(outcome, usage_from_body(payload))
             status = response.status
-            if (
-                verdict is OK
-                and runtime.own_framing
-                and payload
-                and status not in BODILESS_STATUSES
-                and request.method != "HEAD"
-            ):
-                lines, given = client_response_lines(
-                    response.headers, upstream.name, state.request_id, state.fallback is not None
-                )
-                return SerialisedResponse(
-                    status, response.reason, lines + our_lines(state), given, payload
-                )
+            if payload and framed_by_us(runtime, request, state, status):
+                lines, given = our_head(upstream, response, state)
+                return SerialisedResponse(status, response.reason, lines, given, payload)
             headers = answer_headers(upstream, response, state)
-            headers["x-router-overhead-ms"] = overhead_ms(state)
-            if state.backoff_time:
-                headers["x-router-backoff-ms"] = backoff_ms(state)
             return ForwardedResponse(
                 status=status, reason=response.reason, body=payload, headers=headers
             )
@@ -263,22 +250,32 @@ def relay_response(
     2xx/3xx answer to an HTTP/1.1 request that gets a body, else aiohttp's StreamResponse
     (which frames what HTTP/1.0, HEAD, 204 and 304 need)."""
     status = response.status
-    if (
+    if request.version == HttpVersion11 and framed_by_us(runtime, request, state, status):
+        lines, given = our_head(upstream, response, state)
+        return ChunkedStream(status, response.reason, lines, given)
+    headers = answer_headers(upstream, response, state)
+    return web.StreamResponse(status=status, reason=response.reason, headers=headers)
+
+
+def framed_by_us(runtime: Runtime, request: web.Request, state: RequestState, status: int) -> bool:
+    """An OK answer with a body, which the gateway writes itself (SerialisedResponse,
+    ChunkedStream) unless CORS needs aiohttp's response preparation."""
+    return (
         state.verdict is OK
         and runtime.own_framing
-        and request.version == HttpVersion11
         and status not in BODILESS_STATUSES
         and request.method != "HEAD"
-    ):
-        lines, given = client_response_lines(
-            response.headers, upstream.name, state.request_id, state.fallback is not None
-        )
-        return ChunkedStream(status, response.reason, lines + our_lines(state), given)
-    headers = answer_headers(upstream, response, state)
-    headers["x-router-overhead-ms"] = overhead_ms(state)
-    if state.backoff_time:
-        headers["x-router-backoff-ms"] = backoff_ms(state)
-    return web.StreamResponse(status=status, reason=response.reason, headers=headers)
+    )
+
+
+def our_head(
+    upstream: Upstream, response: UpstreamResponse, state: RequestState
+) -> tuple[bytes, int]:
+    """The header lines of an answer the gateway writes itself: the backend's and ours."""
+    lines, given = client_response_lines(
+        response.headers, upstream.name, state.request_id, state.fallback is not None
+    )
+    return lines + our_lines(state), given
 
 
 def our_lines(state: RequestState) -> bytes:
@@ -298,6 +295,9 @@ def answer_headers(
     """The client's answer headers: the backend's (proxy.headers) and how the request went."""
     headers = client_response_headers(response.headers, upstream.name, state.request_id)
     headers["x-router-attempts"] = str(state.attempt)
+    headers["x-router-overhead-ms"] = overhead_ms(state)
+    if state.backoff_time:
+        headers["x-router-backoff-ms"] = backoff_ms(state)
     if state.fallback is not None:
         headers["x-router-fallback"] = state.fallback
     if state.verdict is not OK:

@@ -19,7 +19,7 @@ from aiohttp import web
 from admission.constraints import excluded_by_constraints
 from admission.queue import NORMAL_PRIORITY, PRIORITIES
 from balancers.request import RoutingRequest
-from proxy.attempt import deliver, send
+from proxy.attempt import backoff_ms, deliver, send
 from proxy.errors import SHOULD_RETRY, BudgetExhausted, GatewayError, NoBackendAvailable
 from proxy.headers import upstream_request_headers
 from proxy.runtime import Runtime
@@ -123,8 +123,12 @@ def waits_for_own_model(
     """A named model that is merely busy (a backend of it is live, just full) is queued for,
     as the specification's queue intends; its fallback chain serves when it is failing or
     unavailable, or when the chain opts in to busy fallback (`when_busy: true`)."""
-    pool = state.pool
-    return pool.name not in runtime.router.fallback_when_busy and pool.has_live(exclude)
+    return own_model_first(runtime, state) and state.pool.has_live(exclude)
+
+
+def own_model_first(runtime: Runtime, state: RequestState) -> bool:
+    """The request's fallback chain does not take its model's traffic while it is busy."""
+    return state.pool.name not in runtime.router.fallback_when_busy
 
 
 async def wait_for_slot(
@@ -145,7 +149,7 @@ async def wait_for_slot(
         request.headers.get(runtime.priority_header, "normal").lower(), NORMAL_PRIORITY
     )
     queued_at = time.perf_counter()
-    own_first = len(pools) > 1 and state.pool.name not in runtime.router.fallback_when_busy
+    own_first = len(pools) > 1 and own_model_first(runtime, state)
     try:
         return await admission.wait(pools, blocked, priority, state.routing, own_first)
     finally:
@@ -248,7 +252,7 @@ def refused(state: RequestState, exc: GatewayError) -> None:
         "x-router-overhead-ms": f"{state.overhead() * 1000:.3f}",
     }
     if state.backoff_time:
-        headers["x-router-backoff-ms"] = f"{state.backoff_time * 1000:.3f}"
+        headers["x-router-backoff-ms"] = backoff_ms(state)
     if exc.verdict in BACKEND_FAULTS:
         headers[SHOULD_RETRY] = "false"
 

@@ -18,7 +18,7 @@ from proxy.errors import upstream_failure
 from proxy.headers import upstream_request_headers
 from proxy.runtime import Runtime
 from proxy.transport import UpstreamError
-from proxy.upstream import Upstream
+from proxy.upstream import READY, Upstream
 from proxy.verdict import SUCCESSES, of_status
 
 log = logging.getLogger("request_router")
@@ -125,5 +125,5 @@ def start_copies(
     return [
         loop.create_task(copy_write(runtime, request, replica, path, body, request_id))
         for replica in replicas
-        if replica.live() and replica.admin_state == "ready"
+        if replica.live() and replica.admin_state == READY
     ]

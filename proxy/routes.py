@@ -144,6 +144,13 @@ FORM_FIELD = re.compile(
 )
 
 
+def unknown_model(runtime: Runtime, model: str, also: str = "") -> ModelNotFound:
+    """OpenAI's 404 for a model the gateway does not serve, listing those it does."""
+    return ModelNotFound(
+        f"The model '{model}' does not exist. Available models: {runtime.model_names}{also}."
+    )
+
+
 def form_field(body: bytes, name: bytes) -> str | None:
     """A small text field of a multipart/form-data body, without parsing the whole body (an
     audio file can be megabytes): the first part named `name`."""
@@ -185,10 +192,7 @@ class Routes:
         else:
             found = router.models.get(model)
             if found is None:
-                raise ModelNotFound(
-                    f"The model '{model}' does not exist. Available models:"
-                    f" {runtime.model_names} (or 'auto')."
-                )
+                raise unknown_model(runtime, model, " (or 'auto')")
             pool = found
         routing = None
         if pool.uses_request or "routing" in document or has_constraint_headers(request):
@@ -230,9 +234,7 @@ class Routes:
         model = request.match_info["model"]
         body = runtime.model_bodies.get(model)
         if body is None:
-            raise ModelNotFound(
-                f"The model '{model}' does not exist. Available models: {runtime.model_names}."
-            )
+            raise unknown_model(runtime, model)
         return web.Response(body=body, content_type="application/json")
 
     async def model_form(self, request: web.Request, path: str) -> web.StreamResponse:
@@ -247,9 +249,7 @@ class Routes:
             raise InvalidRequest("the form field 'model' is required", code="missing_field")
         pool = runtime.router.models.get(model)
         if pool is None:
-            raise ModelNotFound(
-                f"The model '{model}' does not exist. Available models: {runtime.model_names}."
-            )
+            raise unknown_model(runtime, model)
         state = RequestState(rid, pool, path, body)
         return await forward(runtime, request, state)
 

@@ -236,20 +236,16 @@ class Runtime:
         """Spend in the budget's period (budget.period; lifetime by default): this process's,
         what was accounted in the period before the gateway started, and what the other
         workers and hosts report for the period."""
-        total = self.telemetry.cost_total
-        period = self.spend_period
-        if period.current(total):  # a new day or month: what came before is the last one's
-            self.spend_offset = 0.0
-            self.spend_elsewhere = 0.0  # until the others report for the new period
-        return total - period.base + self.spend_offset + self.spend_elsewhere
+        own = self.period_spend()
+        return own + self.spend_offset + self.spend_elsewhere
 
     def period_spend(self) -> float:
         """This process's own spend in the budget's period (what it tells the others)."""
         total = self.telemetry.cost_total
         period = self.spend_period
-        if period.current(total):
+        if period.current(total):  # a new day or month: what came before is the last one's
             self.spend_offset = 0.0
-            self.spend_elsewhere = 0.0
+            self.spend_elsewhere = 0.0  # until the others report for the new period
         return total - period.base
 
     def __repr__(self) -> str:
