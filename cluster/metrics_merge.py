@@ -35,12 +35,8 @@ the scrape path, never the request path.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -51,6 +47,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from cluster.files import locked, replace_atomically
 from cluster.merge import Rule
 from telemetry.prometheus import GAUGE_MERGE
 
@@ -143,18 +140,9 @@ class CounterLedger:
         self.path = directory / LEDGER_FILE
         self.lock_path = directory / LOCK_FILE
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing the last descriptor releases the lock
-
     def update(self, change: _Change) -> LedgerState:
         """Read, apply `change`, write back, all under the lock; the state as written."""
-        with self._locked():
+        with locked(self.lock_path):
             state = self._read()
             change(state)
             self._write(state)
@@ -177,14 +165,7 @@ class CounterLedger:
         return state
 
     def _write(self, state: LedgerState) -> None:
-        fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics-ledger-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(orjson.dumps(state))
-            os.replace(temporary, self.path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        replace_atomically(self.path, orjson.dumps(state))
 
 
 class _Change:

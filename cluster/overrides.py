@@ -12,12 +12,11 @@ change is one generation.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import orjson
 
 from balancers.registry import UnknownStrategyError
+from cluster.files import locked, replace_atomically
 from config.schema import Config
 from proxy.router import Router
 from proxy.upstream import ADMIN_STATES, READY
@@ -123,9 +123,8 @@ class OverrideStore:
     def _write(self, record: OverrideRecord) -> None:
         raise NotImplementedError
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        yield
+    def _locked(self) -> AbstractContextManager[None]:
+        return nullcontext()  # one process: the event loop serialises the changes
 
     @property
     def generation(self) -> int:
@@ -186,19 +185,11 @@ class OverrideFile(OverrideStore):
         self._seen, self._cached = seen, record
         return record
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self._lock_path, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return locked(self._lock_path)
 
     def _write(self, record: OverrideRecord) -> None:
-        temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_bytes(orjson.dumps(record.as_dict()))
-        os.replace(temporary, self.path)
+        replace_atomically(self.path, orjson.dumps(record.as_dict()))
 
 
 class OverrideMemory(OverrideStore):

@@ -27,9 +27,11 @@ import hashlib
 from dataclasses import dataclass, field
 
 from admission.ratelimit import RateLimiter, TokenBucket
+from cluster.worker_share import CLIENT_ACTIVE_WITHIN
 
-CLIENT_ACTIVE_WITHIN = 2.0  # client buckets used this recently are synced...
-MAX_SYNCED_CLIENTS = 256  # ...the most recent ones, at most this many per sync
+# Client buckets used within CLIENT_ACTIVE_WITHIN are synced, the most recent first, at most
+# this many per sync.
+MAX_SYNCED_CLIENTS = 256
 
 
 @dataclass

@@ -22,13 +22,12 @@ in-flight counts of a worker that died (it has nothing in flight any more).
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from cluster.files import locked
 
 MAGIC = 0x52525348_41524501  # "RRSHARE" + layout version 1
 MAX_KEYS = 256
@@ -37,7 +36,7 @@ CLIENT_SLOTS = 4096
 
 HEADER_CELLS = 8
 # Row head cells
-PID, HEARTBEAT, GENERATION, IN_FLIGHT, SPEND, SYNCED_AT, SPEND_PERIOD = range(7)
+PID, HEARTBEAT, GENERATION, IN_FLIGHT, SPEND, _UNUSED, SPEND_PERIOD = range(7)
 ROW_HEAD_CELLS = 8
 # Per-key cells
 COUNT, OPEN_UNTIL, COOLDOWN_UNTIL = range(3)
@@ -106,15 +105,6 @@ class SharedTable:
     def client_cell(self, row: int, slot: int) -> int:
         return self.row_base(row) + ROW_HEAD_CELLS + MAX_KEYS * KEY_CELLS + slot
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.run_dir / LOCK_FILE, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def column(self, key: str) -> int:
         """The column of `key`, added under the lock when no worker has used it yet."""
         column = self._columns.get(key)
@@ -122,7 +112,7 @@ class SharedTable:
             return column
         encoded = key.encode("utf-8", "surrogateescape")[:KEY_NAME_BYTES]
         padded = encoded.ljust(KEY_NAME_BYTES, b"\0")
-        with self._locked():
+        with locked(self.run_dir / LOCK_FILE):
             for index in range(MAX_KEYS):
                 start = NAMES_OFFSET + index * KEY_NAME_BYTES
                 name = self._map[start : start + KEY_NAME_BYTES]
@@ -152,7 +142,7 @@ class SharedTable:
         the first worker to ask sets it from its own reading; later ones (and restarted ones)
         get that same figure, so spend that workers flushed since is not counted twice. In a
         later period it is 0: the workers' rows hold all of that period's spend."""
-        with self._locked():
+        with locked(self.run_dir / LOCK_FILE):
             if not self.ints[H_SPEND_BASE_SET]:
                 self.floats[H_SPEND_BASE] = read
                 self.ints[H_SPEND_BASE_PERIOD] = period

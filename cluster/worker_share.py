@@ -40,7 +40,6 @@ from cluster.shared_table import (
     PID,
     SPEND,
     SPEND_PERIOD,
-    SYNCED_AT,
     SharedTable,
     client_slot,
 )
@@ -50,7 +49,7 @@ from proxy.upstream import Upstream
 log = logging.getLogger("request_router.workers")
 
 SYNC_INTERVAL = 0.01  # seconds between syncs of limits, spend and hints
-CLIENT_ACTIVE_WITHIN = 2.0  # client buckets used this recently are synced
+CLIENT_ACTIVE_WITHIN = 2.0  # client buckets used this recently are synced (Redis too)
 
 
 class SharedCell:
@@ -110,7 +109,6 @@ class WorkerShare:
         self.live = live
         self.clock = clock
         self.generation = 0
-        self.syncs = 0
         # With the redis: section on, every worker is a Redis member on its own and the Redis
         # sync settles limits and sums spend across all of them: doing it here as well would
         # take the sibling workers' grants out twice.
@@ -197,10 +195,7 @@ class WorkerShare:
         self._sync_hints(runtime)
         floats, ints = self.table.floats, self.table.ints
         ints[self._row + GENERATION] = self.generation
-        now = time.time()
-        floats[self._row + HEARTBEAT] = now
-        floats[self._row + SYNCED_AT] = now
-        self.syncs += 1
+        floats[self._row + HEARTBEAT] = time.time()
 
     def _settle(self, synced: SyncedBucket) -> None:
         ints = self.table.ints

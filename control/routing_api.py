@@ -15,12 +15,13 @@ from balancers.request import RoutingRequest
 from circuit.breaker import BreakerSnapshot
 from cluster.merge import MergedReport, Rule, Snapshot
 from control.admin import json_response, now_iso, upstream_snapshots, view
+from health.stats import percentile
 from proxy.errors import InvalidRequest, NoBackendAvailable
 from proxy.forward import backends_ruled_out
 from proxy.routes import parse_object, request_id
 from proxy.runtime import LiveRuntime
 from proxy.upstream import Pool, Upstream, UpstreamSnapshot
-from telemetry.reports import backend_status, mean, percentile
+from telemetry.reports import backend_status, mean
 
 MAX_SCENARIOS = 100
 # The routing API spec names the breaker's fields its own way (README: "status",

@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 SAMPLES = 1024  # per ring: enough for a stable p99 of the recent past
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of `values` (0.0 for none): rings, merged worker samples
+    and the dashboard's history all read it this one way."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 class PeakEwma:
@@ -72,10 +81,7 @@ class LatencyRing:
         return sum(self.values[: self.count]) / self.count if self.count else 0.0
 
     def percentile(self, fraction: float) -> float:
-        if not self.count:
-            return 0.0
-        ordered = sorted(self.values[: self.count])
-        return ordered[min(self.count - 1, int(fraction * self.count))]
+        return percentile(self.values[: self.count], fraction)
 
     def recent_p95(self, now: float) -> float:
         """p95, recomputed at most once a second: cheap enough to read while routing."""

@@ -1,10 +1,11 @@
 """Structured access log: one JSON line per finished request.
 
-A line's fields are gathered when the request is recorded (a dict, from the outcome and the
-client's request) and serialised by a background task that writes them out in batches, so no
-request waits on orjson, the disk or the terminal. The response has been written to the
-client's connection by then, so its size is read from aiohttp's own count (the writer's
-`output_size`): nothing is counted on the request path for the log.
+The request path only keeps each finished request's outcome; a background task gathers the
+line's fields (from the outcome and the client's request), serialises them and writes them
+out in batches, so no request waits on building a line, orjson, the disk or the terminal.
+The response has been written to the client's connection by then, so its size is read from
+aiohttp's own count (the writer's `output_size`): nothing is counted on the request path
+for the log.
 
 Fields, as nginx's and HAProxy's logs carry them: `client` (the peer's address; a proxy's
 `X-Forwarded-For` as received, in `forwarded_for`), `method`, `status`, `error_code` (the
@@ -75,7 +76,7 @@ def line_of(outcome: Outcome) -> tuple[Line, AbstractStreamWriter | None]:
 class AccessLog:
     def __init__(self, destination: str) -> None:
         self.destination = destination  # "-" for standard output, else a file path
-        self.pending: list[tuple[Line, AbstractStreamWriter | None]] = []
+        self.pending: list[Outcome] = []
         self.dropped = 0
         self.written = 0
 
@@ -83,15 +84,16 @@ class AccessLog:
         if len(self.pending) >= MAX_PENDING_LINES:
             self.dropped += 1
             return
-        self.pending.append(line_of(outcome))
+        self.pending.append(outcome)  # nothing changes an outcome once it is recorded
 
     @staticmethod
-    def serialise(pending: list[tuple[Line, AbstractStreamWriter | None]]) -> bytes:
+    def serialise(pending: list[Outcome]) -> bytes:
         """On the event loop, a flush interval after the lines were added: every response
         recorded then has been handed to its connection (aiohttp writes it in the same loop
         step as the handler returns), so the writer's count is final."""
         lines = []
-        for line, writer in pending:
+        for outcome in pending:
+            line, writer = line_of(outcome)
             if writer is not None:
                 line["bytes_sent"] = writer.output_size
             lines.append(orjson.dumps(line))

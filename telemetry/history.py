@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Annotated, Any, TypedDict
 
 from cluster.merge import Rule, Snapshot
-from health.stats import SAMPLES, LatencyRing
+from health.stats import SAMPLES, LatencyRing, percentile
 from proxy.runtime import LiveRuntime, Runtime
 
 HISTORY_PERIOD = 2.0  # seconds between points
@@ -116,11 +116,6 @@ def last_values(ring: LatencyRing, added: int) -> list[float]:
     if added <= end:
         return ring.values[end - added : end]
     return ring.values[SAMPLES - (added - end) :] + ring.values[:end]
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def point_of(runtime: Runtime, now: Reading, before: Reading) -> HistoryPoint:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from circuit.breaker import iso_utc
 from config.schema import ModelConfig
 from health.stats import LatencyRing, OutcomeRing
 
@@ -22,10 +22,7 @@ RATE_BUCKETS = 60  # one per second
 RATE_WINDOW = 10  # seconds behind requests_per_second
 
 
-def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+iso = iso_utc  # the one ISO-8601 form reports and logs use (circuit.breaker)
 
 
 class Outcome:

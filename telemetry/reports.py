@@ -19,7 +19,7 @@ from admission.queue import AdmissionSnapshot
 from circuit.breaker import BreakerSnapshot, BreakerState
 from cluster.merge import MergedReport, Rule, Snapshot
 from control.admin import counters, now_iso, upstream_snapshots, view
-from health.stats import LatencyRing
+from health.stats import LatencyRing, percentile
 from proxy.runtime import LiveRuntime
 from proxy.upstream import UpstreamSnapshot
 from telemetry.history import HISTORY_MERGE, History, render_history
@@ -99,14 +99,6 @@ def samples(ring: LatencyRing) -> list[float]:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """As LatencyRing.percentile, over samples that may come from several workers."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def ms(seconds: float) -> float:
