@@ -83,14 +83,7 @@ def apply_overrides(router: Router, record: OverrideRecord) -> bool:
     does not have are ignored. True when anything changed."""
     changed = apply_backend_states(router, record)
     try:
-        if router.strategy != record.strategy:
-            router.set_strategy(record.strategy)
-            changed = True
-        for name, strategy in record.pools.items():
-            pool = router.pools.get(name)
-            if pool is not None and pool.strategy != strategy:
-                router.set_strategy(strategy, name)
-                changed = True
+        changed = router.use_strategies(record.strategy, record.pools) or changed
     except UnknownStrategyError as exc:  # a record from a newer gateway version
         log.warning("shared override not applied: %s", exc)
     return changed
@@ -101,8 +94,7 @@ def apply_backend_states(router: Router, record: OverrideRecord) -> bool:
     changed = False
     for upstream in router.upstreams:
         wanted = record.backends.get(upstream.name, READY)
-        if wanted in ADMIN_STATES and upstream.admin_state != wanted:
-            upstream.admin_state = ADMIN_STATES[ADMIN_STATES.index(wanted)]
+        if wanted in ADMIN_STATES and upstream.set_admin_state(wanted):
             changed = True
     if changed:
         router.refresh_health()

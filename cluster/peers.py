@@ -32,20 +32,18 @@ log = logging.getLogger("request_router.peers")
 
 PEER_HEADER = "X-Router-Peer"
 PEER_TIMEOUT = 1.0  # the spec: a change reaches every worker within one second
+# Admin changes every worker applies, by route (its pattern: a backend's name varies).
 BROADCAST = {
     ("PUT", "/api/v1/router/strategy"),
     ("POST", "/api/v1/router/reload"),
+    ("PUT", "/api/v1/router/backends/{name}/state"),
 }
 
 
-def is_backend_state(request: web.Request) -> bool:
-    """PUT /api/v1/router/backends/{name}/state: every worker drains the backend."""
-    path = request.path
-    return (
-        request.method == "PUT"
-        and path.startswith("/api/v1/router/backends/")
-        and path.endswith("/state")
-    )
+def route_of(request: web.Request) -> tuple[str, str | None]:
+    """(method, the matched route's pattern): None for a request no route matched."""
+    resource = request.match_info.route.resource
+    return request.method, resource.canonical if resource is not None else None
 
 
 class Peers:
@@ -127,7 +125,7 @@ class Peers:
                 if request.path == "/metrics":
                     response.headers[PID_HEADER] = str(self._pid)
                 return response
-            if (request.method, request.path) in BROADCAST or is_backend_state(request):
+            if route_of(request) in BROADCAST:
                 return await self._broadcast(request, handler)
             if report is not None:
                 return await self._merged(request, report)

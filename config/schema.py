@@ -428,6 +428,23 @@ class ConnectionPoolConfig:
     )
 
 
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+
+def extra_headers(value: tuple[tuple[str, str], ...], path: str) -> tuple[tuple[str, str], ...]:
+    """An endpoint's extra headers: names that are tokens and not the gateway's own framing,
+    values without line breaks (they are written into the request as they are)."""
+    for name, header_value in value:
+        if not HEADER_NAME.match(name) or "_" in name:
+            raise ValueError(f"{path}.{name}: not a header name (letters, digits, '-')")
+        if name.lower() in OWN_HEADERS:
+            raise ValueError(f"{path}.{name}: set by the gateway itself")
+        if "\r" in header_value or "\n" in header_value or "\0" in header_value:
+            raise ValueError(f"{path}.{name}: the value holds a line break")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     name: str = setting(
@@ -446,7 +463,7 @@ class EndpointConfig:
     headers: tuple[tuple[str, str], ...] = setting(
         (),
         shown="none",
-        validate=lambda value, path: extra_headers(value, path),
+        validate=extra_headers,
         help="{name: value} sent to this backend, replacing the client's (an API key)",
     )
     backup: bool = setting(
@@ -625,23 +642,6 @@ def _endpoints(
         if url in urls[:index]:
             raise ConfigError(f"{path}[{index}].url: duplicate backend {url!r} in this pool")
     return tuple(endpoints)
-
-
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
-OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-
-
-def extra_headers(value: tuple[tuple[str, str], ...], path: str) -> tuple[tuple[str, str], ...]:
-    """An endpoint's extra headers: names that are tokens and not the gateway's own framing,
-    values without line breaks (they are written into the request as they are)."""
-    for name, header_value in value:
-        if not HEADER_NAME.match(name) or "_" in name:
-            raise ValueError(f"{path}.{name}: not a header name (letters, digits, '-')")
-        if name.lower() in OWN_HEADERS:
-            raise ValueError(f"{path}.{name}: set by the gateway itself")
-        if "\r" in header_value or "\n" in header_value or "\0" in header_value:
-            raise ValueError(f"{path}.{name}: the value holds a line break")
-    return value
 
 
 def _inherited(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -219,7 +219,7 @@ class AdminApi:
                 )
             audit["old"] = {"backend": name, "state": upstream.admin_state}
             previous = upstream.admin_state
-            upstream.admin_state = ADMIN_STATES[ADMIN_STATES.index(state)]
+            upstream.set_admin_state(state)
             self.router.refresh_health()
         for listener in self.on_strategy_change:
             listener()

@@ -62,12 +62,9 @@ class HealthService:
 def keep_runtime_strategies(router: Router, previous: Router) -> None:
     """The strategies set through the admin API (the whole router's and any pool's) carry into
     a reloaded router whose file did not change the strategy."""
-    if previous.strategy != router.strategy:
-        router.set_strategy(previous.strategy)
-    for name, pool in router.pools.items():
-        before = previous.pools.get(name)
-        if before is not None and before.strategy != pool.strategy:
-            router.set_strategy(before.strategy, name)
+    router.use_strategies(
+        previous.strategy, {name: pool.strategy for name, pool in previous.pools.items()}
+    )
 
 
 class Reloader:

@@ -116,20 +116,10 @@ def build_app(
     qdrant = QDRANT_PREFIX + "/{tail:.*}"
     data_routes = [
         # Bound with partial rather than a wrapper coroutine: one frame less per resumption.
-        web.post(
-            "/v1/chat/completions",
-            partial(routes.completion, path="/v1/chat/completions"),
-            expect_handler=expect,
-        ),
-        web.post(
-            "/v1/completions",
-            partial(routes.completion, path="/v1/completions"),
-            expect_handler=expect,
-        ),
-        # vLLM's other model-routed JSON routes: routed by their model like chat.
+        # Chat and completions, and vLLM's other JSON routes, routed by their model alike.
         *(
             web.post(path, partial(routes.completion, path=path), expect_handler=expect)
-            for path in MODEL_ROUTED_JSON
+            for path in ("/v1/chat/completions", "/v1/completions", *MODEL_ROUTED_JSON)
         ),
         *(
             web.post(path, partial(routes.model_form, path=path), expect_handler=expect)

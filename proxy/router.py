@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 
 from balancers.decisions import DecisionCache, DecisionStats
@@ -208,6 +208,21 @@ class Router:
         if pool is None:
             self.strategy = strategy
         return previous
+
+    def use_strategies(self, strategy: str, pools: Mapping[str, str]) -> bool:
+        """The router's strategy and each named pool's, where they differ (pools this router
+        does not have are skipped); True when anything changed. Raises UnknownStrategyError
+        as set_strategy does."""
+        changed = False
+        if self.strategy != strategy:
+            self.set_strategy(strategy)
+            changed = True
+        for name, wanted in pools.items():
+            pool = self.pools.get(name)
+            if pool is not None and pool.strategy != wanted:
+                self.set_strategy(wanted, name)
+                changed = True
+        return changed
 
     def active_connections(self) -> dict[str, int]:
         return {u.name: u.active for u in self.upstreams}

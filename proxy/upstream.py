@@ -143,6 +143,14 @@ class Upstream:
         self._host = parts.netloc.rpartition("@")[2]
         self._starts: dict[tuple[str, str], bytes] = {}
 
+    def set_admin_state(self, state: str) -> bool:
+        """The operator's state for this backend (one of ADMIN_STATES); True when it changed.
+        The caller refreshes its router's pools, which route around drained members."""
+        state = ADMIN_STATES[ADMIN_STATES.index(state)]  # the constant itself
+        changed = state != self.admin_state
+        self.admin_state = state
+        return changed
+
     def set_extra_headers(self, headers: tuple[tuple[str, str], ...]) -> None:
         """Header lines every request to this backend carries, in place of the client's
         headers of the same names."""
