@@ -15,7 +15,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+
+from telemetry.histogram import go_float
 
 # A sync on one host's loopback takes ~0.3 ms; across a data centre a few ms; a stopped Redis
 # takes the whole `redis.timeout`.
@@ -49,14 +50,10 @@ class RedisMetrics(Collector):
             "Gateway members live in Redis at the last sync (this one included)",
             value=self.live_members,
         )
-        bounds = [_go_float(b) for b in SYNC_BUCKETS] + ["+Inf"]
+        bounds = [go_float(b) for b in SYNC_BUCKETS] + ["+Inf"]
         yield HistogramMetricFamily(
             "router_redis_sync_seconds",
             "Duration of one sync with Redis (one pipelined round trip)",
             buckets=list(zip(bounds, accumulate(self._counts), strict=True)),
             sum_value=self._sum,
         )
-
-
-def _go_float(value: float) -> str:
-    return str(floatToGoString(value))  # type: ignore[no-untyped-call]

@@ -381,5 +381,5 @@ def attach_sinks(app: web.Application, live: LiveRuntime, config: Config) -> Non
         for collector in app.get(COLLECTORS_KEY, []):
             metrics.registry.register(collector)
         runtime.telemetry.sinks.append(metrics.observe)
-        runtime.gap_observer = metrics.gap_observer
+        runtime.gap_series = metrics.gap_series
         app[ACCESS_KEY].add(app, Kind.PUBLIC, [web.get("/metrics", metrics.handler)])

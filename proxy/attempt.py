@@ -214,8 +214,8 @@ async def deliver(
             return ForwardedResponse(
                 status=status, reason=response.reason, body=payload, headers=headers
             )
-        if runtime.gap_observer is not None:
-            state.observe_gap = runtime.gap_observer(outcome.pool)
+        if runtime.gap_series is not None:
+            state.gaps = runtime.gap_series(outcome.pool)
         relayed, ended = await relay(
             request,
             response,

@@ -28,6 +28,7 @@ from proxy.jsonbody import json_bytes
 from proxy.retry import RetryPolicy
 from proxy.router import Router
 from proxy.transport import Timeouts, UpstreamClient
+from telemetry.histogram import HistogramSeries
 from telemetry.outcome import Telemetry
 
 if TYPE_CHECKING:  # a sink, attached by the composition root; the request path never calls it
@@ -61,7 +62,7 @@ CARRIED_AS_IS = (
     "spend_offset",
     "spend_elsewhere",
     "sharing",
-    "gap_observer",
+    "gap_series",
     "draining",
     "_id_prefix",
     "_ids",
@@ -172,7 +173,7 @@ class Runtime:
         self.spend_elsewhere = 0.0
         self.sharing: Sharing | None = None  # set by the app when workers share state
         # pool name -> observe(seconds) for gaps between streamed chunks (Prometheus), if on
-        self.gap_observer: Callable[[str], Callable[[float], None]] | None = None
+        self.gap_series: Callable[[str], HistogramSeries] | None = None
         self.draining = False
         self.spend_period = SpendPeriod(config.budget.period, self._wall)
         self._id_prefix = os.urandom(4).hex() + "-"

@@ -4,7 +4,6 @@ relay)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from balancers.request import RoutingRequest
@@ -12,6 +11,7 @@ from proxy.errors import GatewayError
 from proxy.rewrite import ModelTemplate
 from proxy.upstream import Pool, Upstream
 from proxy.verdict import OK
+from telemetry.histogram import HistogramSeries
 from telemetry.outcome import Outcome
 
 
@@ -40,7 +40,7 @@ class RequestState:
         "error",
         "outcome",
         "usage_chunk",
-        "observe_gap",
+        "gaps",
     )
 
     # Called with positional arguments on the request path: keywords cost a dict per call.
@@ -79,7 +79,7 @@ class RequestState:
         self.error: GatewayError | None = None  # why the latest attempt got no answer
         self.outcome = Outcome(request_id, route or path, pool.name, stream)
         self.usage_chunk: bytes | None = None  # the stream chunk that carried `usage`
-        self.observe_gap: Callable[[float], None] | None = None
+        self.gaps: HistogramSeries | None = None  # the pool's inter-token gap histogram
 
     def overhead(self) -> float:
         """The gateway's own time: neither the backends' nor the pauses between retries."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from bisect import bisect_left
 from typing import Protocol
 
 import orjson
@@ -24,6 +24,7 @@ from aiohttp.http_writer import StreamWriter
 from proxy.headers import serialised_head
 from proxy.transport import UpstreamError, UpstreamResponse
 from proxy.verdict import BACKEND_FAILED, CLIENT_GONE, OK, Verdict
+from telemetry.histogram import HistogramSeries
 from telemetry.outcome import Outcome
 
 log = logging.getLogger("request_router")
@@ -38,7 +39,7 @@ class StreamContext(Protocol):
 
     started: float
     usage_chunk: bytes | None
-    observe_gap: Callable[[float], None] | None
+    gaps: HistogramSeries | None  # the pool's inter-token gap histogram, when metrics are on
 
     @property
     def outcome(self) -> Outcome: ...
@@ -100,30 +101,39 @@ class ChunkedStream(web.StreamResponse):
 
 
 class ChunkWriter:
-    """The pipe's far end: writes each part to the client as one HTTP/1.1 chunk, notes the
-    gap since the last and the chunk that carries `usage`. Returns True (hold the backend)
-    when the client's socket buffer is full or the client has gone. What it writes is added to
-    aiohttp's writer's count, which the access log reports as bytes_sent."""
+    """The pipe's far end: writes each part to the client as one HTTP/1.1 chunk and notes the
+    gap since the last in the pool's gap histogram. Returns True (hold the backend) when the
+    client's socket buffer is past its high-water mark or the client has gone. What it writes
+    is added to aiohttp's writer's count, which the access log reports as bytes_sent.
 
-    __slots__ = ("transport", "protocol", "writer", "context", "observe_gap", "last", "gone")
+    Called once per relayed token, so it costs one Python frame and C calls only (issue 14):
+    the histogram is counted in place rather than through HistogramSeries.observe, the
+    buffer's fill is asked of the transport rather than through aiohttp's writing_paused
+    property, and the last two parts are kept for `usage` to be looked for once, at the end
+    (OpenAI-style streams send it in the last event before `[DONE]`), not in every part."""
 
-    def __init__(self, request: web.Request, context: StreamContext, last: float) -> None:
-        self.transport = request.transport
-        self.protocol = request.protocol
+    __slots__ = ("transport", "writer", "gaps", "high_water", "last", "latest", "previous", "gone")
+
+    def __init__(self, request: web.Request, gaps: HistogramSeries | None, last: float) -> None:
+        transport = request.transport
+        self.transport = transport
         self.writer = request.writer
-        self.context = context
-        self.observe_gap = context.observe_gap
+        self.gaps = gaps
+        self.high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
         self.last = last
+        self.latest: bytes | None = None
+        self.previous: bytes | None = None
         self.gone = False
 
     def write(self, chunk: bytes) -> bool:
-        observe_gap = self.observe_gap
-        if observe_gap is not None:
+        gaps = self.gaps
+        if gaps is not None:
             now = time.perf_counter()
-            observe_gap(now - self.last)
+            gap = now - self.last
             self.last = now
-        if chunk.find(b'"usage"') >= 0:
-            self.context.usage_chunk = chunk
+            gaps.counts[bisect_left(gaps.bounds, gap)] += 1
+            gaps.sum += gap
+        self.previous, self.latest = self.latest, chunk
         transport = self.transport
         if transport is None or transport.is_closing():
             self.gone = True
@@ -131,7 +141,14 @@ class ChunkWriter:
         framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         self.writer.output_size += len(framed)
         transport.write(framed)
-        return self.protocol.writing_paused
+        return transport.get_write_buffer_size() > self.high_water
+
+    def usage_chunk(self) -> bytes | None:
+        """The later of the last two parts that names `usage`, if either does."""
+        for chunk in (self.latest, self.previous):
+            if chunk is not None and chunk.find(b'"usage"') >= 0:
+                return chunk
+        return None
 
 
 async def relay(
@@ -185,11 +202,16 @@ async def pipe(
 ) -> None:
     """The rest of the body, piped: written from the upstream connection's read callback,
     held while the client's socket buffer is full."""
-    sink = ChunkWriter(request, context, last)
+    sink = ChunkWriter(request, context.gaps, last)
     upstream.pipe(sink.write)
-    while await upstream.piped() and not sink.gone:
-        await writer.drain()  # the client's socket buffer is full
-        upstream.unhold()
+    try:
+        while await upstream.piped() and not sink.gone:
+            await writer.drain()  # the client's socket buffer is full
+            upstream.unhold()
+    finally:
+        usage_chunk = sink.usage_chunk()
+        if usage_chunk is not None:
+            context.usage_chunk = usage_chunk
     if sink.gone:
         raise ConnectionResetError("the client went away")
 
@@ -198,11 +220,11 @@ async def write_parts(
     upstream: UpstreamResponse, response: web.StreamResponse, context: StreamContext, last: float
 ) -> None:
     """The rest of the body, read and written part by part through aiohttp's writer."""
-    observe_gap = context.observe_gap
+    gaps = context.gaps
     while chunk := await upstream.readany():
-        if observe_gap is not None:
+        if gaps is not None:
             now = time.perf_counter()
-            observe_gap(now - last)
+            gaps.observe(now - last)
             last = now
         if chunk.find(b'"usage"') >= 0:
             context.usage_chunk = chunk

@@ -225,9 +225,11 @@ class UpstreamResponse:
             connection.finish(self)
 
     # called by the connection
-    def _feed(self, chunk: bytes) -> None:
-        self._body.append(chunk)
-        self._buffered += len(chunk)
+    def _feed(self, parts: list[bytes]) -> None:
+        """One read's parts of the body, kept for `readany()`."""
+        self._body += parts
+        for part in parts:
+            self._buffered += len(part)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -275,12 +277,18 @@ class UpstreamConnection(asyncio.Protocol):
         "_head",
         "_keep_alive",
         "_head_bytes",
+        "_parts",
+        "on_body",
     )
 
     def __init__(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> None:
         self.origin = origin
         self.loop = loop
         self.transport: asyncio.Transport | None = None
+        # The parser hands each part of a body straight to a list (a C call, where a Python
+        # callback cost a frame per relayed token); the read callback passes them on.
+        self._parts: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = self._parts.append
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
@@ -315,6 +323,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers_done = False
         self._informational = False
         self._head_bytes = 0
+        self._parts.clear()
         self._head = request.startswith(b"HEAD ")
         waiter = self._waiter = loop.create_future()
         self._deadline = now + timeouts.total if timeouts.total is not None else math.inf
@@ -426,21 +435,35 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:  # nothing asked: a backend talking out of turn
+        response = self.response
+        if response is None:  # nothing asked: a backend talking out of turn
             self.abort()
             return
         self._received = True
         if self._idle is not None:
             self._last = self.loop.time()
-        response = self.response
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"backend sent an invalid HTTP response: {exc}"))
-            return
-        if response._sink is not None:
-            response._flush()
-        if not self._headers_done:
+            broken: UpstreamBroken | None = UpstreamBroken(
+                f"backend sent an invalid HTTP response: {exc}"
+            )
+        else:
+            broken = None
+        parts = self._parts  # the body that came before any error goes on first
+        if parts:
+            sink = response._sink
+            if sink is not None:  # piped: the read's parts go on as one (_flush, inlined)
+                chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts.clear()
+                if sink(chunk) and not response._held:
+                    response._hold()
+            else:
+                response._feed(parts)
+                parts.clear()
+        if broken is not None:
+            self._fail(broken)
+        elif not self._headers_done:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._fail(
@@ -520,14 +543,6 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_result(response)
         if self._head:  # the connection is closed after it: the parser expects a body
             response._end(None)
-
-    def on_body(self, body: bytes) -> None:
-        response = self.response
-        if response is not None:
-            if response._sink is not None:  # piped: handed on after the read (_flush)
-                response._body.append(body)
-            else:
-                response._feed(body)
 
     def on_message_complete(self) -> None:
         if self._informational:

@@ -16,10 +16,15 @@ each phase warms up, switches instrumentation on, drives the phase, switches it 
 - auto, fallback: the same with `"model": "auto"` and with the model that falls back (both
   rewrite the body's model name);
 - stream: 200 unpaced SSE streams of 50 tokens (chunks coalesce: one read carries several);
-- paced: 40 SSE streams, 5 at a time, of 32 tokens 20 ms apart (each token its own read).
+- paced: 40 SSE streams, 5 at a time, of 32 tokens 20 ms apart (each token its own read);
+- paced-long: the same with four times the tokens;
+- idle: 3 s of nothing, the gateway's background work alone.
 
 Per request: a phase's instructions / its requests. Per chunk: instructions / SSE events the
 client received, the stream's own request included (as scripts/bench.py divides CPU time).
+From paced and paced-long, less the idle rate over each phase's duration, the paced chunk is
+also split into what one more chunk costs (the relay) and what each stream costs once (its
+request, head, accounting).
 Each phase includes the writing of its own accounting rows and 1.5 s of the gateway's idle
 background work (health checks, timers: about 0.6 million instructions a second).
 Callgrind counts user-space instructions of every thread, not system calls' kernel work.
@@ -50,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "Hello"}]}'
 STREAM_BODY = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Hello"}]}
 FALLING_BACK = "gone-model"
-PHASES = ("plain", "auto", "fallback", "stream", "paced")
+PHASES = ("plain", "auto", "fallback", "stream", "paced", "paced-long")
 # Accounting writes its rows every second (accounting.flush_interval): a phase starts after the
 # rows before it are written and ends after its own are, so each request's row is counted in
 # its own phase (a paced stream is one row per 34 chunks: 28,000 instructions a row).
@@ -136,7 +141,7 @@ def totals(out: Path, pid: int) -> dict[str, int]:
     found = {}
     for dump in out.glob(f"callgrind-{pid}.out.*"):
         text = dump.read_text()
-        trigger = re.search(r"Trigger: dump (\w+)", text)
+        trigger = re.search(r"Trigger: dump ([\w-]+)", text)
         total = re.search(r"^totals: (\d+)", text, re.M)
         if trigger and total:
             found[trigger.group(1)] = int(total.group(1))
@@ -184,6 +189,7 @@ async def measure(args: argparse.Namespace, out: Path) -> None:
     )
     pid = str(gateway.pid)
     units: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     try:
         direct = f"http://127.0.0.1:{ports[MODEL]}"
         await wait_up(f"{direct}/health", simulators)
@@ -192,9 +198,11 @@ async def measure(args: argparse.Namespace, out: Path) -> None:
         async def phase(name: str, run: Awaitable[tuple[dict[str, int], int]]) -> None:
             await asyncio.sleep(FLUSHED)  # the warm-up's accounting rows are written
             callgrind_control("-i", "on", pid)
+            started = time.perf_counter()
             statuses, count = await run
             await asyncio.sleep(FLUSHED)  # and this phase's, within it
             callgrind_control("-i", "off", pid)
+            seconds[name] = time.perf_counter() - started
             callgrind_control("-d", name, pid)
             assert set(statuses) == {"200"}, (name, statuses)
             units[name] = count
@@ -215,6 +223,14 @@ async def measure(args: argparse.Namespace, out: Path) -> None:
         await behave(tokens=args.paced_tokens, token_delay=args.token_delay / 1000)
         await streams(port, args.paced_at_once, args.paced_at_once)
         await phase("paced", streams(port, args.paced_streams, args.paced_at_once))
+        await behave(tokens=4 * args.paced_tokens, token_delay=args.token_delay / 1000)
+        await phase("paced-long", streams(port, args.paced_streams, args.paced_at_once))
+
+        async def nothing() -> tuple[dict[str, int], int]:
+            await asyncio.sleep(3)
+            return {"200": 1}, 1
+
+        await phase("idle", nothing())
     finally:
         for process in (gateway, simulators):
             process.send_signal(signal.SIGTERM)
@@ -227,10 +243,18 @@ async def measure(args: argparse.Namespace, out: Path) -> None:
     print(f"instructions ({tree}, {time.strftime('%Y-%m-%d %H:%M')}):")
     for name in PHASES:
         what = "request" if name in ("plain", "auto", "fallback") else "chunk"
-        print(f"  {name:9s} {counted[name] / units[name]:>10,.0f} per {what}")
+        print(f"  {name:10s} {counted[name] / units[name]:>10,.0f} per {what}")
     print(
         f"  auto / plain {counted['auto'] / counted['plain']:.3f},"
         f" fallback / plain {counted['fallback'] / counted['plain']:.3f}"
+    )
+    idle_rate = counted["idle"] / seconds["idle"]
+    short, long = (counted[name] - idle_rate * seconds[name] for name in ("paced", "paced-long"))
+    per_chunk = (long - short) / (units["paced-long"] - units["paced"])
+    per_stream = (short - per_chunk * units["paced"]) / args.paced_streams
+    print(
+        f"  paced, idle work taken out: {per_chunk:,.0f} per chunk more,"
+        f" {per_stream:,.0f} per stream once ({idle_rate:,.0f} a second idle)"
     )
 
 

@@ -8,9 +8,7 @@ scrape time too instead of being updated on the request path.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from itertools import accumulate
+from collections.abc import Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -22,10 +20,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from circuit.breaker import BreakerState
 from proxy.runtime import LiveRuntime
+from telemetry.histogram import HistogramSeries
 from telemetry.outcome import Outcome
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -129,27 +127,6 @@ class GatewayCollector(Collector):
         for status, count in sorted(runtime.telemetry.refused.items()):
             refused.add_metric([str(status)], count)
         yield refused
-
-
-class HistogramSeries:
-    """One histogram's cumulative counts, kept as plain numbers: an observation is a bisect and
-    two additions, with no lock (the event loop serialises the request path)."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def buckets(self) -> list[tuple[str, int]]:
-        cumulative = list(accumulate(self.counts))
-        edges = [_go_float(bound) for bound in self.bounds] + ["+Inf"]
-        return list(zip(edges, cumulative, strict=True))
 
 
 class Histograms:
@@ -262,8 +239,9 @@ class RequestMetrics(Collector):
         self._overhead = self.overhead()
         self._queue_wait = self.queue_wait()
 
-    def gap_observer(self, pool: str) -> Callable[[float], None]:
-        return self.gap(pool).observe
+    def gap_series(self, pool: str) -> HistogramSeries:
+        """The pool's inter-token gap histogram, which the relay counts into in place."""
+        return self.gap(pool)
 
     def observe(self, outcome: Outcome) -> None:
         pool = outcome.pool
@@ -312,15 +290,10 @@ class PrometheusMetrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.observe = self.events.observe
-        self.gap_observer = self.events.gap_observer
+        self.gap_series = self.events.gap_series
 
     async def handler(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         response = web.Response(body=encoder(self.registry))
         response.headers["Content-Type"] = content_type
         return response
-
-
-def _go_float(value: float) -> str:
-    """A bucket bound as Prometheus writes it (prometheus_client's own formatting)."""
-    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
