@@ -74,6 +74,15 @@ class ChunkedStream(web.StreamResponse):
             )
         return request.writer
 
+    def unsent_head(self) -> bytes | None:
+        """The head, for a pipe to write with the first chunk (None once it has gone out)."""
+        head, self._head = self._head, None
+        return head
+
+    def keep_unsent(self, head: bytes) -> None:
+        """A head a pipe took and did not write: it goes with what is written next."""
+        self._head = head
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if data:
             await self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
@@ -101,10 +110,11 @@ class ChunkedStream(web.StreamResponse):
 
 
 class ChunkWriter:
-    """The pipe's far end: writes each part to the client as one HTTP/1.1 chunk and notes the
-    gap since the last in the pool's gap histogram. Returns True (hold the backend) when the
-    client's socket buffer is past its high-water mark or the client has gone. What it writes
-    is added to aiohttp's writer's count, which the access log reports as bytes_sent.
+    """The pipe's far end: writes each part to the client as one HTTP/1.1 chunk (the first
+    with the answer's head, when it is given: `head`) and notes the gap since the last in the
+    pool's gap histogram. Returns True (hold the backend) when the client's socket buffer is
+    past its high-water mark or the client has gone. What it writes is added to aiohttp's
+    writer's count, which the access log reports as bytes_sent.
 
     Called once per relayed token, so it costs one Python frame and C calls only (issue 14):
     the histogram is counted in place rather than through HistogramSeries.observe, the
@@ -112,33 +122,56 @@ class ChunkWriter:
     property, and the last two parts are kept for `usage` to be looked for once, at the end
     (OpenAI-style streams send it in the last event before `[DONE]`), not in every part."""
 
-    __slots__ = ("transport", "writer", "gaps", "high_water", "last", "latest", "previous", "gone")
+    __slots__ = (
+        "transport",
+        "writer",
+        "context",
+        "gaps",
+        "high_water",
+        "head",
+        "last",
+        "latest",
+        "previous",
+        "gone",
+    )
 
-    def __init__(self, request: web.Request, gaps: HistogramSeries | None, last: float) -> None:
+    def __init__(
+        self, request: web.Request, context: StreamContext, last: float, head: bytes | None
+    ) -> None:
         transport = request.transport
         self.transport = transport
         self.writer = request.writer
-        self.gaps = gaps
+        self.context = context
+        self.gaps = context.gaps
         self.high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
+        self.head = head
         self.last = last
         self.latest: bytes | None = None
         self.previous: bytes | None = None
         self.gone = False
 
     def write(self, chunk: bytes) -> bool:
-        gaps = self.gaps
-        if gaps is not None:
-            now = time.perf_counter()
-            gap = now - self.last
-            self.last = now
-            gaps.counts[bisect_left(gaps.bounds, gap)] += 1
-            gaps.sum += gap
-        self.previous, self.latest = self.latest, chunk
         transport = self.transport
         if transport is None or transport.is_closing():
             self.gone = True
             return True
-        framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        self.previous, self.latest = self.latest, chunk
+        head = self.head
+        if head is None:
+            gaps = self.gaps
+            if gaps is not None:
+                now = time.perf_counter()
+                gap = now - self.last
+                self.last = now
+                gaps.counts[bisect_left(gaps.bounds, gap)] += 1
+                gaps.sum += gap
+            framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        else:  # the answer's first bytes: the first token's time is the stream's TTFT
+            self.head = None
+            self.last = now = time.perf_counter()
+            context = self.context
+            context.outcome.ttft = now - context.started
+            framed = b"%b%x\r\n%b\r\n" % (head, len(chunk), chunk)
         self.writer.output_size += len(framed)
         transport.write(framed)
         return transport.get_write_buffer_size() > self.high_water
@@ -164,17 +197,16 @@ async def relay(
     writer = await response.prepare(request)
     assert writer is not None
     try:
-        chunk = await upstream.readany()
-        if chunk:
+        if isinstance(response, ChunkedStream):  # piped from the headers on: no task wake-up
+            await pipe(request, upstream, writer, context, response)  # for the first chunk
+        elif chunk := await upstream.readany():
             now = time.perf_counter()
             context.outcome.ttft = now - context.started
             if chunk.find(b'"usage"') >= 0:
                 context.usage_chunk = chunk
             await response.write(chunk)  # with the headers
-            if isinstance(response, ChunkedStream) or (
-                isinstance(writer, StreamWriter) and writer.chunked
-            ):
-                await pipe(request, upstream, writer, context, now)
+            if isinstance(writer, StreamWriter) and writer.chunked:
+                await pipe(request, upstream, writer, context, None, now)
             else:  # an HTTP/1.0 client, or a body that must be empty: aiohttp frames it
                 await write_parts(upstream, response, context, now)
     except (TimeoutError, UpstreamError) as exc:
@@ -198,11 +230,13 @@ async def pipe(
     upstream: UpstreamResponse,
     writer: AbstractStreamWriter,
     context: StreamContext,
-    last: float,
+    stream: ChunkedStream | None,
+    last: float = 0.0,
 ) -> None:
-    """The rest of the body, piped: written from the upstream connection's read callback,
+    """The body (from the headers on, with `stream`'s head; else the rest of it after the
+    chunk written at `last`), piped: written from the upstream connection's read callback,
     held while the client's socket buffer is full."""
-    sink = ChunkWriter(request, context.gaps, last)
+    sink = ChunkWriter(request, context, last, stream.unsent_head() if stream else None)
     upstream.pipe(sink.write)
     try:
         while await upstream.piped() and not sink.gone:
@@ -212,6 +246,8 @@ async def pipe(
         usage_chunk = sink.usage_chunk()
         if usage_chunk is not None:
             context.usage_chunk = usage_chunk
+        if sink.head is not None and stream is not None:  # no body (yet): the head waits
+            stream.keep_unsent(sink.head)
     if sink.gone:
         raise ConnectionResetError("the client went away")
 
