@@ -29,6 +29,12 @@ from telemetry.outcome import Outcome
 
 log = logging.getLogger("request_router")
 
+LAST_CHUNK = b"0\r\n\r\n"
+# A chunk's size line by its size, for the sizes of SSE events (a token's is a few hundred
+# bytes): joining three parts costs half of formatting them (`b"%x\r\n%b\r\n" % ...`), and
+# a paced token is one chunk (issue 14). About 200 KB.
+SIZE_LINES = tuple(b"%x\r\n" % size for size in range(1 << 12))
+
 # `data.find(b"x") >= 0` rather than `b"x" in data` on the request path: CPython 3.11's bytes
 # `in` first tries its operand as an integer, and builds and drops a TypeError before it
 # searches: about 2,200 instructions a test, 5% of a relayed chunk (callgrind).
@@ -90,7 +96,11 @@ class ChunkedStream(web.StreamResponse):
     async def write_eof(self, data: bytes = b"") -> None:
         if not self._done:
             self._done = True
-            await self._send(b"0\r\n\r\n")
+            await self._send(LAST_CHUNK)
+
+    def ended_by_pipe(self) -> None:
+        """A pipe wrote the last chunk with the body's last part: write_eof has nothing left."""
+        self._done = True
 
     async def _send(self, data: bytes) -> None:
         request = self._request
@@ -111,8 +121,9 @@ class ChunkedStream(web.StreamResponse):
 
 class ChunkWriter:
     """The pipe's far end: writes each part to the client as one HTTP/1.1 chunk (the first
-    with the answer's head, when it is given: `head`) and notes the gap since the last in the
-    pool's gap histogram. Returns True (hold the backend) when the client's socket buffer is
+    with `stream`'s head, when there is one; the last with the last-chunk marker, when the
+    body ended in the read that brought it) and notes the gap since the last in the pool's
+    gap histogram. Returns True (hold the backend) when the client's socket buffer is
     past its high-water mark or the client has gone. What it writes is added to aiohttp's
     writer's count, which the access log reports as bytes_sent.
 
@@ -125,6 +136,7 @@ class ChunkWriter:
     __slots__ = (
         "transport",
         "writer",
+        "stream",
         "context",
         "gaps",
         "high_water",
@@ -136,26 +148,37 @@ class ChunkWriter:
     )
 
     def __init__(
-        self, request: web.Request, context: StreamContext, last: float, head: bytes | None
+        self,
+        request: web.Request,
+        context: StreamContext,
+        last: float,
+        stream: ChunkedStream | None,
     ) -> None:
         transport = request.transport
         self.transport = transport
         self.writer = request.writer
+        self.stream = stream
         self.context = context
         self.gaps = context.gaps
         self.high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
-        self.head = head
+        self.head = stream.unsent_head() if stream is not None else None
         self.last = last
         self.latest: bytes | None = None
         self.previous: bytes | None = None
         self.gone = False
 
-    def write(self, chunk: bytes) -> bool:
+    def write(self, chunk: bytes, last: bool) -> bool:
         transport = self.transport
         if transport is None or transport.is_closing():
             self.gone = True
             return True
         self.previous, self.latest = self.latest, chunk
+        size = len(chunk)
+        parts: tuple[bytes, ...] = (
+            SIZE_LINES[size] if size < 4096 else b"%x\r\n" % size,
+            chunk,
+            b"\r\n",
+        )
         head = self.head
         if head is None:
             gaps = self.gaps
@@ -165,13 +188,17 @@ class ChunkWriter:
                 self.last = now
                 gaps.counts[bisect_left(gaps.bounds, gap)] += 1
                 gaps.sum += gap
-            framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         else:  # the answer's first bytes: the first token's time is the stream's TTFT
             self.head = None
             self.last = now = time.perf_counter()
             context = self.context
             context.outcome.ttft = now - context.started
-            framed = b"%b%x\r\n%b\r\n" % (head, len(chunk), chunk)
+            parts = (head, *parts)
+        stream = self.stream
+        if last and stream is not None:  # the end came with it: one write, not two
+            stream.ended_by_pipe()
+            parts = (*parts, LAST_CHUNK)
+        framed = b"".join(parts)
         self.writer.output_size += len(framed)
         transport.write(framed)
         return transport.get_write_buffer_size() > self.high_water
@@ -236,7 +263,7 @@ async def pipe(
     """The body (from the headers on, with `stream`'s head; else the rest of it after the
     chunk written at `last`), piped: written from the upstream connection's read callback,
     held while the client's socket buffer is full."""
-    sink = ChunkWriter(request, context, last, stream.unsent_head() if stream else None)
+    sink = ChunkWriter(request, context, last, stream)
     upstream.pipe(sink.write)
     try:
         while await upstream.piped() and not sink.gone:

@@ -34,6 +34,8 @@ JOIN_LIMIT = 1 << 16
 # A backend's status line and headers larger than this end the exchange (aiohttp's client
 # allowed 8 KiB per line); without a cap a broken backend could grow the parser's buffer.
 MAX_HEAD_BYTES = 1 << 16
+# Where a piped body goes (UpstreamResponse.pipe): (part, the body ended with it) -> hold.
+Sink = Callable[[bytes, bool], bool]
 # Requests of these methods without a body are sent without Content-Length (as clients do).
 NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
@@ -111,7 +113,7 @@ class UpstreamResponse:
         self._streaming = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._sink: Callable[[bytes], bool] | None = None  # pipe(): where parts go
+        self._sink: Sink | None = None  # pipe(): where parts go
         self._held = False  # the sink asked for a pause
 
     def header(self, name: bytes) -> str | None:
@@ -153,12 +155,14 @@ class UpstreamResponse:
             connection.resume()
         return chunk
 
-    def pipe(self, sink: Callable[[bytes], bool]) -> None:
+    def pipe(self, sink: Sink) -> None:
         """From now on hand each part of the body to `sink` as it arrives, from the
         connection's read callback, instead of keeping it for `readany()`: a relayed part then
         costs no task wake-up, no future and no coroutine resumption (a paced SSE token is one
-        part). Parts already here go first. `sink` returns True when it cannot take more for
-        now: the backend's socket is paused, `piped()` returns, and `unhold()` resumes it."""
+        part). Parts already here go first. `sink(part, last)`: `last` when the body ended in
+        the read that brought the part, so that its end can go out with it. `sink` returns True
+        when it cannot take more for now: the backend's socket is paused, `piped()` returns,
+        and `unhold()` resumes it."""
         self._streaming = True
         self._sink = sink
         self._buffered = 0
@@ -189,7 +193,7 @@ class UpstreamResponse:
         if body and sink is not None:
             chunk = body[0] if len(body) == 1 else b"".join(body)
             body.clear()
-            if sink(chunk) and not self._held:
+            if sink(chunk, self.complete) and not self._held:
                 self._hold()
 
     def _hold(self) -> None:
@@ -456,7 +460,7 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None:  # piped: the read's parts go on as one (_flush, inlined)
                 chunk = parts[0] if len(parts) == 1 else b"".join(parts)
                 parts.clear()
-                if sink(chunk) and not response._held:
+                if sink(chunk, response.complete) and not response._held:
                     response._hold()
             else:
                 response._feed(parts)
