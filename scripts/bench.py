@@ -27,7 +27,9 @@ What it does, all on 127.0.0.1:
    load (the work a peer router such as vllm-router does), the gateway, the bare pass-through
    (round robin over the same replicas) and, with `--compare-vllm-router`, vllm-router
    (`pip install vllm-router`; `--worker-urls ... --policy round_robin`), each non-streamed and
-   paced, one after the other.
+   paced, one after the other; paced again with 2 tokens a stream, which splits a paced chunk
+   into what a stream costs once (its request, head and end) and what each further chunk
+   costs.
 8. with `--redis`: the gateway with the `redis:` section off and on (a local redis-server,
    pinned with the load), one after the other, twice, non-streamed under wrk, with a global
    rate limit too high to refuse anything so the limit sync has work: CPU per request (the
@@ -74,6 +76,7 @@ STREAM_BODY = (
     b' "messages": [{"role": "user", "content": "Hi"}]}'
 )
 PLAIN = {"tokens": 8, "token_delay": 0}  # the simulator's defaults: non-streamed phases, TTFB
+SHORT_TOKENS = 2  # replicas mode: short paced streams, for the per-stream / per-chunk split
 IDLE_SECONDS = 5.0  # --redis: how long idle CPU is measured (CPU time comes in 10 ms ticks)
 
 
@@ -461,12 +464,26 @@ async def set_behaviours(urls: list[str], knobs: Mapping[str, float]) -> None:
 
 @dataclass
 class Target:
-    """One router's costs in one run: non-streamed requests under wrk, then paced streams."""
+    """One router's costs in one run: non-streamed requests under wrk, then paced streams,
+    then short paced streams (SHORT_TOKENS tokens), which split a paced chunk's cost into what
+    each stream costs once and what each further chunk costs."""
 
     name: str
     load: LoadResult
     request_cpu: float  # seconds per request
     paced: StreamResult
+    short: StreamResult
+
+    @property
+    def per_extra_chunk(self) -> float:
+        long, short = self.paced, self.short
+        extra = long.chunks / max(1, long.streams) - short.chunks / max(1, short.streams)
+        return (long.per_stream - short.per_stream) / extra if extra > 0 else 0.0
+
+    @property
+    def per_stream_once(self) -> float:
+        short = self.short
+        return short.per_stream - self.per_extra_chunk * short.chunks / max(1, short.streams)
 
 
 class Bench:
@@ -489,8 +506,11 @@ class Bench:
         result = await self.load(url)
         return result, (cpu_seconds(pid) - cpu_before) / max(1, result.requests)
 
-    async def paced_cost(self, pid: int, url: str, backends: list[str]) -> StreamResult:
-        await set_behaviours(backends, self.paced_knobs)
+    async def paced_cost(
+        self, pid: int, url: str, backends: list[str], tokens: int | None = None
+    ) -> StreamResult:
+        knobs = self.paced_knobs if tokens is None else {**self.paced_knobs, "tokens": tokens}
+        await set_behaviours(backends, knobs)
         try:
             cpu_before = cpu_seconds(pid)
             result = await paced_load(url, self.args.paced_streams, self.args.duration)
@@ -504,7 +524,8 @@ class Bench:
     ) -> Target:
         load, request_cpu = await self.request_cost(process.pid, url)
         paced = await self.paced_cost(process.pid, url, backends)
-        return Target(name, load, request_cpu, paced)
+        short = await self.paced_cost(process.pid, url, backends, SHORT_TOKENS)
+        return Target(name, load, request_cpu, paced, short)
 
 
 async def replicas_mode(bench: Bench, gateway_core: int | None) -> list[Target]:
@@ -772,7 +793,15 @@ def print_replicas(targets: list[Target], args: argparse.Namespace) -> None:
         f" cap below the load; {args.connections} connections (wrk) and {args.paced_streams}"
         f" paced streams; same run, one target after the other"
     )
-    header = ("target", "req/s", "p50 / p99", "CPU/request", "CPU/paced chunk", "CPU/stream")
+    header = (
+        "target",
+        "req/s",
+        "p50 / p99",
+        "CPU/request",
+        "CPU/paced chunk",
+        "CPU/stream",
+        "stream once + per extra chunk",
+    )
     lines = [header]
     for t in targets:
         lines.append(
@@ -783,16 +812,23 @@ def print_replicas(targets: list[Target], args: argparse.Namespace) -> None:
                 f"{t.request_cpu * 1e6:,.1f} µs",
                 f"{t.paced.per_chunk * 1e6:,.1f} µs ({t.paced.errors} errors)",
                 f"{t.paced.per_stream * 1e6:,.0f} µs",
+                f"{t.per_stream_once * 1e6:,.0f} + {t.per_extra_chunk * 1e6:,.1f} µs",
             )
         )
     print_table(lines)
+    print(
+        f"(the split: paced streams of {args.paced_tokens} and of {SHORT_TOKENS} tokens, the same"
+        " delays; a stream's own request, head and end, then each further chunk)"
+    )
     ours = targets[0]
     for other in targets[1:]:
         print(
             f"{ours.name} / {other.name}: per request"
             f" {ratio(ours.request_cpu, other.request_cpu)}, per paced chunk"
             f" {ratio(ours.paced.per_chunk, other.paced.per_chunk)}, per paced stream"
-            f" {ratio(ours.paced.per_stream, other.paced.per_stream)}"
+            f" {ratio(ours.paced.per_stream, other.paced.per_stream)}; a stream once"
+            f" {ratio(ours.per_stream_once, other.per_stream_once)}, per extra chunk"
+            f" {ratio(ours.per_extra_chunk, other.per_extra_chunk)}"
         )
 
 

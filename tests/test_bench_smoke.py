@@ -35,6 +35,7 @@ def test_benchmark_smoke_run_prints_its_table() -> None:
         "RSS idle",
         "replicas mode: phi-3-mini on 2 simulators",
         "request-router / bare aiohttp pass-through: per request",
+        "stream once + per extra chunk",
     ):
         assert row in result.stdout, row
     # Every request and stream of every phase and target was answered.
@@ -55,3 +56,4 @@ def test_instruction_count_run_prints_every_phase() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     for phase, unit in (("plain", "request"), ("fallback", "request"), ("paced", "chunk")):
         assert re.search(rf"{phase} +[\d,]+ per {unit}", result.stdout), result.stdout
+    assert re.search(r"paced, idle work taken out: -?[\d,]+ per chunk more", result.stdout)

@@ -40,8 +40,8 @@ EVENTS = [event(n) for n in range(6)]
 LARGE = event(99, size=6000)  # more than one read's worth, on a slow start
 DONE = b"data: [DONE]\n\n"
 
-# Each scenario: the body's events, and the writes (the backend's bytes after its head, in
-# the pieces it writes them, a pause between pieces so that each is its own read).
+# Each scenario: the body's events, and the writes (the backend's bytes after its head, or
+# with it, in the pieces it writes them, a pause between pieces so that each is its own read).
 _whole = [framed(e) for e in EVENTS]
 # A chunk of 0x25 bytes whose data, read from its second size digit on, also parses as whole
 # chunks ("5", 5 bytes, "1a", 26 bytes): a relay that lost its place after a cut size line
@@ -51,6 +51,11 @@ assert len(DECOY) == 0x25
 _upper = [framed(e, b"%X" % len(e)) for e in EVENTS]
 SCENARIOS: dict[str, tuple[list[bytes], list[bytes]]] = {
     "whole chunks": (EVENTS, [*_whole, b"0\r\n\r\n"]),
+    "the last chunk and the end in one write": (EVENTS, [*_whole[:5], _whole[5] + b"0\r\n\r\n"]),
+    "the head and the first chunk in one write": (
+        EVENTS,
+        [HEAD + _whole[0], *_whole[1:], b"0\r\n\r\n"],
+    ),
     "upper-case sizes": (EVENTS, [*_upper, b"0\r\n\r\n"]),
     "leading zeros and an extension": (
         EVENTS[:3],
@@ -116,7 +121,8 @@ class ScriptedStreams:
                     if line.lower().startswith(b"content-length:")
                 )
                 await reader.readexactly(length)
-                writer.write(HEAD)
+                if not self.writes[0].startswith(b"HTTP/"):  # else the scenario writes it
+                    writer.write(HEAD)
                 for piece in self.writes:
                     await asyncio.sleep(0.01)
                     writer.write(piece)

@@ -145,8 +145,14 @@ async def test_a_killed_worker_comes_back_with_the_runtime_strategy_and_drains(
             for _ in range(300):  # the supervisor waits 1 s before starting it again
                 now = set()
                 for _ in range(10):
-                    async with http.get(f"{gateway.url}/health/live") as response:
-                        now.add((await response.json())["pid"])
+                    try:
+                        async with http.get(f"{gateway.url}/health/live") as response:
+                            now.add((await response.json())["pid"])
+                    except aiohttp.ClientConnectionError:
+                        # A connection the kernel had queued on the killed worker's own
+                        # SO_REUSEPORT socket is reset when that socket goes (as with nginx's
+                        # `reuseport`); the test is about what the restarted worker keeps.
+                        continue
                 if len(now) == 2 and now != pids:
                     break
                 await asyncio.sleep(0.05)
