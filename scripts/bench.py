@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -473,6 +473,7 @@ class Target:
     request_cpu: float  # seconds per request
     paced: StreamResult
     short: StreamResult
+    rounds: list[Target] = field(default_factory=list)  # what was combined, round by round
 
     @property
     def per_extra_chunk(self) -> float:
@@ -528,77 +529,102 @@ class Bench:
         return Target(name, load, request_cpu, paced, short)
 
 
+@dataclass
+class ReplicaTarget:
+    """How to start one router in replicas mode: its command and how to tell it is up."""
+
+    name: str
+    command: list[str]
+    port: int
+    ready: Callable[[str, subprocess.Popen[bytes]], Awaitable[None]]
+
+
 async def replicas_mode(bench: Bench, gateway_core: int | None) -> list[Target]:
     """The gateway, the bare pass-through and (opt-in) vllm-router on one model served by
-    `--replicas` simulators, one after the other, on the same cores."""
+    `--replicas` simulators, on the same cores, in `--rounds` rounds, each target started
+    afresh in every round and the order reversed every other round (A B C, C B A, ...), so
+    that a host whose speed drifts during the run weighs on every target alike; each target's
+    figures add its rounds up."""
     args = bench.args
     python = sys.executable
     ports = [free_port() for _ in range(args.replicas)]
     backends = [f"http://127.0.0.1:{port}" for port in ports]
     cap = max(1000, 2 * (args.paced_streams + args.connections))
-    targets = []
     with tempfile.TemporaryDirectory(prefix="router-bench-replicas-") as tmp:
         data = Path(tmp)
         config_path = data / "replicas.yaml"
         config = replicas_config(ports, data, not args.no_accounting, cap)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+        async def gateway_up(url: str, process: subprocess.Popen[bytes]) -> None:
+            await wait_up(url.replace("/v1/chat/completions", "/health/live"), process)
+
+        port = free_port()
+        routers = [
+            ReplicaTarget(
+                "request-router",
+                [python, "-m", "proxy", "--config", str(config_path), "--port", str(port)],
+                port,
+                gateway_up,
+            )
+        ]
+        port = free_port()
+        passthrough = [python, str(ROOT / "scripts" / "passthrough.py"), str(port), *backends]
+        routers.append(ReplicaTarget("bare aiohttp pass-through", passthrough, port, wait_up_post))
+        if args.compare_vllm_router and not args.vllm_router:
+            print("vllm-router not found (pip install vllm-router): skipped", flush=True)
+        elif args.compare_vllm_router:
+            port = free_port()
+            command = [args.vllm_router, "--host", "127.0.0.1", "--port", str(port)]
+            command += ["--worker-urls", *backends, "--policy", "round_robin"]
+            routers.append(ReplicaTarget("vllm-router", command, port, wait_up_post))
+
+        rounds: dict[str, list[Target]] = {router.name: [] for router in routers}
         sims = start([python, "-m", "simulator", "--config", str(config_path)], bench.load_core)
         try:
             for backend in backends:
                 await wait_up(f"{backend}/health", sims)
-
-            port = free_port()
-            gateway = start(
-                [python, "-m", "proxy", "--config", str(config_path), "--port", str(port)],
-                gateway_core,
-            )
-            try:
-                await wait_up(f"http://127.0.0.1:{port}/health/live", gateway)
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                targets.append(await bench.target("request-router", gateway, url, backends))
-            finally:
-                stop(gateway)
-
-            port = free_port()
-            bare = start(
-                [python, str(ROOT / "scripts" / "passthrough.py"), str(port), *backends],
-                gateway_core,
-            )
-            try:
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                await wait_up_post(url, bare)
-                targets.append(await bench.target("bare aiohttp pass-through", bare, url, backends))
-            finally:
-                stop(bare)
-
-            if args.compare_vllm_router:
-                if not args.vllm_router:
-                    print("vllm-router not found (pip install vllm-router): skipped", flush=True)
-                else:
-                    port = free_port()
-                    router = start(
-                        [
-                            args.vllm_router,
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(port),
-                            "--worker-urls",
-                            *backends,
-                            "--policy",
-                            "round_robin",
-                        ],
-                        gateway_core,
-                    )
+            for number in range(args.rounds):
+                for router in routers if number % 2 == 0 else routers[::-1]:
+                    process = start(router.command, gateway_core)
                     try:
-                        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                        await wait_up_post(url, router)
-                        targets.append(await bench.target("vllm-router", router, url, backends))
+                        url = f"http://127.0.0.1:{router.port}/v1/chat/completions"
+                        await router.ready(url, process)
+                        target = await bench.target(router.name, process, url, backends)
+                        rounds[router.name].append(target)
                     finally:
-                        stop(router)
+                        stop(process)
         finally:
             stop(sims)
-    return targets
+    return [combined(targets) for targets in rounds.values()]
+
+
+def combined(rounds: list[Target]) -> Target:
+    """One target's rounds added up: requests, streams, chunks and CPU summed (so the
+    figures per request and per chunk weigh each round by its work); wrk's p50 and p99
+    averaged over the rounds."""
+    first = rounds[0]
+    load = LoadResult(
+        requests=sum(r.load.requests for r in rounds),
+        seconds=sum(r.load.seconds for r in rounds),
+        p50_ms=statistics.mean(r.load.p50_ms or 0.0 for r in rounds),
+        p99_ms=statistics.mean(r.load.p99_ms or 0.0 for r in rounds),
+        errors=sum(r.load.errors for r in rounds),
+    )
+    request_cpu = sum(r.request_cpu * r.load.requests for r in rounds) / max(1, load.requests)
+
+    def streams(results: list[StreamResult]) -> StreamResult:
+        return StreamResult(
+            streams=sum(r.streams for r in results),
+            chunks=sum(r.chunks for r in results),
+            errors=sum(r.errors for r in results),
+            durations_ms=[d for r in results for d in r.durations_ms],
+            cpu_seconds=sum(r.cpu_seconds for r in results),
+        )
+
+    paced = streams([r.paced for r in rounds])
+    short = streams([r.short for r in rounds])
+    return Target(first.name, load, request_cpu, paced, short, rounds)
 
 
 @dataclass
@@ -791,7 +817,8 @@ def print_replicas(targets: list[Target], args: argparse.Namespace) -> None:
     print(
         f"\nreplicas mode: {MODEL} on {args.replicas} simulators, round robin, no concurrency"
         f" cap below the load; {args.connections} connections (wrk) and {args.paced_streams}"
-        f" paced streams; same run, one target after the other"
+        f" paced streams; same run, {args.rounds} rounds of every target, the order reversed"
+        " every other round; figures are the rounds added up"
     )
     header = (
         "target",
@@ -822,6 +849,12 @@ def print_replicas(targets: list[Target], args: argparse.Namespace) -> None:
     )
     ours = targets[0]
     for other in targets[1:]:
+        by_round = ", ".join(
+            f"{ratio(a.request_cpu, b.request_cpu)} / {ratio(a.paced.per_chunk, b.paced.per_chunk)}"
+            for a, b in zip(ours.rounds, other.rounds, strict=True)
+        )
+        pair = f"{ours.name} / {other.name}"
+        print(f"{pair} round by round, per request / per paced chunk: {by_round}")
         print(
             f"{ours.name} / {other.name}: per request"
             f" {ratio(ours.request_cpu, other.request_cpu)}, per paced chunk"
@@ -843,6 +876,12 @@ async def main() -> None:
     parser.add_argument("--token-delay", type=float, default=10.0, help="ms between paced tokens")
     parser.add_argument(
         "--replicas", type=int, default=0, help="also measure one model on N replicas (0: off)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="replicas mode: rounds of every target, the order reversed every other round",
     )
     parser.add_argument(
         "--compare-vllm-router",
