@@ -91,6 +91,7 @@ class UpstreamResponse:
         "chunked",
         "complete",
         "_connection",
+        "_loop",
         "_body",
         "_buffered",
         "_streaming",
@@ -108,6 +109,9 @@ class UpstreamResponse:
         self.chunked = False
         self.complete = False
         self._connection: UpstreamConnection | None = connection
+        # The connection's loop: asyncio.get_running_loop() makes a getpid() system call on
+        # Python 3.11 (it checks for a fork), once per wait.
+        self._loop = connection.loop
         self._body: list[bytes] = []  # parts not read yet (a read takes them all)
         self._buffered = 0
         self._streaming = False
@@ -208,7 +212,7 @@ class UpstreamResponse:
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waiter = self._loop.create_future()
         try:
             await waiter
         finally:
