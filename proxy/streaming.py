@@ -1,12 +1,15 @@
 """Relay an upstream body to the client as it arrives.
 
 Each chunk is written as soon as it is read: no buffering that would delay an SSE event. The
-first chunk goes with the response's headers through aiohttp's writer; after it the body is
-piped: each part the backend sends is written to the client from the upstream connection's
-read callback (`UpstreamResponse.pipe`), in HTTP/1.1 chunked framing, so a paced token costs
-no task wake-up, future or coroutine resumption (issue 14: a third of a paced chunk's
-instructions). A client whose socket buffer passes its high-water mark pauses the upstream
-socket until aiohttp's writer has drained, so memory stays flat however slow the reader.
+body is piped: each part the backend sends is written to the client from the upstream
+connection's read callback (`UpstreamResponse.pipe`), in HTTP/1.1 chunked framing, so a paced
+token costs no task wake-up, future or coroutine resumption (issue 14: a third of a paced
+chunk's instructions). An answer the gateway frames itself (ChunkedStream) is piped from its
+headers on, the head going out with the first chunk and the last-chunk marker with the last
+part when they arrive together; through aiohttp's writer (CORS on), the first chunk goes
+with the headers and the rest is piped. A client whose socket buffer passes its high-water
+mark pauses the upstream socket until aiohttp's writer has drained, so memory stays flat
+however slow the reader.
 """
 
 from __future__ import annotations
