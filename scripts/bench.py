@@ -27,9 +27,9 @@ What it does, all on 127.0.0.1:
    load (the work a peer router such as vllm-router does), the gateway, the bare pass-through
    (round robin over the same replicas) and, with `--compare-vllm-router`, vllm-router
    (`pip install vllm-router`; `--worker-urls ... --policy round_robin`), each non-streamed and
-   paced, one after the other; paced again with 2 tokens a stream, which splits a paced chunk
-   into what a stream costs once (its request, head and end) and what each further chunk
-   costs.
+   paced, and paced again with 2 tokens a stream, which splits a paced chunk into what a
+   stream costs once (its request, head and end) and what each further chunk costs; every
+   target in `--rounds` rounds (2), the order reversed every other round, added up.
 8. with `--redis`: the gateway with the `redis:` section off and on (a local redis-server,
    pinned with the load), one after the other, twice, non-streamed under wrk, with a global
    rate limit too high to refuse anything so the limit sync has work: CPU per request (the
