@@ -108,8 +108,14 @@ def take_free_slot(
     first: Collection[Upstream] = (*tried, *blocked) if blocked else tried
     for candidates in (first, blocked) if tried else (blocked,):
         pools = state.pools
-        if len(pools) > 1 and waits_for_own_model(runtime, state, candidates):
-            pools = pools[:1]
+        if len(pools) > 1:
+            if not state.pool.has_live(candidates):
+                # Its own model cannot serve now (every backend's circuit is open and not yet
+                # due for a trial, or cooling down: none would be available): straight to the
+                # chain, without a selection that finds nothing (the fallback path's cost).
+                pools = pools[1:]
+            elif own_model_first(runtime, state):  # merely busy, if full: queued for
+                pools = pools[:1]
         for pool in pools:
             upstream = admission.try_acquire(pool, candidates, state.routing)
             if upstream is not None:
@@ -117,17 +123,11 @@ def take_free_slot(
     return None
 
 
-def waits_for_own_model(
-    runtime: Runtime, state: RequestState, exclude: Collection[Upstream]
-) -> bool:
-    """A named model that is merely busy (a backend of it is live, just full) is queued for,
-    as the specification's queue intends; its fallback chain serves when it is failing or
-    unavailable, or when the chain opts in to busy fallback (`when_busy: true`)."""
-    return own_model_first(runtime, state) and state.pool.has_live(exclude)
-
-
 def own_model_first(runtime: Runtime, state: RequestState) -> bool:
-    """The request's fallback chain does not take its model's traffic while it is busy."""
+    """A named model that is merely busy (a backend of it is live, just full) is queued for,
+    as the specification's queue intends: its fallback chain does not take the model's
+    traffic then. The chain serves when the model is failing or unavailable, or when it opts
+    in to busy fallback (`when_busy: true`)."""
     return state.pool.name not in runtime.router.fallback_when_busy
 
 

@@ -191,6 +191,39 @@ async def test_fallback_chain_serves_when_the_model_is_down(
     assert gateway.runtime.stats.fallbacks == 6
 
 
+async def test_a_model_down_goes_straight_to_its_fallback_and_back_once_it_recovers(
+    cluster: Cluster, start_gateway: StartGateway, http
+) -> None:
+    """While its circuit is open the chain serves without a look at the model; once the
+    circuit is due for a trial, the model gets it, and serves again."""
+    clock = ManualClock()
+    document = config_document(
+        cluster,
+        fallbacks={"mixtral-8x7b": ["hermes-2"]},
+        circuit_breaker={"threshold": 3, "timeout": 0.5, "half_open_limit": 1},
+    )
+    gateway = await start_gateway(document, clock=clock)
+    mixtral = cluster["mixtral-8x7b"].behaviour
+    mixtral.status = 503
+    url = f"{gateway.url}/v1/chat/completions"
+    for _ in range(3):  # each fails on mixtral and is answered by the chain
+        async with http.post(url, json=chat("mixtral-8x7b")) as response:
+            assert response.status == 200 and response.headers["x-router-backend"] == "hermes-2"
+    breaker = gateway.router.models["mixtral-8x7b"].upstreams[0].breaker
+    assert breaker.state is BreakerState.OPEN and mixtral.requests == 3
+    for _ in range(5):
+        async with http.post(url, json=chat("mixtral-8x7b")) as response:
+            assert response.headers["x-router-backend"] == "hermes-2"
+            assert response.headers["x-router-attempts"] == "1"  # straight to the chain
+    assert mixtral.requests == 3
+    mixtral.status = 200
+    clock.advance(0.55)
+    async with http.post(url, json=chat("mixtral-8x7b")) as response:
+        assert response.status == 200 and response.headers["x-router-backend"] == "mixtral-8x7b"
+        assert "x-router-fallback" not in response.headers
+    assert breaker.state is BreakerState.CLOSED and mixtral.requests == 4
+
+
 async def test_a_busy_model_is_queued_for_not_answered_by_its_fallback(
     cluster: Cluster, start_gateway: StartGateway, http
 ) -> None:
