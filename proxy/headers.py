@@ -137,6 +137,24 @@ _SET_BY_US = frozenset({b"x-router-attempts", b"x-router-overhead-ms"})
 _SET_BY_US_FALLBACK = _SET_BY_US | {b"x-router-fallback"}
 
 
+def _crossing_the_hop(
+    raw: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes, bytes]], frozenset[bytes]]:
+    """The backend's response headers that cross the hop, as (lower-cased name, name, value),
+    and the names its Connection header lists, which do not cross either (RFC 9110 7.6.1):
+    the one filter of client_response_lines and client_response_headers."""
+    kept: list[tuple[bytes, bytes, bytes]] = []
+    listed: frozenset[bytes] = frozenset()
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _RESPONSE_DROP:
+            if lowered == b"connection":
+                listed = listed | _connection_tokens(value)
+            continue
+        kept.append((lowered, name, value))
+    return kept, listed
+
+
 def client_response_lines(
     raw: list[tuple[bytes, bytes]], backend: str, request_id: str, fallback: bool = False
 ) -> tuple[bytes, int]:
@@ -144,15 +162,10 @@ def client_response_lines(
     answer the gateway serialises itself: the backend's bytes as they came, less what does
     not cross the hop and what the gateway sets (x-router-fallback too when `fallback`);
     and which of Content-Type, Date and Server the backend gave (HAS_*)."""
-    kept: list[tuple[bytes, bytes, bytes]] = []
+    kept, listed = _crossing_the_hop(raw)
     named = _SET_BY_US_FALLBACK if fallback else _SET_BY_US
-    for name, value in raw:
-        lowered = name.lower()
-        if lowered in _RESPONSE_DROP:
-            if lowered == b"connection":
-                named = named | _connection_tokens(value)
-            continue
-        kept.append((lowered, name, value))
+    if listed:
+        named = named | listed
     given = 0
     lines: list[bytes] = []
     for lowered, name, value in kept:
@@ -212,16 +225,10 @@ def client_response_headers(
 ) -> CIMultiDict[str]:
     """The backend's response headers as the client gets them."""
     headers: CIMultiDict[str] = CIMultiDict()
-    named: frozenset[bytes] = frozenset()
-    for name, value in raw:
-        lowered = name.lower()
-        if lowered in _RESPONSE_DROP:
-            if lowered == b"connection":
-                named = named | _connection_tokens(value)
-            continue
-        headers.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
-    for token in named:
-        headers.popall(token.decode("latin-1"), None)
+    kept, listed = _crossing_the_hop(raw)
+    for lowered, name, value in kept:
+        if lowered not in listed:
+            headers.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
     headers["x-router-backend"] = backend
     headers["x-request-id"] = request_id
     return headers

@@ -362,32 +362,30 @@ async def set_behaviour(url: str, **knobs: object) -> None:
             response.raise_for_status()
 
 
+async def wait_up(
+    url: str, process: subprocess.Popen[bytes], body: bytes | None = None, patience: float = 10.0
+) -> None:
+    """Until `url` answers below 500 (a GET, or a POST of `body`) within `patience` seconds,
+    while `process` runs. scripts/icount.py gives a gateway under valgrind minutes."""
+    deadline = time.monotonic() + patience
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"{process.args!r} exited early ({process.returncode})")
+            try:
+                method = "GET" if body is None else "POST"
+                async with session.request(method, url, data=body) as response:
+                    if response.status < 500:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
 async def wait_up_post(url: str, process: subprocess.Popen[bytes]) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            if process.poll() is not None:
-                raise SystemExit(f"{process.args} exited early")
-            try:
-                async with session.post(url, data=BODY) as response:
-                    if response.status < 500:
-                        return
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    raise SystemExit(f"{url} did not come up")
-
-
-async def wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            if process.poll() is not None:
-                raise SystemExit(f"{process.args} exited early")
-            try:
-                async with session.get(url) as response:
-                    if response.status < 500:
-                        return
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    raise SystemExit(f"{url} did not come up")
+    """Until a chat completion POSTed to `url` is answered (routers with no health route)."""
+    await wait_up(url, process, BODY)
 
 
 def config_for(ports: dict[str, int], data: Path, accounting: bool = True) -> dict:

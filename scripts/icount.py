@@ -49,7 +49,7 @@ import aiohttp
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import MODEL, config_for, free_port  # noqa: E402  (the benchmark's own config)
+from bench import MODEL, config_for, free_port, wait_up  # noqa: E402  (the benchmark's own)
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "Hello"}]}'
@@ -60,21 +60,6 @@ PHASES = ("plain", "auto", "fallback", "stream", "paced", "paced-long")
 # rows before it are written and ends after its own are, so each request's row is counted in
 # its own phase (a paced stream is one row per 34 chunks: 28,000 instructions a row).
 FLUSHED = 1.5
-
-
-async def wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(1200):
-            if process.poll() is not None:
-                raise SystemExit(f"{process.args!r} exited early ({process.returncode})")
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as r:
-                    if r.status < 500:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.25)
-    raise SystemExit(f"{url} did not come up")
 
 
 async def posts(port: int, total: int, body: bytes, connections: int = 10) -> dict[str, int]:
@@ -192,8 +177,8 @@ async def measure(args: argparse.Namespace, out: Path) -> None:
     seconds: dict[str, float] = {}
     try:
         direct = f"http://127.0.0.1:{ports[MODEL]}"
-        await wait_up(f"{direct}/health", simulators)
-        await wait_up(f"http://127.0.0.1:{port}/health/live", gateway)
+        await wait_up(f"{direct}/health", simulators, patience=300)
+        await wait_up(f"http://127.0.0.1:{port}/health/live", gateway, patience=300)
 
         async def phase(name: str, run: Awaitable[tuple[dict[str, int], int]]) -> None:
             await asyncio.sleep(FLUSHED)  # the warm-up's accounting rows are written

@@ -6,8 +6,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from simulator.cluster import Cluster
+from tests.browser import chromium_page, needs_chromium
 from tests.conftest import StartGateway, config_document
-from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS, pytestmark  # noqa: F401
+
+pytestmark = needs_chromium
 
 PAGE = "<!doctype html><title>app</title><p>another site</p>"
 
@@ -54,19 +56,12 @@ async ([gateway, model]) => {
 async def test_an_allowed_origin_calls_the_api_and_never_the_admin(
     cluster: Cluster, start_gateway: StartGateway, http
 ) -> None:
-    from playwright.async_api import async_playwright
-
     runner, origin = await serve_page()
     try:
         gateway = await start_gateway(config_document(cluster, cors={"allowed_origins": [origin]}))
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = await browser.new_page()
-                await page.goto(origin)
-                result = await page.evaluate(CALLS, [gateway.url, "hermes-2"])
-            finally:
-                await browser.close()
+        async with chromium_page() as page:
+            await page.goto(origin)
+            result = await page.evaluate(CALLS, [gateway.url, "hermes-2"])
         assert result["chat"]["status"] == 200, result
         assert result["chat"]["backend"] == "hermes-2"  # an exposed header the page can read
         assert result["chat"]["content"]

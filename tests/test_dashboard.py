@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
-import pytest
-
 from simulator.cluster import Cluster
+from tests.browser import chromium_page, needs_chromium
 from tests.conftest import StartGateway, chat, config_document
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-# Chromium as root, offline: no sandbox, and none of the background calls home.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Chromium (Debian package `chromium`; .ci/run installs it)"
-)
+pytestmark = needs_chromium
 
 
 async def test_dashboard_renders_live_numbers_and_switches_strategy(
     cluster: Cluster, start_gateway: StartGateway, http
 ) -> None:
-    from playwright.async_api import async_playwright
-
     gateway = await start_gateway(config_document(cluster))
     cluster["openchat-3.5"].behaviour.token_delay = 0.005
 
@@ -45,48 +28,43 @@ async def test_dashboard_renders_live_numbers_and_switches_strategy(
             await asyncio.sleep(0.05)
 
     load = asyncio.create_task(traffic())
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            await page.goto(f"{gateway.url}/dashboard")
-            await page.wait_for_function("Number(document.body.dataset.refreshes || 0) >= 2")
-            await load
-            await page.wait_for_function(
-                "Number(document.getElementById('total').textContent) >= 40", timeout=10_000
-            )
-            rows = page.locator("#backends tr")
-            assert await rows.count() == 8
-            hermes = page.locator("tr[data-backend='hermes-2'] td")
-            assert await hermes.nth(2).text_content() == "healthy"
-            assert int(await hermes.nth(7).text_content()) == 10  # round robin over four
-            # Shares are of the backend's own pool: a quarter of the model traffic, however
-            # quiet the qdrant and embedding pools are; an even split has no spread.
-            assert await hermes.nth(8).text_content() == "25.0%"
-            spread = await page.text_content("#pool-variance")
-            assert spread is not None and "models 0.0 (40 requests)" in spread
-            assert await page.text_content("#refused") == "0"
-            assert float(await page.text_content("#rps")) > 0
-            # The charts draw the server's history: one point every 2 s.
-            await page.wait_for_function(
-                "Number(document.body.dataset.historyPoints || 0) >= 2", timeout=10_000
-            )
-            for chart in ("chart-rps", "chart-latency", "chart-queue"):
-                points = await page.get_attribute(f"#{chart}", "data-points")
-                assert points is not None and int(points) >= 2
-            assert await page.text_content("#strategy-current") == "round_robin"
+    async with chromium_page(height=900) as page:
+        await page.goto(f"{gateway.url}/dashboard")
+        await page.wait_for_function("Number(document.body.dataset.refreshes || 0) >= 2")
+        await load
+        await page.wait_for_function(
+            "Number(document.getElementById('total').textContent) >= 40", timeout=10_000
+        )
+        rows = page.locator("#backends tr")
+        assert await rows.count() == 8
+        hermes = page.locator("tr[data-backend='hermes-2'] td")
+        assert await hermes.nth(2).text_content() == "healthy"
+        assert int(await hermes.nth(7).text_content()) == 10  # round robin over four
+        # Shares are of the backend's own pool: a quarter of the model traffic, however
+        # quiet the qdrant and embedding pools are; an even split has no spread.
+        assert await hermes.nth(8).text_content() == "25.0%"
+        spread = await page.text_content("#pool-variance")
+        assert spread is not None and "models 0.0 (40 requests)" in spread
+        assert await page.text_content("#refused") == "0"
+        assert float(await page.text_content("#rps")) > 0
+        # The charts draw the server's history: one point every 2 s.
+        await page.wait_for_function(
+            "Number(document.body.dataset.historyPoints || 0) >= 2", timeout=10_000
+        )
+        for chart in ("chart-rps", "chart-latency", "chart-queue"):
+            points = await page.get_attribute(f"#{chart}", "data-points")
+            assert points is not None and int(points) >= 2
+        assert await page.text_content("#strategy-current") == "round_robin"
 
-            await page.select_option("#strategy-select", "least_connections")
-            await page.click("#strategy-apply")
-            await page.wait_for_function(
-                "document.getElementById('strategy-current').textContent === 'least_connections'"
-            )
-            assert "switched round_robin → least_connections" in await page.text_content("#message")
-            assert gateway.router.strategy == "least_connections"
-            ARTIFACTS.mkdir(exist_ok=True)
-            await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-        finally:
-            await browser.close()
+        await page.select_option("#strategy-select", "least_connections")
+        await page.click("#strategy-apply")
+        await page.wait_for_function(
+            "document.getElementById('strategy-current').textContent === 'least_connections'"
+        )
+        assert "switched round_robin → least_connections" in await page.text_content("#message")
+        assert gateway.router.strategy == "least_connections"
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
 
 async def test_dashboard_page_is_self_contained(gateway, http) -> None:
@@ -103,8 +81,6 @@ async def test_a_freshly_opened_page_shows_the_servers_history_at_once(
     """The charts come from the gateway's own history (sampled every 2 s whether or not a
     page is open), so a page opened after the traffic draws it on its first refresh: time
     axes, responses by status code, retries and the other events, per-pool shares."""
-    from playwright.async_api import async_playwright
-
     gateway = await start_gateway(config_document(cluster, retry={"max_retries": 0}))
     cluster["phi-3-mini"].behaviour.status = 503
     for index in range(12):
@@ -120,32 +96,27 @@ async def test_a_freshly_opened_page_shows_the_servers_history_at_once(
     else:
         raise AssertionError(f"no history after 20 s: {history}")
 
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 1400})
-            await page.goto(f"{gateway.url}/dashboard")
-            await page.wait_for_function("Number(document.body.dataset.refreshes || 0) >= 1")
-            assert int(await page.evaluate("document.body.dataset.historyPoints")) >= 3
+    async with chromium_page(height=1400) as page:
+        await page.goto(f"{gateway.url}/dashboard")
+        await page.wait_for_function("Number(document.body.dataset.refreshes || 0) >= 1")
+        assert int(await page.evaluate("document.body.dataset.historyPoints")) >= 3
 
-            async def drawn(chart: str, attribute: str) -> str:
-                value = await page.get_attribute(f"#{chart}", f"data-{attribute}")
-                assert value is not None, (chart, attribute)
-                return value
+        async def drawn(chart: str, attribute: str) -> str:
+            value = await page.get_attribute(f"#{chart}", f"data-{attribute}")
+            assert value is not None, (chart, attribute)
+            return value
 
-            for chart in ("chart-rps", "chart-status", "chart-events", "chart-queue"):
-                assert int(await drawn(chart, "points")) >= 3, chart  # one per point
-                assert len((await drawn(chart, "ticks")).split()) >= 2, chart  # time labels
-            # Latency only where requests finished: p50 and p99 of the busy interval at least.
-            assert int(await drawn("chart-latency", "points")) >= 2
-            assert (await drawn("chart-status", "lines")).split(",") == ["200", "503"]
-            events = (await drawn("chart-events", "lines")).split(",")
-            assert {"retries", "fallbacks", "shed", "rate limited", "failovers"} <= set(events)
-            share_lines = (await drawn("chart-share-models", "lines")).split(",")
-            assert set(share_lines) == {"mixtral-8x7b", "hermes-2", "openchat-3.5", "phi-3-mini"}
-            assert int(await drawn("chart-share-models", "points")) >= 4
-            assert await page.text_content("#by-status") == "responses by status: 200 × 9, 503 × 3"
-            ARTIFACTS.mkdir(exist_ok=True)
-            await page.screenshot(path=str(ARTIFACTS / "dashboard-history.png"), full_page=True)
-        finally:
-            await browser.close()
+        for chart in ("chart-rps", "chart-status", "chart-events", "chart-queue"):
+            assert int(await drawn(chart, "points")) >= 3, chart  # one per point
+            assert len((await drawn(chart, "ticks")).split()) >= 2, chart  # time labels
+        # Latency only where requests finished: p50 and p99 of the busy interval at least.
+        assert int(await drawn("chart-latency", "points")) >= 2
+        assert (await drawn("chart-status", "lines")).split(",") == ["200", "503"]
+        events = (await drawn("chart-events", "lines")).split(",")
+        assert {"retries", "fallbacks", "shed", "rate limited", "failovers"} <= set(events)
+        share_lines = (await drawn("chart-share-models", "lines")).split(",")
+        assert set(share_lines) == {"mixtral-8x7b", "hermes-2", "openchat-3.5", "phi-3-mini"}
+        assert int(await drawn("chart-share-models", "points")) >= 4
+        assert await page.text_content("#by-status") == "responses by status: 200 × 9, 503 × 3"
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-history.png"), full_page=True)
