@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+import native
 from config.reader import ConfigError
 from config.schema import Config, load
 from proxy import __version__
@@ -191,12 +192,14 @@ async def serve(config: Config, demo: bool, environ: Mapping[str, str]) -> None:
         if peers is not None:  # the siblings' private channel
             await web.UnixSite(runner, peers.socket_path(peers.index)).start()
         log.info(
-            "request-router %s listening on http://%s:%d (strategy %s, event loop %s)",
+            "request-router %s listening on http://%s:%d (strategy %s, event loop %s,"
+            " request path %s)",
             __version__,
             config.server.host,
             config.server.port,
             config.routing.strategy,
             type(asyncio.get_running_loop()).__module__.split(".")[0],
+            native.state(),
         )
         if demo:
             print_instructions(config)

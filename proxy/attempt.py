@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import time
 
+import aiohttp.web_response
 from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
+from mypy_extensions import mypyc_attr
 
 from proxy.errors import SHOULD_RETRY, add_retry_after_ms, broken_response, upstream_failure
 from proxy.headers import client_response_headers, client_response_lines, serialised_head
@@ -44,7 +46,8 @@ from telemetry.outcome import account_usage, usage_from_body
 BUFFER_LIMIT = 1 << 20
 
 
-class ForwardedResponse(web.Response):
+@mypyc_attr(native_class=False)  # an aiohttp class: a plain Python class (native.py)
+class ForwardedResponse(aiohttp.web_response.Response):
     """A buffered backend answer. aiohttp keeps a connection's last response alive until the
     next request on it: this one lets go of its body once sent, so an idle client does not
     hold up to BUFFER_LIMIT bytes."""
@@ -67,7 +70,8 @@ def without_headers(lines: bytes, names: frozenset[bytes]) -> bytes:
 BODILESS_STATUSES = frozenset({204, 304})
 
 
-class SerialisedResponse(web.StreamResponse):
+@mypyc_attr(native_class=False)  # an aiohttp class: a plain Python class (native.py)
+class SerialisedResponse(aiohttp.web_response.StreamResponse):
     """A buffered 2xx or 3xx backend answer that has a body, written by the gateway in one
     write: status line, the backend's header lines as they came (less hop-by-hop ones:
     proxy.headers), ours, and the body. aiohttp's Response would decode every header, copy

@@ -24,8 +24,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple, cast
 
+import aiohttp.web_protocol
+import aiohttp.web_runner
+import aiohttp.web_server
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from mypy_extensions import mypyc_attr
 
 from proxy.errors import ErrorAnswers, error_body, error_response
 from proxy.handler_types import Handler
@@ -149,7 +153,8 @@ class SlowClientGuard:
         self.count_refusal(status)
 
 
-class GatewayRequestHandler(web.RequestHandler):
+@mypyc_attr(native_class=False)  # an aiohttp class: a plain Python class (native.py)
+class GatewayRequestHandler(aiohttp.web_protocol.RequestHandler):
     """One client connection. `handle_error` is aiohttp's own hook for the answers its
     protocol gives itself (unparseable requests; a handler that fails outside the error
     middleware): JSON like every other error of ours, and counted."""
@@ -270,7 +275,8 @@ class DataPlane:
             return self.answers(request, exc, started)
 
 
-class GatewayServer(web.Server):
+@mypyc_attr(native_class=False)  # an aiohttp class: a plain Python class (native.py)
+class GatewayServer(aiohttp.web_server.Server):
     """aiohttp's low-level server, making our protocol for each connection."""
 
     def __init__(
@@ -295,7 +301,8 @@ class GatewayServer(web.Server):
         await super().shutdown(timeout)
 
 
-class GatewayRunner(web.AppRunner):
+@mypyc_attr(native_class=False)  # an aiohttp class: a plain Python class (native.py)
+class GatewayRunner(aiohttp.web_runner.AppRunner):
     """web.AppRunner serving the app through GatewayServer. aiohttp builds the Server inside
     the Application; this takes the same handler, request factory and options over, with
     `data_plane` (when given) answering the proxied API's routes before the Application."""

@@ -19,10 +19,12 @@ import time
 from bisect import bisect_left
 from typing import Protocol
 
+import aiohttp.web_response
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
+from mypy_extensions import mypyc_attr
 
 from proxy.headers import serialised_head
 from proxy.transport import UpstreamError, UpstreamResponse
@@ -60,7 +62,8 @@ class StreamContext(Protocol):
     def outcome(self) -> Outcome: ...
 
 
-class ChunkedStream(web.StreamResponse):
+@mypyc_attr(native_class=False)  # an aiohttp class: a plain Python class (native.py)
+class ChunkedStream(aiohttp.web_response.StreamResponse):
     """A relayed answer in HTTP/1.1 chunked coding, written by the gateway: its head (the
     backend's header lines and ours, `lines`, and what aiohttp's response would add:
     proxy.headers.serialised_head) goes out with the first chunk, then each chunk framed,

@@ -438,6 +438,18 @@ def replicas_config(ports: list[int], data: Path, accounting: bool, cap: int) ->
     }
 
 
+def native_state(tree: Path) -> str:
+    """Whether the gateway in `tree` runs its request path compiled (native.py)."""
+    return subprocess.run(
+        [sys.executable, "-c", "import native; print(native.state())"],
+        cwd=tree,
+        env=dict(os.environ, PYTHONPATH=str(tree)),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def start(command: list[str], core: int | None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         pinned(core, command), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -1005,7 +1017,8 @@ async def main() -> None:
             (
                 "request path",
                 "queue, balancer, breakers, metrics"
-                + ("" if args.no_accounting else ", SQLite accounting"),
+                + ("" if args.no_accounting else ", SQLite accounting")
+                + f"; {native_state(ROOT)}",
             ),
             ("direct ceiling (one simulator)", f"{ceiling.rps:,.0f} req/s"),
             ("gateway requests/s", f"{through.rps:,.0f} req/s ({through.errors} errors)"),

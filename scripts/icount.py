@@ -49,7 +49,7 @@ import aiohttp
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import MODEL, config_for, free_port, wait_up  # noqa: E402  (the benchmark's own)
+from bench import MODEL, config_for, free_port, native_state, wait_up  # noqa: E402  (the benchmark's own)
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "Hello"}]}'
@@ -225,7 +225,10 @@ async def measure(args: argparse.Namespace, out: Path) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
     counted = totals(out, gateway.pid)
-    print(f"instructions ({tree}, {time.strftime('%Y-%m-%d %H:%M')}):")
+    print(
+        f"instructions ({tree}, {time.strftime('%Y-%m-%d %H:%M')},"
+        f" request path {native_state(tree)}):"
+    )
     for name in PHASES:
         what = "request" if name in ("plain", "auto", "fallback") else "chunk"
         print(f"  {name:10s} {counted[name] / units[name]:>10,.0f} per {what}")

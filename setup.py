@@ -1,0 +1,47 @@
+"""The build: everything is in pyproject.toml but the compiled request path (native.py), whose
+modules mypyc turns into C extensions here. They build all or none: a failed build leaves
+the gateway on pure Python (slower, never broken) and says so. REQUEST_ROUTER_PURE=1 skips
+compiling."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from native import NATIVE_MODULES, PURE_SWITCH  # noqa: E402  (the one list)
+
+FALLBACK = "the request path stays pure Python"
+
+
+def native_extensions() -> list[Extension]:
+    if os.environ.get(PURE_SWITCH):
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print(f"warning: mypyc is not installed: {FALLBACK}", file=sys.stderr)
+        return []
+    sources = [name.replace(".", "/") + ".py" for name in NATIVE_MODULES]
+    return list(mypycify(sources, opt_level="3"))
+
+
+class BuildAllOrNone(build_ext):
+    """mypyc makes one shared library for the group and one small module per source, which
+    loads it: modules without their library would not import. So a failure of any drops
+    them all, rather than leaving half (setuptools' `optional` is per extension)."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # no compiler, a compile error
+            print(f"warning: the compiled request path did not build: {exc}", file=sys.stderr)
+            print(f"warning: {FALLBACK}", file=sys.stderr)
+            self.extensions = []
+            self.distribution.ext_modules = []
+
+
+setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildAllOrNone})
