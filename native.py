@@ -36,19 +36,35 @@ NATIVE_MODULES = (
     "proxy.attempt",
     "proxy.forward",
     "proxy.headers",
+    "proxy.jsonbody",
+    "proxy.retry",
+    "proxy.rewrite",
+    "proxy.router",
     "proxy.routes",
+    "proxy.runtime",
     "proxy.server",
+    "proxy.shared_counts",
     "proxy.state",
     "proxy.streaming",
     "proxy.transport",
+    "proxy.upstream",
     "proxy.verdict",
     "telemetry.histogram",
     "telemetry.outcome",
     "telemetry.prometheus",
     "health.stats",
+    "admission.constraints",
+    "admission.queue",
+    "admission.ratelimit",
     "admission.shedding",
+    "circuit.breaker",
     "balancers.decisions",
+    "balancers.least_connections",
+    "balancers.power_of_two",
+    "balancers.latency",
+    "balancers.random_choice",
     "balancers.round_robin",
+    "balancers.weighted",
 )
 PURE_SWITCH = "REQUEST_ROUTER_PURE"
 ROOT = Path(__file__).resolve().parent
@@ -86,6 +102,25 @@ def why_pure(root: Path = ROOT, modules: Sequence[str] = NATIVE_MODULES) -> str 
     return None
 
 
+def leftovers(root: Path = ROOT, modules: Sequence[str] = NATIVE_MODULES) -> list[Path]:
+    """Compiled modules in a source checkout that the build no longer makes (taken off
+    NATIVE_MODULES since). Such a module would load its own build's shared library, and with
+    it that build's copies of every module in it, which then replace the current ones in
+    sys.modules. setup.py deletes them; until then `guard` keeps them out."""
+    if not (root / "pyproject.toml").exists():
+        return []  # an installed wheel holds one build
+    suffix = EXTENSION_SUFFIXES[0]
+    found: list[Path] = []
+    for package in root.iterdir():
+        if not (package / "__init__.py").exists():
+            continue
+        for entry in package.iterdir():
+            name = f"{package.name}.{entry.name.removesuffix(suffix)}"
+            if entry.name.endswith(suffix) and name not in modules:
+                found.append(entry)
+    return found
+
+
 class SourcesFirst:
     """A meta path finder that loads the named modules from their .py sources."""
 
@@ -107,11 +142,14 @@ def guard() -> None:
     if _state is not None:
         return
     reason = why_pure()
+    kept_out = [f"{path.parent.name}.{path.name.split('.')[0]}" for path in leftovers()]
     if reason is None:
         _state = "compiled"
-        return
-    _state = f"pure Python: {reason}"
-    sys.meta_path.insert(0, SourcesFirst(NATIVE_MODULES))
+    else:
+        _state = f"pure Python: {reason}"
+        kept_out += NATIVE_MODULES
+    if kept_out:
+        sys.meta_path.insert(0, SourcesFirst(kept_out))
 
 
 def state() -> str:

@@ -1,18 +1,21 @@
 """The build: everything is in pyproject.toml but the compiled request path (native.py), whose
-modules mypyc turns into C extensions here. They build all or none: a failed build leaves
-the gateway on pure Python (slower, never broken) and says so. REQUEST_ROUTER_PURE=1 skips
-compiling."""
+modules mypyc turns into C extensions here. They build all or none: a C build that fails (no
+compiler, no Python headers) leaves the gateway on pure Python, slower but whole, and says so.
+mypyc's own errors (code it cannot compile) fail the install, as a type error fails CI: they
+come from the code, not from the machine. REQUEST_ROUTER_PURE=1 skips compiling."""
 
 from __future__ import annotations
 
 import os
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from native import NATIVE_MODULES, PURE_SWITCH  # noqa: E402  (the one list)
+from native import NATIVE_MODULES, PURE_SWITCH, leftovers  # noqa: E402  (the one list)
 
 FALLBACK = "the request path stays pure Python"
 
@@ -35,6 +38,10 @@ class BuildAllOrNone(build_ext):
     them all, rather than leaving half (setuptools' `optional` is per extension)."""
 
     def run(self) -> None:
+        root = Path(__file__).resolve().parent
+        old_libraries = root.glob("*__mypyc" + EXTENSION_SUFFIXES[0])  # one per module list
+        for path in [*leftovers(root), *old_libraries]:  # an earlier build's (native.leftovers)
+            path.unlink()
         try:
             super().run()
         except Exception as exc:  # no compiler, a compile error

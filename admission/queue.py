@@ -16,8 +16,8 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Collection
-from typing import Annotated, TypedDict
 
+from admission.snapshot import AdmissionSnapshot
 from balancers.request import RoutingRequest
 from proxy.errors import QueueFull, QueueTimeout
 from proxy.shared_counts import SharedCount
@@ -31,21 +31,6 @@ RECHECK_INTERVAL = 0.1
 # With several workers a slot another worker frees wakes nobody here: re-check sooner.
 SHARED_RECHECK_INTERVAL = 0.01
 DRAIN_WINDOW = 10.0  # seconds of history behind the drain rate used for Retry-After
-
-
-class AdmissionSnapshot(TypedDict):
-    """The queue as every report shows it. Annotations: how the snapshots of several worker
-    processes merge (cluster.merge): each worker has its own queue and limits, so counts and
-    rates add up while the configured limits are the same in every worker."""
-
-    in_flight: Annotated[int, "sum"]
-    max_in_flight: Annotated[int, "first"]  # for the gateway: the workers share the count
-    queued: Annotated[int, "sum"]
-    queue_size: Annotated[int, "first"]  # per worker
-    drain_rate_per_s: Annotated[float, "sum"]
-    rejected_full: Annotated[int, "sum"]
-    timed_out: Annotated[int, "sum"]
-    abandoned: Annotated[int, "sum"]
 
 
 class Waiter:

@@ -1,0 +1,3 @@
+import native
+
+native.guard()  # before the package's first compiled module loads (native.py)

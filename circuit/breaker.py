@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, TypedDict
+
+from circuit.snapshot import BreakerSnapshot
 
 
 class BreakerState(StrEnum):
@@ -29,19 +30,6 @@ def iso_utc(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
-
-
-class BreakerSnapshot(TypedDict):
-    """One breaker as every report shows it. Each field's annotation says how the snapshots of
-    the same backend's breaker in several worker processes merge (cluster.merge): the most
-    alarming view wins, and trips add up (each worker's breaker trips on its own)."""
-
-    state: Annotated[str, "worst"]
-    failure_count: Annotated[int, "max"]  # consecutive failures
-    trips: Annotated[int, "sum"]  # times it opened
-    slow_requests: Annotated[int, "max"]  # within the slow window (adaptive mode)
-    open_for_s: Annotated[float | None, "max"]  # length of this open period; None when closed
-    last_failure: Annotated[str | None, "latest"]  # ISO-8601 UTC
 
 
 class CircuitBreaker:

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from admission.queue import AdmissionSnapshot
+from admission.snapshot import AdmissionSnapshot
 from balancers.registry import UnknownStrategyError, strategy_names
 from cluster.merge import MergedReport, Rule, Snapshot
 from config.reader import ConfigError
@@ -26,7 +26,8 @@ from proxy.jsonbody import json_bytes
 from proxy.router import Router
 from proxy.routes import parse_object
 from proxy.runtime import LiveRuntime, Runtime
-from proxy.upstream import ADMIN_STATES, Pool, UpstreamSnapshot
+from proxy.snapshot import UpstreamSnapshot
+from proxy.upstream import ADMIN_STATES, Pool
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -12,7 +12,7 @@ from admission.constraints import constraint_number
 from balancers.classify import DEFAULT_SPECIALIZATIONS
 from balancers.registry import strategy_names
 from balancers.request import RoutingRequest
-from circuit.breaker import BreakerSnapshot
+from circuit.snapshot import BreakerSnapshot
 from cluster.merge import MergedReport, Rule, Snapshot
 from control.admin import json_response, now_iso, upstream_snapshots, view
 from health.stats import percentile
@@ -20,7 +20,8 @@ from proxy.errors import InvalidRequest, NoBackendAvailable
 from proxy.forward import backends_ruled_out
 from proxy.routes import parse_object, request_id
 from proxy.runtime import LiveRuntime
-from proxy.upstream import Pool, Upstream, UpstreamSnapshot
+from proxy.snapshot import UpstreamSnapshot
+from proxy.upstream import Pool, Upstream
 from telemetry.reports import backend_status, mean
 
 MAX_SCENARIOS = 100

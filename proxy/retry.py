@@ -95,7 +95,7 @@ class RetryPolicy:
             budget = RetryBudget(config.budget_ratio, config.budget_min, clock=clock)
         else:
             budget.ratio = config.budget_ratio
-            budget.min_per_second = config.budget_min
+            budget.min_per_second = float(config.budget_min)  # an int in the config
         self.budget = budget
         self._backoff = JitterRetry(
             attempts=config.max_retries,

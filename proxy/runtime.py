@@ -50,7 +50,12 @@ class GatewayStats:
         self.client_closed = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {
+            "retries": self.retries,
+            "fallbacks": self.fallbacks,
+            "stale_retries": self.stale_retries,
+            "client_closed": self.client_closed,
+        }
 
 
 # Parts a reload hands to the next runtime as they are (see Runtime._carry_over).

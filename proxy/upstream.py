@@ -9,44 +9,22 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Annotated, TypedDict
 from urllib.parse import urlsplit
 
 from balancers.base import Balancer, least_loaded
 from balancers.decisions import DecisionCache, DecisionStats
 from balancers.registry import create_balancer
 from balancers.request import RoutingRequest, StrategySettings
-from circuit.breaker import BreakerSnapshot, CircuitBreaker, iso_utc
+from circuit.breaker import CircuitBreaker, iso_utc
 from health.stats import LatencyRing, OutcomeRing, PeakEwma
 from proxy.shared_counts import SharedCount
+from proxy.snapshot import UpstreamSnapshot
 from proxy.transport import Origin
 from proxy.verdict import BACKEND_FAULTS, SUCCESSES, Verdict
 
 READY, DRAIN, MAINT = "ready", "drain", "maint"
 ADMIN_STATES = (READY, DRAIN, MAINT)
 MAX_CACHED_STARTS = 32  # per backend: the fixed routes, plus a few pass-through paths
-
-
-class UpstreamSnapshot(TypedDict):
-    """One backend as every report shows it. Annotations: how the snapshots of the same
-    backend in several worker processes merge (cluster.merge). Configuration is the same in
-    every worker; counters add up; health takes the least healthy view."""
-
-    name: Annotated[str, "first"]
-    url: Annotated[str, "first"]
-    pool: Annotated[str, "first"]
-    model: Annotated[str | None, "first"]
-    weight: Annotated[float, "first"]
-    active: Annotated[int, "sum"]
-    max_concurrent: Annotated[int, "first"]  # for the gateway: the workers share the count
-    requests: Annotated[int, "sum"]
-    failures: Annotated[int, "sum"]
-    healthy: Annotated[bool, "all"]
-    last_check: Annotated[str | None, "latest"]  # ISO-8601 UTC
-    response_time_ms: Annotated[float | None, "max"]  # of the last health check
-    cooling_down: Annotated[bool, "any"]  # a 429's Retry-After has not passed yet
-    admin_state: Annotated[str, "first"]  # ready | drain | maint (the admin API's)
-    breaker: BreakerSnapshot
 
 
 class Upstream:

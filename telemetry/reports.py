@@ -15,13 +15,14 @@ from typing import Annotated, Any, TypedDict
 
 from aiohttp import web
 
-from admission.queue import AdmissionSnapshot
-from circuit.breaker import BreakerSnapshot, BreakerState
+from admission.snapshot import AdmissionSnapshot
+from circuit.breaker import BreakerState
+from circuit.snapshot import BreakerSnapshot
 from cluster.merge import MergedReport, Rule, Snapshot
 from control.admin import counters, now_iso, upstream_snapshots, view
 from health.stats import LatencyRing, percentile
 from proxy.runtime import LiveRuntime
-from proxy.upstream import UpstreamSnapshot
+from proxy.snapshot import UpstreamSnapshot
 from telemetry.history import HISTORY_MERGE, History, render_history
 from telemetry.outcome import SeriesStats, iso
 

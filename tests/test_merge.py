@@ -8,7 +8,7 @@ from typing import Annotated, TypedDict
 import orjson
 import pytest
 
-from circuit.breaker import BreakerSnapshot
+from circuit.snapshot import BreakerSnapshot
 from cluster.merge import MergedReport, Rule, UndeclaredField, compile_schema, merge
 from config.schema import parse
 from proxy.app import build_app

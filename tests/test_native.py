@@ -132,6 +132,15 @@ def test_an_installed_wheel_is_trusted_whatever_its_files_ages(tmp_path, monkeyp
     assert native.why_pure(root, modules) is None
 
 
+def test_a_module_taken_off_the_list_is_a_leftover_to_keep_out(tmp_path) -> None:
+    # Its compiled file would load its own build's library, and that build's copies of every
+    # module in it would replace the current ones.
+    root = fake_checkout(tmp_path / "tree", ["pkg.a", "pkg.b"], built=["pkg.a", "pkg.b"])
+    (root / "pkg" / "__init__.py").write_text("")
+    assert native.leftovers(root, ["pkg.a", "pkg.b"]) == []
+    assert native.leftovers(root, ["pkg.a"]) == [native.compiled_path(root / "pkg" / "b.py")]
+
+
 async def test_the_gateway_serves_on_pure_python(cluster: Cluster, tmp_path) -> None:
     """Where a build failed or REQUEST_ROUTER_PURE is set: the same answers, said at start."""
     env = {native.PURE_SWITCH: "1"}
