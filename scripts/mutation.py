@@ -721,8 +721,9 @@ def copy_repository(target: Path) -> Path:
     shutil.copytree(
         REPO,
         tree,
+        # Without the compiled modules (native.py): the copy runs the mutated sources.
         ignore=shutil.ignore_patterns(
-            ".venv", ".git", "__pycache__", "*.egg-info", "test-artifacts", ".mypy_cache"
+            ".venv", ".git", "__pycache__", "*.egg-info", "test-artifacts", ".mypy_cache", "*.so"
         ),
     )
     return tree
