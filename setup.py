@@ -29,7 +29,12 @@ def native_extensions() -> list[Extension]:
         print(f"warning: mypyc is not installed: {FALLBACK}", file=sys.stderr)
         return []
     sources = [name.replace(".", "/") + ".py" for name in NATIVE_MODULES]
-    return list(mypycify(sources, opt_level="3"))
+    # mypyc type-checks as it compiles, with pyproject's strict settings. The build runs
+    # before the project's dependencies are installed, so what the build environment lacks
+    # (pyproject's build requires hold the libraries whose types shape the compiled code) is
+    # Any here, and strictness about Any is CI's mypy run's job, not the build's.
+    relaxed = ["--ignore-missing-imports", "--follow-imports=silent", "--no-warn-return-any"]
+    return list(mypycify([*relaxed, *sources], opt_level="3"))
 
 
 class BuildAllOrNone(build_ext):
