@@ -30,7 +30,6 @@ mypyc's C refers to that module, and does not build when the module was not impo
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -74,8 +73,6 @@ NATIVE_MODULES = (
 )
 PURE_SWITCH = "REQUEST_ROUTER_PURE"
 ROOT = Path(__file__).resolve().parent
-
-log = logging.getLogger("request_router")
 
 _state: str | None = None
 

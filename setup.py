@@ -15,7 +15,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from native import NATIVE_MODULES, PURE_SWITCH, leftovers  # noqa: E402  (the one list)
+from native import NATIVE_MODULES, PURE_SWITCH, compiled_path, leftovers  # noqa: E402  (the one list)
 
 FALLBACK = "the request path stays pure Python"
 
@@ -40,12 +40,16 @@ def native_extensions() -> list[Extension]:
 class BuildAllOrNone(build_ext):
     """mypyc makes one shared library for the group and one small module per source, which
     loads it: modules without their library would not import. So a failure of any drops
-    them all, rather than leaving half (setuptools' `optional` is per extension)."""
+    them all, rather than leaving half (setuptools' `optional` is per extension). Built in
+    place (`pip install -e .`), it also clears what earlier builds left in the checkout:
+    compiled modules taken off the list (native.leftovers), other lists' libraries, and on
+    a failure the earlier build's modules, which may no longer match the sources."""
 
     def run(self) -> None:
         root = Path(__file__).resolve().parent
-        old_libraries = root.glob("*__mypyc" + EXTENSION_SUFFIXES[0])  # one per module list
-        for path in [*leftovers(root), *old_libraries]:  # an earlier build's (native.leftovers)
+        in_place = bool(self.inplace or getattr(self, "editable_mode", False))
+        earlier = set(root.glob("*__mypyc" + EXTENSION_SUFFIXES[0])) if in_place else set()
+        for path in leftovers(root) if in_place else []:
             path.unlink()
         try:
             super().run()
@@ -54,6 +58,14 @@ class BuildAllOrNone(build_ext):
             print(f"warning: {FALLBACK}", file=sys.stderr)
             self.extensions = []
             self.distribution.ext_modules = []
+            if in_place:
+                for name in NATIVE_MODULES:
+                    source = root.joinpath(*name.split(".")).with_suffix(".py")
+                    compiled_path(source).unlink(missing_ok=True)
+        else:
+            earlier -= {root / (ext.name + EXTENSION_SUFFIXES[0]) for ext in self.extensions}
+        for path in earlier:
+            path.unlink()
 
 
 setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildAllOrNone})
