@@ -6,6 +6,7 @@ to the client. Each records what it learnt on the upstream (`Upstream.record`), 
 from __future__ import annotations
 
 import time
+from typing import Final
 
 import aiohttp.web_response
 from aiohttp import HttpVersion11, web
@@ -43,7 +44,7 @@ from telemetry.outcome import account_usage, usage_from_body
 
 # Bodies up to this size that arrive with a Content-Length are read whole and sent with one
 # write; anything else (SSE, chunked, large) is relayed chunk by chunk.
-BUFFER_LIMIT = 1 << 20
+BUFFER_LIMIT: Final = 1 << 20
 
 
 @mypyc_attr(native_class=False)  # an aiohttp class: a plain Python class (native.py)
@@ -67,7 +68,7 @@ def without_headers(lines: bytes, names: frozenset[bytes]) -> bytes:
     return b"".join(line + b"\r\n" for line in kept)
 
 
-BODILESS_STATUSES = frozenset({204, 304})
+BODILESS_STATUSES: Final = frozenset({204, 304})
 
 
 @mypyc_attr(native_class=False)  # an aiohttp class: a plain Python class (native.py)

@@ -8,13 +8,14 @@ parsers saw: forwarded values are never decoded and re-encoded on the way to the
 from __future__ import annotations
 
 import ipaddress
+from typing import Final
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -29,7 +30,7 @@ HOP_BY_HOP = frozenset(
 )
 # Set by the gateway itself (or computed from the body) on the way out. `Expect` is answered
 # by the gateway's own server when it reads the body; the backend gets the body at once.
-_REQUEST_DROP = HOP_BY_HOP | {
+_REQUEST_DROP: Final = HOP_BY_HOP | {
     b"host",
     b"content-length",
     b"expect",
@@ -38,12 +39,12 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-request-id",
 }
-MAX_KNOWN_PEERS = 4096
+MAX_KNOWN_PEERS: Final = 4096
 # aiohttp's server decodes request bodies in these codings (its parser's list): the backend gets
 # the decoded bytes, so the coding is not forwarded with them (issue 11, item 3).
-DECODED_BY_SERVER = frozenset({b"gzip", b"deflate", b"br", b"zstd"})
+DECODED_BY_SERVER: Final = frozenset({b"gzip", b"deflate", b"br", b"zstd"})
 # Content-Length is recomputed for the body we send; the rest are the gateway's own.
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-router-backend", b"x-request-id"}
+_RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length", b"x-router-backend", b"x-request-id"}
 
 
 def _connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -130,11 +131,11 @@ def upstream_request_headers(
 # Headers aiohttp adds to an answer that lacks them (web_response's _prepare_headers): the
 # gateway adds them too to the answers it serialises itself.
 HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER = 1, 2, 4
-_DEFAULTED = {b"content-type": HAS_CONTENT_TYPE, b"date": HAS_DATE, b"server": HAS_SERVER}
+_DEFAULTED: Final = {b"content-type": HAS_CONTENT_TYPE, b"date": HAS_DATE, b"server": HAS_SERVER}
 # What the gateway sets on every answer it serialises (proxy.attempt.our_lines): a backend's
 # own (another gateway's) is replaced, as setting them on the multidict replaces it.
-_SET_BY_US = frozenset({b"x-router-attempts", b"x-router-overhead-ms"})
-_SET_BY_US_FALLBACK = _SET_BY_US | {b"x-router-fallback"}
+_SET_BY_US: Final = frozenset({b"x-router-attempts", b"x-router-overhead-ms"})
+_SET_BY_US_FALLBACK: Final = _SET_BY_US | {b"x-router-fallback"}
 
 
 def _crossing_the_hop(
@@ -182,7 +183,7 @@ def client_response_lines(
     return b"".join(lines), given
 
 
-_SERVER_LINE = b"Server: %s\r\n" % SERVER_SOFTWARE.encode()
+_SERVER_LINE: Final = b"Server: %s\r\n" % SERVER_SOFTWARE.encode()
 
 
 def serialised_head(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
-from typing import Protocol
+from typing import Final, Protocol
 
 import aiohttp.web_response
 import orjson
@@ -34,11 +34,11 @@ from telemetry.outcome import Outcome
 
 log = logging.getLogger("request_router")
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 # A chunk's size line by its size, for the sizes of SSE events (a token's is a few hundred
 # bytes): joining three parts costs half of formatting them (`b"%x\r\n%b\r\n" % ...`), and
 # a paced token is one chunk (issue 14). About 200 KB.
-SIZE_LINES = tuple(b"%x\r\n" % size for size in range(1 << 12))
+SIZE_LINES: Final = tuple(b"%x\r\n" % size for size in range(1 << 12))
 
 
 def size_line(size: int) -> bytes:

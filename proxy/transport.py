@@ -21,23 +21,23 @@ import collections
 import math
 import ssl
 from collections.abc import Callable, Iterator
-from typing import cast
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 # A streamed body waiting for its reader above this many bytes pauses the upstream socket;
 # the next read takes all of it and resumes the socket.
-HIGH_WATER = 1 << 16
+HIGH_WATER: Final = 1 << 16
 # Bodies at least this large are written after the head instead of joined to it (no copy).
-JOIN_LIMIT = 1 << 16
+JOIN_LIMIT: Final = 1 << 16
 # A backend's status line and headers larger than this end the exchange (aiohttp's client
 # allowed 8 KiB per line); without a cap a broken backend could grow the parser's buffer.
-MAX_HEAD_BYTES = 1 << 16
+MAX_HEAD_BYTES: Final = 1 << 16
 # Where a piped body goes (UpstreamResponse.pipe): (part, the body ended with it) -> hold.
 Sink = Callable[[bytes, bool], bool]
 # Requests of these methods without a body are sent without Content-Length (as clients do).
-NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
 
 class UpstreamError(Exception):
