@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left
 from typing import Final, Protocol
 
 import aiohttp.web_response
@@ -34,6 +33,8 @@ from telemetry.outcome import Outcome
 
 log = logging.getLogger("request_router")
 
+# Compiled (native.py), a Final name is a C static: no module attribute looked up per chunk.
+perf_counter: Final = time.perf_counter
 LAST_CHUNK: Final = b"0\r\n\r\n"
 # A chunk's size line by its size, for the sizes of SSE events (a token's is a few hundred
 # bytes): joining three parts costs half of formatting them (`b"%x\r\n%b\r\n" % ...`), and
@@ -139,11 +140,12 @@ class ChunkWriter:
     past its high-water mark or the client has gone. What it writes is added to aiohttp's
     writer's count, which the access log reports as bytes_sent.
 
-    Called once per relayed token, so it costs one Python frame and C calls only (issue 14):
-    the histogram is counted in place rather than through HistogramSeries.observe, the
-    buffer's fill is asked of the transport rather than through aiohttp's writing_paused
-    property, and the last two parts are kept for `usage` to be looked for once, at the end
-    (OpenAI-style streams send it in the last event before `[DONE]`), not in every part."""
+    Called once per relayed token, so it does little (issue 14): the buffer's fill is asked
+    of the transport rather than through aiohttp's writing_paused property; the bytes are
+    added to aiohttp's count at the first write (from then on the answer has begun, which
+    error handling asks) and at the end (`settle`), not per chunk; and the last two parts
+    are kept for `usage` to be looked for once, at the end (OpenAI-style streams send it in
+    the last event before `[DONE]`), not in every part."""
 
     __slots__ = (
         "transport",
@@ -157,6 +159,7 @@ class ChunkWriter:
         "latest",
         "previous",
         "gone",
+        "uncounted",
     )
 
     def __init__(
@@ -178,6 +181,7 @@ class ChunkWriter:
         self.latest: bytes | None = None
         self.previous: bytes | None = None
         self.gone = False
+        self.uncounted = 0  # bytes written and not yet in the writer's output_size
 
     def write(self, chunk: bytes, last: bool) -> bool:
         transport = self.transport
@@ -195,14 +199,12 @@ class ChunkWriter:
         if head is None:
             gaps = self.gaps
             if gaps is not None:
-                now = time.perf_counter()
-                gap = now - self.last
+                now = perf_counter()
+                gaps.observe(now - self.last)
                 self.last = now
-                gaps.counts[bisect_left(gaps.bounds, gap)] += 1
-                gaps.sum += gap
         else:  # the answer's first bytes: the first token's time is the stream's TTFT
             self.head = None
-            self.last = now = time.perf_counter()
+            self.last = now = perf_counter()
             context = self.context
             context.outcome.ttft = now - context.started
             parts = (head, *parts)
@@ -211,9 +213,17 @@ class ChunkWriter:
             stream.ended_by_pipe()
             parts = (*parts, LAST_CHUNK)
         framed = b"".join(parts)
-        self.writer.output_size += len(framed)
+        if head is None:
+            self.uncounted += len(framed)
+        else:
+            self.writer.output_size += len(framed)  # the first bytes: the answer has begun
         transport.write(framed)
         return transport.get_write_buffer_size() > self.high_water
+
+    def settle(self) -> None:
+        """Add what was written to aiohttp's count (the access log's bytes_sent)."""
+        self.writer.output_size += self.uncounted
+        self.uncounted = 0
 
     def usage_chunk(self) -> bytes | None:
         """The later of the last two parts that names `usage`, if either does."""
@@ -282,6 +292,7 @@ async def pipe(
             await writer.drain()  # the client's socket buffer is full
             upstream.unhold()
     finally:
+        sink.settle()
         usage_chunk = sink.usage_chunk()
         if usage_chunk is not None:
             context.usage_chunk = usage_chunk
