@@ -43,7 +43,7 @@ SIZE_LINES: Final = tuple(b"%x\r\n" % size for size in range(1 << 12))
 
 
 def size_line(size: int) -> bytes:
-    """A chunk's size line (ChunkWriter.write has it inlined: it runs once per token)."""
+    """A chunk's size line."""
     return SIZE_LINES[size] if size < len(SIZE_LINES) else b"%x\r\n" % size
 
 
@@ -189,12 +189,7 @@ class ChunkWriter:
             self.gone = True
             return True
         self.previous, self.latest = self.latest, chunk
-        size = len(chunk)
-        parts: tuple[bytes, ...] = (
-            SIZE_LINES[size] if size < 4096 else b"%x\r\n" % size,  # size_line(size)
-            chunk,
-            b"\r\n",
-        )
+        parts: tuple[bytes, ...] = (size_line(len(chunk)), chunk, b"\r\n")
         head = self.head
         if head is None:
             gaps = self.gaps

@@ -170,7 +170,7 @@ class UpstreamResponse:
         self._streaming = True
         self._sink = sink
         self._buffered = 0
-        self._flush()
+        self._flush(self._body)
         connection = self._connection
         if connection is not None and connection.paused and not self._held:
             connection.resume()
@@ -189,14 +189,14 @@ class UpstreamResponse:
         if connection is not None and connection.paused:
             connection.resume()
 
-    def _flush(self) -> None:
-        """Piping: the parts that have arrived go to the sink as one (one write to the
-        client per read from the backend, as `readany()` gives)."""
-        body = self._body
+    def _flush(self, parts: list[bytes]) -> None:
+        """Piping: `parts` (those kept before `pipe()`, or one read's) go to the sink as one,
+        and are cleared (one write to the client per read from the backend, as `readany()`
+        gives)."""
         sink = self._sink
-        if body and sink is not None:
-            chunk = body[0] if len(body) == 1 else b"".join(body)
-            body.clear()
+        if parts and sink is not None:
+            chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
             if sink(chunk, self.complete) and not self._held:
                 self._hold()
 
@@ -460,12 +460,8 @@ class UpstreamConnection(asyncio.Protocol):
             broken = None
         parts = self._parts  # the body that came before any error goes on first
         if parts:
-            sink = response._sink
-            if sink is not None:  # piped: the read's parts go on as one (_flush, inlined)
-                chunk = parts[0] if len(parts) == 1 else b"".join(parts)
-                parts.clear()
-                if sink(chunk, response.complete) and not response._held:
-                    response._hold()
+            if response._sink is not None:  # piped: the read's parts go on as one
+                response._flush(parts)
             else:
                 response._feed(parts)
                 parts.clear()

@@ -239,10 +239,6 @@ class RequestMetrics(Collector):
         self._overhead = self.overhead()
         self._queue_wait = self.queue_wait()
 
-    def gap_series(self, pool: str) -> HistogramSeries:
-        """The pool's inter-token gap histogram, which the relay counts into in place."""
-        return self.gap(pool)
-
     def observe(self, outcome: Outcome) -> None:
         pool = outcome.pool
         backend = outcome.backend or "none"
@@ -290,7 +286,7 @@ class PrometheusMetrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.observe = self.events.observe
-        self.gap_series = self.events.gap_series
+        self.gap_series = self.events.gap  # a pool's inter-token gap histogram, by its name
 
     async def handler(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
